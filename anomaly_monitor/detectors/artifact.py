@@ -1,0 +1,218 @@
+"""Model artifacts: safetensors weights plus a JSON manifest, hash-checked, never pickled.
+
+An artifact is two pieces: ``manifest.json`` (format version, kind,
+hyperparameters, feature names, scaling state, expected tensor shapes, the
+sha256 of the weights, library versions) and ``weights.safetensors``. Loading
+checks the manifest, the hash, the safetensors header and every tensor's shape
+before any weight is used; nothing is unpickled, so a hostile file cannot run code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import platform
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+
+from anomaly_monitor.detectors.training import TrainingHistory
+from anomaly_monitor.preprocess import Scaler
+
+if TYPE_CHECKING:
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+
+FORMAT_NAME = "anomaly-monitor-detector"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+#: Manifests and safetensors headers larger than this are refused unread.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: Weights files larger than this are refused (a detector is a few MB at most).
+MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
+_DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16"}
+
+
+class ArtifactError(ValueError):
+    """A model artifact is missing, malformed, tampered with or incompatible."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a model's behaviour."""
+    from anomaly_monitor import __version__
+
+    return {
+        "anomaly_monitor": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _tensor_specs(modules: list[torch.nn.Module]) -> dict[str, dict[str, Any]]:
+    return {
+        f"{i}.{name}": {"shape": list(t.shape), "dtype": _DTYPE_NAMES[t.dtype]}
+        for i, module in enumerate(modules)
+        for name, t in module.state_dict().items()
+    }
+
+
+def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]:
+    """The manifest and the safetensors bytes of a fitted detector."""
+    tensors = {
+        f"{i}.{name}": t.detach().to("cpu").contiguous()
+        for i, module in enumerate(detector.modules_)
+        for name, t in module.state_dict().items()
+    }
+    weights = safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME})
+    params = detector.get_params()
+    if params["hidden_dims"] is not None:
+        params["hidden_dims"] = [int(h) for h in params["hidden_dims"]]
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "class": type(detector).__name__,
+        "kind": detector.kind,
+        "hyperparameters": params,
+        "n_features": detector.n_features_in_,
+        "feature_names": detector.feature_names_in_,
+        "scaling": detector.scaler_.to_dict(),
+        "error_scale": [float(v) for v in detector.error_scale_],
+        "tensors": _tensor_specs(detector.modules_),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "training": [h.to_dict() for h in detector.history_],
+        "versions": library_versions(),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    return manifest, weights
+
+
+def save_detector(detector: AutoencoderDetector, path: Path) -> Path:
+    """Write ``manifest.json`` and ``weights.safetensors`` into directory ``path``."""
+    manifest, weights = dump_detector(detector)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WEIGHTS_FILE).write_bytes(weights)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _read_limited(path: Path, limit: int) -> bytes:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if size > limit:
+        raise ArtifactError(f"{path} is {size} bytes, more than the {limit} allowed")
+    return path.read_bytes()
+
+
+def load_detector(
+    cls: type[AutoencoderDetector], path: Path, *, device: str = "auto"
+) -> AutoencoderDetector:
+    """Read and verify an artifact directory written by :func:`save_detector`."""
+    if not path.is_dir():
+        raise ArtifactError(f"{path} is not a model directory (expected {MANIFEST_FILE} in it)")
+    raw = _read_limited(path / MANIFEST_FILE, MAX_MANIFEST_BYTES)
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path / MANIFEST_FILE} is not valid JSON: {exc}") from None
+    weights = _read_limited(path / WEIGHTS_FILE, MAX_WEIGHTS_BYTES)
+    return restore_detector(cls, manifest, weights, device=device)
+
+
+def _check_header(weights: bytes, expected: dict[str, dict[str, Any]]) -> None:
+    """Check the safetensors header by hand before the library parses anything."""
+    if len(weights) < 8:
+        raise ArtifactError("weights are too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", weights[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(weights) - 8):
+        raise ArtifactError(
+            f"safetensors header claims {header_len} bytes; the file has {len(weights)}"
+        )
+    try:
+        header = json.loads(weights[8:8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ArtifactError("weights are not a safetensors file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise ArtifactError("weights are not a safetensors file (header is not an object)")
+    header.pop("__metadata__", None)
+    found = {k: {"shape": v.get("shape"), "dtype": v.get("dtype")}
+             for k, v in header.items() if isinstance(v, dict)}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(found) & set(expected) if found[k] != expected[k])
+        raise ArtifactError(
+            "weights do not match the model: "
+            f"missing {missing or 'none'}, unexpected {extra or 'none'}, "
+            f"wrong shape {wrong or 'none'}"
+        )
+
+
+def restore_detector(
+    cls: type[AutoencoderDetector],
+    manifest: dict[str, Any],
+    weights: bytes,
+    *,
+    device: str = "auto",
+) -> AutoencoderDetector:
+    """Rebuild a fitted detector from a manifest and safetensors bytes, verifying both."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"manifest is not an {FORMAT_NAME} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"manifest format version {manifest.get('format_version')!r} is not supported "
+            f"(this release reads version {FORMAT_VERSION})"
+        )
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != manifest.get("weights_sha256"):
+        raise ArtifactError(
+            f"weights sha256 {digest} does not match the manifest's "
+            f"{manifest.get('weights_sha256')!r}: the artifact was altered or is not a model"
+        )
+    try:
+        params = dict(manifest["hyperparameters"])
+        params["device"] = device
+        detector = cls(**params)
+        detector._validate_params()
+        n_features = int(manifest["n_features"])
+        expected = _tensor_specs(
+            [detector.build_module(n_features) for _ in range(detector.n_estimators)]
+        )
+        if manifest.get("tensors") != expected:
+            raise ArtifactError("the manifest's tensor shapes do not match its hyperparameters")
+        _check_header(weights, expected)
+        tensors = safetensors.torch.load(weights)
+        detector.n_features_in_ = n_features
+        names = manifest.get("feature_names")
+        detector.feature_names_in_ = None if names is None else [str(n) for n in names]
+        detector.scaler_ = Scaler.from_dict(manifest["scaling"], n_features)
+        error_scale = np.asarray(manifest["error_scale"], dtype=np.float64)
+        if error_scale.shape != (n_features,) or not (error_scale > 0).all():
+            raise ArtifactError("the manifest's error_scale is malformed")
+        detector.error_scale_ = error_scale
+        detector.device_ = detector._resolve_device()
+        detector.modules_ = []
+        for i in range(detector.n_estimators):
+            module = detector.build_module(n_features)
+            prefix = f"{i}."
+            module.load_state_dict(
+                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                strict=True,
+            )
+            detector.modules_.append(module.to(detector.device_).eval())
+        detector.history_ = [TrainingHistory() for _ in range(detector.n_estimators)]
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, safetensors.SafetensorError) as exc:
+        raise ArtifactError(f"model artifact is invalid: {exc}") from None
+    return detector

@@ -1,0 +1,368 @@
+"""``AutoencoderDetector``: the estimator wrapper around the autoencoder modules."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from anomaly_monitor.detectors.autoencoder import NOISE_TYPES, DenoisingAutoencoder
+from anomaly_monitor.detectors.base import (
+    MIN_FIT_ROWS,
+    BaseDetector,
+    NotFittedError,
+    check_matrix,
+)
+from anomaly_monitor.detectors.layers import ACTIVATIONS
+from anomaly_monitor.detectors.sparse import SparseAutoencoder
+from anomaly_monitor.detectors.training import TrainingConfig, TrainingHistory, train_module
+from anomaly_monitor.detectors.vae import VariationalAutoencoder
+from anomaly_monitor.preprocess import SCALING_METHODS, Scaler
+
+KINDS: tuple[str, ...] = ("vae", "dae", "sae")
+SCORES: tuple[str, ...] = ("reconstruction", "elbo", "mc")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+#: Rows per forward pass when scoring (bounded memory: about 64k x features x 4 bytes).
+SCORE_BATCH_ROWS = 65536
+#: Per-feature error scales are floored at this fraction of their mean, so that a
+#: feature the model reconstructs perfectly on training data cannot dominate scores.
+ERROR_SCALE_FLOOR = 1.0e-2
+
+
+def auto_architecture(n_features: int) -> tuple[tuple[int, ...], int]:
+    """Default hidden widths and code size for ``n_features`` inputs.
+
+    Two hidden layers about twice and once as wide as the input (within
+    [32, 256] and [16, 128]) and a bottleneck of a quarter of the input (2 to 32).
+    """
+    first = int(min(256, max(32, 2 * n_features)))
+    second = int(min(128, max(16, n_features)))
+    latent = int(min(32, max(2, math.ceil(n_features / 4))))
+    return (first, second), latent
+
+
+class AutoencoderDetector(BaseDetector):
+    """Anomaly detector scoring rows by the reconstruction error of an autoencoder.
+
+    Scores follow PyOD's convention: **higher means more anomalous**. A row's
+    score is the mean over features of its squared reconstruction error in the
+    scaled space, each feature's error divided by that feature's mean error on
+    the training data (``normalize_errors``), averaged over ``n_estimators``
+    networks trained from different seeds and validation splits.
+
+    Parameters
+    ----------
+    kind : {"vae", "dae", "sae"}
+        Variational, denoising or sparse autoencoder.
+    hidden_dims, latent_dim : sizes of the hidden layers and of the code;
+        ``None`` derives them from the number of features (:func:`auto_architecture`).
+    activation : hidden activation, one of ``relu, elu, tanh, leaky_relu, silu``.
+    n_estimators : networks in the ensemble (different seeds and validation splits).
+    epochs, batch_size, learning_rate, weight_decay : Adam training settings.
+    validation_fraction, patience : held-out fraction for early stopping and the
+        number of epochs without improvement before stopping; ``0`` disables it.
+    trim_fraction : share of the worst-reconstructed rows of each mini-batch left
+        out of the loss, for robustness to anomalies in the training data.
+    scaling : ``standard``, ``robust`` (median / IQR) or ``none``.
+    normalize_errors : divide each feature's error by its training-set mean.
+    noise, noise_level : corruption of the denoising autoencoder
+        (``gaussian`` standard deviation or ``masking`` fraction).
+    beta : weight of the KL term of the VAE.
+    sparsity_target, sparsity_weight : target mean activation of the sparse
+        autoencoder's code units and the weight of its KL sparsity penalty.
+    score : ``reconstruction`` (the VAE decodes its latent mean), ``elbo``
+        (VAE only: adds ``beta`` * KL) or ``mc`` (VAE only: squared error averaged
+        over ``mc_samples`` posterior samples drawn from a generator seeded with
+        ``random_state``, so repeated calls on the same rows agree).
+    random_state : seed of initialisation, splits, shuffling and noise.
+    device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    verbose : show a tqdm progress bar during ``fit``.
+    """
+
+    def __init__(
+        self,
+        kind: str = "vae",
+        *,
+        hidden_dims: Sequence[int] | None = None,
+        latent_dim: int | None = None,
+        activation: str = "relu",
+        n_estimators: int = 3,
+        epochs: int = 100,
+        batch_size: int = 256,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        validation_fraction: float = 0.1,
+        patience: int = 10,
+        trim_fraction: float = 0.0,
+        scaling: str = "standard",
+        normalize_errors: bool = True,
+        noise: str = "gaussian",
+        noise_level: float = 0.1,
+        beta: float = 1.0,
+        sparsity_target: float = 0.05,
+        sparsity_weight: float = 0.1,
+        score: str = "reconstruction",
+        mc_samples: int = 16,
+        random_state: int = 0,
+        device: str = "auto",
+        verbose: bool = False,
+    ) -> None:
+        self.kind = kind
+        self.hidden_dims = hidden_dims
+        self.latent_dim = latent_dim
+        self.activation = activation
+        self.n_estimators = n_estimators
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.trim_fraction = trim_fraction
+        self.scaling = scaling
+        self.normalize_errors = normalize_errors
+        self.noise = noise
+        self.noise_level = noise_level
+        self.beta = beta
+        self.sparsity_target = sparsity_target
+        self.sparsity_weight = sparsity_weight
+        self.score = score
+        self.mc_samples = mc_samples
+        self.random_state = random_state
+        self.device = device
+        self.verbose = verbose
+
+    # -- validation -----------------------------------------------------------------
+
+    def _validate_params(self) -> None:
+        choices = {
+            "kind": (self.kind, KINDS),
+            "activation": (self.activation, tuple(ACTIVATIONS)),
+            "scaling": (self.scaling, SCALING_METHODS),
+            "noise": (self.noise, NOISE_TYPES),
+            "score": (self.score, SCORES),
+            "device": (self.device, DEVICES),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        if self.score != "reconstruction" and self.kind != "vae":
+            raise ValueError(f"score={self.score!r} needs kind='vae'; got kind={self.kind!r}")
+        positive_ints = ("n_estimators", "epochs", "batch_size", "patience", "mc_samples")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        ranges = {
+            "validation_fraction": (self.validation_fraction, 0.0, 0.5),
+            "trim_fraction": (self.trim_fraction, 0.0, 0.5),
+            "noise_level": (self.noise_level, 0.0, 1.0 if self.noise == "masking" else 10.0),
+            "sparsity_target": (self.sparsity_target, 1e-6, 1.0 - 1e-6),
+        }
+        for name, (value, low, high) in ranges.items():
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}]; got {value!r}")
+        for name in ("learning_rate", "beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)!r}")
+        for name in ("weight_decay", "sparsity_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative; got {getattr(self, name)!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but no CUDA device is available")
+
+    def _architecture(self, n_features: int) -> tuple[tuple[int, ...], int]:
+        auto_hidden, auto_latent = auto_architecture(n_features)
+        hidden = (auto_hidden if self.hidden_dims is None
+                  else tuple(int(h) for h in self.hidden_dims))
+        latent = auto_latent if self.latent_dim is None else int(self.latent_dim)
+        if any(h < 1 for h in hidden) or latent < 1:
+            raise ValueError(f"layer sizes must be positive; got {hidden} and {latent}")
+        return hidden, latent
+
+    def _resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def build_module(self, n_features: int) -> nn.Module:
+        """A freshly initialised network of this detector's kind and size."""
+        hidden, latent = self._architecture(n_features)
+        if self.kind == "vae":
+            return VariationalAutoencoder(n_features, hidden, latent, self.activation, self.beta)
+        if self.kind == "dae":
+            return DenoisingAutoencoder(
+                n_features, hidden, latent, self.activation, self.noise, self.noise_level
+            )
+        return SparseAutoencoder(
+            n_features, hidden, latent, self.activation,
+            self.sparsity_target, self.sparsity_weight,
+        )
+
+    # -- fitting --------------------------------------------------------------------
+
+    def fit(self, X: Any, y: object = None) -> AutoencoderDetector:
+        """Fit the scaling and train the ensemble on unlabelled rows ``X``.
+
+        ``X`` is an ndarray or DataFrame (rows x features) without NaN or
+        infinity; ``y`` is ignored. Returns ``self``.
+        """
+        self._validate_params()
+        array, names = check_matrix(X, min_rows=MIN_FIT_ROWS)
+        self.n_features_in_ = array.shape[1]
+        self.feature_names_in_ = names
+        self.scaler_ = Scaler.fit(array, self.scaling)
+        self.device_ = self._resolve_device()
+        scaled_array = self.scaler_.transform(array)
+        scaled = torch.from_numpy(scaled_array).to(self.device_)
+        seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_estimators)
+        config = TrainingConfig(
+            self.epochs, self.batch_size, self.learning_rate, self.weight_decay,
+            self.patience, self.trim_fraction,
+        )
+        self.modules_: list[nn.Module] = []
+        self.history_: list[TrainingHistory] = []
+        with tqdm(
+            total=self.epochs * self.n_estimators, disable=not self.verbose,
+            desc=f"fit {self.kind}", unit="epoch",
+        ) as progress:
+            for seed in (int(s) for s in seeds):
+                module, history = self._fit_one(scaled, config, seed, progress)
+                self.modules_.append(module)
+                self.history_.append(history)
+        errors, _ = self._scored_terms(scaled_array)
+        means = errors.mean(axis=0)
+        floor = max(float(means.mean()) * ERROR_SCALE_FLOOR, 1e-12)
+        self.error_scale_ = (
+            np.maximum(means, floor) if self.normalize_errors else np.ones_like(means)
+        )
+        return self
+
+    def _fit_one(
+        self, scaled: Tensor, config: TrainingConfig, seed: int, progress: tqdm
+    ) -> tuple[nn.Module, TrainingHistory]:
+        n_rows = scaled.shape[0]
+        order = torch.from_numpy(np.random.default_rng(seed).permutation(n_rows))
+        n_val = round(self.validation_fraction * n_rows) if self.validation_fraction else 0
+        n_val = min(n_val, n_rows - 2)
+        val_index, train_index = order[:n_val], order[n_val:]
+        with torch.random.fork_rng(devices=[] if scaled.device.type == "cpu" else [scaled.device]):
+            torch.manual_seed(seed)
+            module = self.build_module(scaled.shape[1]).to(self.device_)
+        x_val = scaled[val_index.to(scaled.device)] if n_val > 0 else None
+        history = train_module(
+            module, scaled[train_index.to(scaled.device)], x_val, config, seed, progress
+        )
+        return module, history
+
+    # -- scoring --------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "modules_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet; call fit(X) before scoring"
+            )
+
+    def _check_input(self, X: Any) -> npt.NDArray[np.float64]:
+        self._check_fitted()
+        array, names = check_matrix(X)
+        if array.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {array.shape[1]} features but the detector was fitted with "
+                f"{self.n_features_in_}"
+            )
+        fitted_names = self.feature_names_in_
+        if names is not None and fitted_names is not None and names != fitted_names:
+            raise ValueError(
+                f"X has columns {names} but the detector was fitted with "
+                f"{fitted_names} (same names, same order)"
+            )
+        return array
+
+    def _batch_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-feature errors (ensemble mean) and a per-row extra term for one batch."""
+        errors = torch.zeros_like(x)
+        extra = x.new_zeros(x.shape[0])
+        for i, module in enumerate(self.modules_):
+            if self.score == "reconstruction":
+                errors += (module(x) - x) ** 2
+            elif self.score == "mc":
+                generator = torch.Generator(device=x.device).manual_seed(self.random_state + i)
+                errors += module.mc_feature_errors(x, self.mc_samples, generator)
+            else:
+                feature_errors, kl = module.negative_elbo_terms(x)
+                errors += feature_errors
+                extra += kl
+        return errors / len(self.modules_), extra / len(self.modules_)
+
+    def _scored_terms(
+        self, scaled: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+        feature_parts, extras = [], []
+        with torch.inference_mode():
+            for start in range(0, scaled.shape[0], SCORE_BATCH_ROWS):
+                x = torch.from_numpy(scaled[start:start + SCORE_BATCH_ROWS]).to(self.device_)
+                errors, extra = self._batch_terms(x)
+                feature_parts.append(errors.cpu().numpy())
+                extras.append(extra.cpu().numpy())
+        if not feature_parts:
+            empty = np.zeros((0, scaled.shape[1]))
+            return empty, np.zeros(0)
+        return (
+            np.concatenate(feature_parts).astype(np.float64),
+            np.concatenate(extras).astype(np.float64),
+        )
+
+    def _contributions(self, X: Any) -> npt.NDArray[np.float64]:
+        array = self._check_input(X)
+        errors, extra = self._scored_terms(self.scaler_.transform(array))
+        contributions = errors / self.error_scale_ / self.n_features_in_
+        if self.score == "elbo":
+            # Spread the KL term over features in proportion to their reconstruction share.
+            recon = contributions.sum(axis=1, keepdims=True)
+            total = recon + extra[:, None] / self.n_features_in_
+            share = np.divide(contributions, recon, out=np.full_like(contributions,
+                              1.0 / self.n_features_in_), where=recon > 0)
+            contributions = share * total
+        return contributions
+
+    def decision_function(self, X: Any) -> npt.NDArray[np.float64]:
+        """Anomaly score of each row of ``X``: HIGHER = MORE ANOMALOUS.
+
+        Deterministic: the same fitted model gives the same scores for the same rows.
+        """
+        return self._contributions(X).sum(axis=1)
+
+    def feature_errors(self, X: Any) -> npt.NDArray[np.float64]:
+        """Each feature's share of each row's score, shape (rows, features).
+
+        The shares are non-negative and each row sums to its ``decision_function`` score.
+        """
+        return self._contributions(X)
+
+    # -- persistence ----------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to directory ``path`` (safetensors + JSON manifest)."""
+        from anomaly_monitor.detectors.artifact import save_detector
+
+        self._check_fitted()
+        return save_detector(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto") -> AutoencoderDetector:
+        """Load a detector written by :meth:`save`, verifying its hash and shapes.
+
+        Nothing is unpickled; a tampered or foreign file raises ``ArtifactError``.
+        """
+        from anomaly_monitor.detectors.artifact import load_detector
+
+        return load_detector(cls, Path(path), device=device)
