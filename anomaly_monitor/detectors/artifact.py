@@ -37,6 +37,8 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Weights files larger than this are refused (a detector is a few MB at most).
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
+LATENT_CENTER = "latent.center"
+LATENT_WHITENING = "latent.whitening"
 _DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16"}
 
 
@@ -57,12 +59,15 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _tensor_specs(modules: list[torch.nn.Module]) -> dict[str, dict[str, Any]]:
-    return {
+def _tensor_specs(modules: list[torch.nn.Module], code_dim: int) -> dict[str, dict[str, Any]]:
+    specs = {
         f"{i}.{name}": {"shape": list(t.shape), "dtype": _DTYPE_NAMES[t.dtype]}
         for i, module in enumerate(modules)
         for name, t in module.state_dict().items()
     }
+    specs[LATENT_CENTER] = {"shape": [len(modules), code_dim], "dtype": "F32"}
+    specs[LATENT_WHITENING] = {"shape": [len(modules), code_dim, code_dim], "dtype": "F32"}
+    return specs
 
 
 def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]:
@@ -72,6 +77,8 @@ def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]
         for i, module in enumerate(detector.modules_)
         for name, t in module.state_dict().items()
     }
+    tensors[LATENT_CENTER] = torch.from_numpy(detector.latent_center_)
+    tensors[LATENT_WHITENING] = torch.from_numpy(detector.latent_whitening_)
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME})
     params = detector.get_params()
     if params["hidden_dims"] is not None:
@@ -86,7 +93,7 @@ def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]
         "feature_names": detector.feature_names_in_,
         "scaling": detector.scaler_.to_dict(),
         "error_scale": [float(v) for v in detector.error_scale_],
-        "tensors": _tensor_specs(detector.modules_),
+        "tensors": _tensor_specs(detector.modules_, detector.latent_center_.shape[1]),
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "training": [h.to_dict() for h in detector.history_],
         "versions": library_versions(),
@@ -186,7 +193,8 @@ def restore_detector(
         detector._validate_params()
         n_features = int(manifest["n_features"])
         expected = _tensor_specs(
-            [detector.build_module(n_features) for _ in range(detector.n_estimators)]
+            [detector.build_module(n_features) for _ in range(detector.n_estimators)],
+            detector._architecture(n_features)[1],
         )
         if manifest.get("tensors") != expected:
             raise ArtifactError("the manifest's tensor shapes do not match its hyperparameters")
@@ -210,6 +218,8 @@ def restore_detector(
                 strict=True,
             )
             detector.modules_.append(module.to(detector.device_).eval())
+        detector.latent_center_ = tensors.pop(LATENT_CENTER).numpy()
+        detector.latent_whitening_ = tensors.pop(LATENT_WHITENING).numpy()
         detector.history_ = [TrainingHistory() for _ in range(detector.n_estimators)]
     except ArtifactError:
         raise

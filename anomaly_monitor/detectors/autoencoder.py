@@ -42,6 +42,11 @@ class DenoisingAutoencoder(nn.Module):
         """The reconstruction of ``x`` (deterministic)."""
         return self.decoder(self.encoder(x))
 
+    def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The reconstruction of ``x`` and its code (deterministic)."""
+        code = self.encoder(x)
+        return self.decoder(code), code
+
     def corrupt(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """``x`` with training noise applied."""
         if self.noise == "gaussian" and self.noise_level > 0:

@@ -72,9 +72,11 @@ def check_matrix(
     """
     names: list[str] | None = None
     if hasattr(X, "columns") and hasattr(X, "to_numpy"):
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
         names = [str(c) for c in X.columns]
         non_numeric = [str(c) for c, dt in zip(X.columns, X.dtypes, strict=True)
-                       if not (np.issubdtype(dt, np.number) or np.issubdtype(dt, np.bool_))]
+                       if not (is_numeric_dtype(dt) or is_bool_dtype(dt))]
         if non_numeric:
             raise ValueError(f"{what} has non-numeric columns: {', '.join(non_numeric)}")
         X = X.to_numpy()

@@ -35,6 +35,8 @@ SCORE_BATCH_ROWS = 65536
 #: Per-feature error scales are floored at this fraction of their mean, so that a
 #: feature the model reconstructs perfectly on training data cannot dominate scores.
 ERROR_SCALE_FLOOR = 1.0e-2
+#: Ridge added to the code covariance, relative to its mean variance.
+LATENT_RIDGE = 1.0e-3
 
 
 def auto_architecture(n_features: int) -> tuple[tuple[int, ...], int]:
@@ -49,14 +51,36 @@ def auto_architecture(n_features: int) -> tuple[tuple[int, ...], int]:
     return (first, second), latent
 
 
+def latent_statistics(
+    codes: npt.NDArray[np.float64],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Mean and whitening matrix ``W`` of training codes: ``W @ (z - mean)`` has unit covariance.
+
+    The covariance gets a small ridge so that collapsed code dimensions stay invertible.
+    """
+    center = codes.mean(axis=0)
+    if codes.shape[0] > 1:
+        cov = np.atleast_2d(np.cov(codes, rowvar=False))
+    else:
+        cov = np.eye(codes.shape[1])
+    ridge = LATENT_RIDGE * max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+    chol = np.linalg.cholesky(cov + ridge * np.eye(cov.shape[0]))
+    whitening = np.linalg.solve(chol, np.eye(cov.shape[0]))
+    return center.astype(np.float32), whitening.astype(np.float32)
+
+
 class AutoencoderDetector(BaseDetector):
     """Anomaly detector scoring rows by the reconstruction error of an autoencoder.
 
     Scores follow PyOD's convention: **higher means more anomalous**. A row's
     score is the mean over features of its squared reconstruction error in the
     scaled space, each feature's error divided by that feature's mean error on
-    the training data (``normalize_errors``), averaged over ``n_estimators``
-    networks trained from different seeds and validation splits.
+    the training data (``normalize_errors``), plus ``latent_weight`` times the
+    squared Mahalanobis distance of the row's code from the training codes
+    (divided by the code size), averaged over ``n_estimators`` networks trained
+    from different seeds and validation splits. Both terms average about 1 on
+    training rows. The latent term catches rows that lie on the learned
+    manifold but far out along it, which an autoencoder reconstructs well.
 
     Parameters
     ----------
@@ -82,6 +106,8 @@ class AutoencoderDetector(BaseDetector):
         (VAE only: adds ``beta`` * KL) or ``mc`` (VAE only: squared error averaged
         over ``mc_samples`` posterior samples drawn from a generator seeded with
         ``random_state``, so repeated calls on the same rows agree).
+    latent_weight : weight of the code-space Mahalanobis distance in the score
+        (0 scores by reconstruction alone).
     random_state : seed of initialisation, splits, shuffling and noise.
     device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     verbose : show a tqdm progress bar during ``fit``.
@@ -104,13 +130,14 @@ class AutoencoderDetector(BaseDetector):
         trim_fraction: float = 0.0,
         scaling: str = "standard",
         normalize_errors: bool = True,
-        noise: str = "gaussian",
-        noise_level: float = 0.1,
-        beta: float = 1.0,
+        noise: str = "masking",
+        noise_level: float = 0.2,
+        beta: float = 0.1,
         sparsity_target: float = 0.05,
         sparsity_weight: float = 0.1,
         score: str = "reconstruction",
         mc_samples: int = 16,
+        latent_weight: float = 1.0,
         random_state: int = 0,
         device: str = "auto",
         verbose: bool = False,
@@ -136,6 +163,7 @@ class AutoencoderDetector(BaseDetector):
         self.sparsity_weight = sparsity_weight
         self.score = score
         self.mc_samples = mc_samples
+        self.latent_weight = latent_weight
         self.random_state = random_state
         self.device = device
         self.verbose = verbose
@@ -173,7 +201,7 @@ class AutoencoderDetector(BaseDetector):
         for name in ("learning_rate", "beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)!r}")
-        for name in ("weight_decay", "sparsity_weight"):
+        for name in ("weight_decay", "sparsity_weight", "latent_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative; got {getattr(self, name)!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -238,12 +266,16 @@ class AutoencoderDetector(BaseDetector):
                 module, history = self._fit_one(scaled, config, seed, progress)
                 self.modules_.append(module)
                 self.history_.append(history)
-        errors, _ = self._scored_terms(scaled_array)
+        self.latent_center_ = self.latent_whitening_ = None
+        errors, _, codes = self._scored_terms(scaled_array, keep_codes=True)
         means = errors.mean(axis=0)
         floor = max(float(means.mean()) * ERROR_SCALE_FLOOR, 1e-12)
         self.error_scale_ = (
             np.maximum(means, floor) if self.normalize_errors else np.ones_like(means)
         )
+        stats = [latent_statistics(c) for c in codes]
+        self.latent_center_ = np.stack([center for center, _ in stats])
+        self.latent_whitening_ = np.stack([whitening for _, whitening in stats])
         return self
 
     def _fit_one(
@@ -287,48 +319,65 @@ class AutoencoderDetector(BaseDetector):
             )
         return array
 
-    def _batch_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-feature errors (ensemble mean) and a per-row extra term for one batch."""
+    def _uses_extra_terms(self) -> bool:
+        return self.score == "elbo" or self.latent_weight > 0
+
+    def _batch_terms(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """For one batch: per-feature squared errors, the per-row extra term (KL per
+        feature for ``elbo``, weighted latent distance), both ensemble means, and the codes."""
         errors = torch.zeros_like(x)
         extra = x.new_zeros(x.shape[0])
+        codes = []
+        latent = getattr(self, "latent_center_", None) is not None and self.latent_weight > 0
         for i, module in enumerate(self.modules_):
-            if self.score == "reconstruction":
-                errors += (module(x) - x) ** 2
-            elif self.score == "mc":
+            reconstruction, code = module.forward_with_code(x)
+            codes.append(code)
+            if self.score == "mc":
                 generator = torch.Generator(device=x.device).manual_seed(self.random_state + i)
                 errors += module.mc_feature_errors(x, self.mc_samples, generator)
             else:
-                feature_errors, kl = module.negative_elbo_terms(x)
-                errors += feature_errors
-                extra += kl
-        return errors / len(self.modules_), extra / len(self.modules_)
+                errors += (reconstruction - x) ** 2
+            if self.score == "elbo":
+                _, logvar = module.encode(x)
+                extra += module.beta * module.kl_divergence(code, logvar) / x.shape[1]
+            if latent:
+                center = torch.as_tensor(self.latent_center_[i], device=x.device)
+                whitening = torch.as_tensor(self.latent_whitening_[i], device=x.device)
+                white = (code - center) @ whitening.T
+                extra += self.latent_weight * white.pow(2).mean(dim=1)
+        n = len(self.modules_)
+        return errors / n, extra / n, codes
 
     def _scored_terms(
-        self, scaled: npt.NDArray[np.float32]
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-        feature_parts, extras = [], []
+        self, scaled: npt.NDArray[np.float32], *, keep_codes: bool = False
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], list[npt.NDArray[np.float64]]]:
+        feature_parts, extras, code_parts = [], [], []
         with torch.inference_mode():
             for start in range(0, scaled.shape[0], SCORE_BATCH_ROWS):
                 x = torch.from_numpy(scaled[start:start + SCORE_BATCH_ROWS]).to(self.device_)
-                errors, extra = self._batch_terms(x)
+                errors, extra, codes = self._batch_terms(x)
                 feature_parts.append(errors.cpu().numpy())
                 extras.append(extra.cpu().numpy())
+                if keep_codes:
+                    code_parts.append([c.cpu().numpy() for c in codes])
         if not feature_parts:
-            empty = np.zeros((0, scaled.shape[1]))
-            return empty, np.zeros(0)
+            return np.zeros((0, scaled.shape[1])), np.zeros(0), []
+        codes_per_module = [np.concatenate([part[i] for part in code_parts]).astype(np.float64)
+                            for i in range(len(self.modules_))] if keep_codes else []
         return (
             np.concatenate(feature_parts).astype(np.float64),
             np.concatenate(extras).astype(np.float64),
+            codes_per_module,
         )
 
     def _contributions(self, X: Any) -> npt.NDArray[np.float64]:
         array = self._check_input(X)
-        errors, extra = self._scored_terms(self.scaler_.transform(array))
+        errors, extra, _ = self._scored_terms(self.scaler_.transform(array))
         contributions = errors / self.error_scale_ / self.n_features_in_
-        if self.score == "elbo":
-            # Spread the KL term over features in proportion to their reconstruction share.
+        if self._uses_extra_terms():
+            # Spread the extra terms over features in proportion to their reconstruction share.
             recon = contributions.sum(axis=1, keepdims=True)
-            total = recon + extra[:, None] / self.n_features_in_
+            total = recon + extra[:, None]
             share = np.divide(contributions, recon, out=np.full_like(contributions,
                               1.0 / self.n_features_in_), where=recon > 0)
             contributions = share * total

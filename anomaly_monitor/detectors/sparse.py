@@ -45,6 +45,11 @@ class SparseAutoencoder(nn.Module):
         """The reconstruction of ``x`` (deterministic)."""
         return self.decoder(self.encoder(x))
 
+    def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The reconstruction of ``x`` and its code (deterministic)."""
+        code = self.encoder(x)
+        return self.decoder(code), code
+
     def sparsity_penalty(self, code: Tensor) -> Tensor:
         """``sparsity_weight`` * sum over code units of KL(rho || mean activation)."""
         rho = self.sparsity_target

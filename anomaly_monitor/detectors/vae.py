@@ -47,6 +47,11 @@ class VariationalAutoencoder(nn.Module):
         mu, _ = self.encode(x)
         return self.decoder(mu)
 
+    def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Reconstruction from the posterior mean, and the mean itself (deterministic)."""
+        mu, _ = self.encode(x)
+        return self.decoder(mu), mu
+
     @staticmethod
     def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
         """Per-row KL(N(mu, exp(logvar)) || N(0, I))."""
@@ -77,10 +82,3 @@ class VariationalAutoencoder(nn.Module):
             reconstruction, _, _ = self.sample_reconstruction(x, generator)
             total += (reconstruction - x) ** 2
         return total / n_samples
-
-    def negative_elbo_terms(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-feature squared error of the mean reconstruction and per-row ``beta`` * KL."""
-        mu, logvar = self.encode(x)
-        errors = (self.decoder(mu) - x) ** 2
-        return errors, self.beta * self.kl_divergence(mu, logvar)
-
