@@ -122,7 +122,7 @@ class AutoencoderDetector(BaseDetector):
         activation: str = "relu",
         n_estimators: int = 3,
         epochs: int = 100,
-        batch_size: int = 256,
+        batch_size: int = 128,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         validation_fraction: float = 0.1,
