@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from anomaly_monitor.detectors.layers import mlp
+from anomaly_monitor.detectors.layers import EncoderDecoder, mlp
 
 NOISE_TYPES: tuple[str, ...] = ("gaussian", "masking", "none")
 
 
-class DenoisingAutoencoder(nn.Module):
+class DenoisingAutoencoder(EncoderDecoder):
     """An MLP autoencoder trained to reconstruct clean rows from corrupted ones.
 
     Corruption (training only): ``gaussian`` adds N(0, ``noise_level``^2) to every
@@ -37,15 +37,6 @@ class DenoisingAutoencoder(nn.Module):
         self.noise_level = noise_level
         self.encoder = mlp([n_features, *hidden_dims, latent_dim], activation)
         self.decoder = mlp([latent_dim, *reversed(hidden_dims), n_features], activation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The reconstruction of ``x`` (deterministic)."""
-        return self.decoder(self.encoder(x))
-
-    def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The reconstruction of ``x`` and its code (deterministic)."""
-        code = self.encoder(x)
-        return self.decoder(code), code
 
     def corrupt(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """``x`` with training noise applied."""

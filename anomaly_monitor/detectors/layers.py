@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import pairwise
 
-from torch import nn
+from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -29,3 +29,19 @@ def mlp(sizes: Sequence[int], activation: str, *, last_activation: bool = False)
         if last_activation or i < len(sizes) - 2:
             layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
+
+
+class EncoderDecoder(nn.Module):
+    """An autoencoder with deterministic ``encoder`` and ``decoder`` submodules."""
+
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The reconstruction of ``x`` (deterministic)."""
+        return self.decoder(self.encoder(x))
+
+    def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The reconstruction of ``x`` and its code (deterministic)."""
+        code = self.encoder(x)
+        return self.decoder(code), code

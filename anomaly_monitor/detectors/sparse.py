@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from anomaly_monitor.detectors.layers import mlp
+from anomaly_monitor.detectors.layers import EncoderDecoder, mlp
 
 #: Mean activations are clamped into (EPS, 1 - EPS) before the KL divergence.
 EPS = 1.0e-6
 
 
-class SparseAutoencoder(nn.Module):
+class SparseAutoencoder(EncoderDecoder):
     """An autoencoder whose code layer of sigmoid units is pushed to be sparse.
 
     The penalty is ``sparsity_weight * sum_j KL(rho || rho_hat_j)``, where
@@ -40,15 +40,6 @@ class SparseAutoencoder(nn.Module):
             mlp([n_features, *hidden_dims, code_dim], activation), nn.Sigmoid()
         )
         self.decoder = mlp([code_dim, *reversed(hidden_dims), n_features], activation)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """The reconstruction of ``x`` (deterministic)."""
-        return self.decoder(self.encoder(x))
-
-    def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The reconstruction of ``x`` and its code (deterministic)."""
-        code = self.encoder(x)
-        return self.decoder(code), code
 
     def sparsity_penalty(self, code: Tensor) -> Tensor:
         """``sparsity_weight`` * sum over code units of KL(rho || mean activation)."""

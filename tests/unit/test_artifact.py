@@ -29,6 +29,16 @@ def saved(tmp_path_factory, data):
     return models
 
 
+class Exploit:
+    """Unpickling this creates ``marker``: proof that a payload was executed."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def _rewrite_weights(path, payload: bytes) -> None:
     """Replace the weights and forge a manifest hash that matches them."""
     (path / WEIGHTS_FILE).write_bytes(payload)
@@ -71,13 +81,8 @@ def test_manifest_describes_the_model(saved):
 
 def test_pickle_payload_is_refused_and_never_executed(saved, tmp_path):
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     path = _copy(saved["dae"][1], tmp_path / "model")
-    payload = pickle.dumps({"weights": Exploit()})
+    payload = pickle.dumps({"weights": Exploit(marker)})
     (path / WEIGHTS_FILE).write_bytes(payload)
     with pytest.raises(ArtifactError, match="does not match the manifest"):
         AutoencoderDetector.load(path)
@@ -89,14 +94,9 @@ def test_pickle_payload_is_refused_and_never_executed(saved, tmp_path):
 
 def test_torch_save_zip_is_refused(saved, tmp_path):
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     path = _copy(saved["dae"][1], tmp_path / "model")
     buffer = tmp_path / "evil.pt"
-    torch.save({"x": Exploit()}, buffer, _use_new_zipfile_serialization=True)
+    torch.save({"x": Exploit(marker)}, buffer, _use_new_zipfile_serialization=True)
     assert zipfile.is_zipfile(buffer)
     _rewrite_weights(path, buffer.read_bytes())
     with pytest.raises(ArtifactError):

@@ -72,15 +72,20 @@ def test_feature_errors_are_shares_of_the_score(fitted, data, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_shifted_feature_gets_the_largest_share(fitted, data, kind):
-    train = data[0]
+def test_shifted_feature_gets_the_largest_share(kind):
+    # Three factors, each measured by three noisy sensors: a shifted sensor is the
+    # odd one out of its group. (Within a pair of collinear sensors blame is
+    # ambiguous by nature, so the data has groups of three.)
+    rng = np.random.default_rng(5)
+    train = np.repeat(rng.normal(size=(1500, 3)), 3, axis=1) + 0.1 * rng.normal(size=(1500, 9))
+    detector = AutoencoderDetector(kind, n_estimators=1).fit(train)
     for j in range(train.shape[1]):
         rows = train[:20].copy()
-        rows[:, j] += 30 * train[:, j].std()
-        shares = fitted[kind].feature_errors(rows)
-        # Correlated features share the blame (the network predicts one from the
-        # others), so the shifted one leads most rows and is always in the top 3.
-        assert (shares.argmax(axis=1) == j).mean() >= 0.5, f"feature {j}"
+        rows[:, j] += 5 * train[:, j].std()
+        shares = detector.feature_errors(rows)
+        # The masking DAE learns to rebuild a sensor from its group, so some blame
+        # leaks to the group; the shifted sensor still carries the most on average.
+        assert int(shares.mean(axis=0).argmax()) == j, f"feature {j}"
         assert all(j in np.argsort(-row)[:3] for row in shares), f"feature {j}"
 
 
