@@ -322,27 +322,39 @@ class AutoencoderDetector(BaseDetector):
     def _uses_extra_terms(self) -> bool:
         return self.score == "elbo" or self.latent_weight > 0
 
-    def _batch_terms(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def _latent_tensors(self) -> list[tuple[Tensor, Tensor]] | None:
+        """Per-network code centre and whitening on the device; ``None`` when unused."""
+        if self.latent_weight == 0 or getattr(self, "latent_center_", None) is None:
+            return None
+        return [
+            (torch.as_tensor(center, device=self.device_),
+             torch.as_tensor(whitening, device=self.device_))
+            for center, whitening in zip(self.latent_center_, self.latent_whitening_, strict=True)
+        ]
+
+    def _batch_terms(
+        self, x: Tensor, latent: list[tuple[Tensor, Tensor]] | None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
         """For one batch: per-feature squared errors, the per-row extra term (KL per
         feature for ``elbo``, weighted latent distance), both ensemble means, and the codes."""
         errors = torch.zeros_like(x)
         extra = x.new_zeros(x.shape[0])
         codes = []
-        latent = getattr(self, "latent_center_", None) is not None and self.latent_weight > 0
         for i, module in enumerate(self.modules_):
-            reconstruction, code = module.forward_with_code(x)
+            if self.score == "elbo":
+                code, logvar = module.encode(x)
+                reconstruction = module.decoder(code)
+                extra += module.beta * module.kl_divergence(code, logvar) / x.shape[1]
+            else:
+                reconstruction, code = module.forward_with_code(x)
             codes.append(code)
             if self.score == "mc":
                 generator = torch.Generator(device=x.device).manual_seed(self.random_state + i)
                 errors += module.mc_feature_errors(x, self.mc_samples, generator)
             else:
                 errors += (reconstruction - x) ** 2
-            if self.score == "elbo":
-                _, logvar = module.encode(x)
-                extra += module.beta * module.kl_divergence(code, logvar) / x.shape[1]
-            if latent:
-                center = torch.as_tensor(self.latent_center_[i], device=x.device)
-                whitening = torch.as_tensor(self.latent_whitening_[i], device=x.device)
+            if latent is not None:
+                center, whitening = latent[i]
                 white = (code - center) @ whitening.T
                 extra += self.latent_weight * white.pow(2).mean(dim=1)
         n = len(self.modules_)
@@ -352,10 +364,11 @@ class AutoencoderDetector(BaseDetector):
         self, scaled: npt.NDArray[np.float32], *, keep_codes: bool = False
     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], list[npt.NDArray[np.float64]]]:
         feature_parts, extras, code_parts = [], [], []
+        latent = self._latent_tensors()
         with torch.inference_mode():
             for start in range(0, scaled.shape[0], SCORE_BATCH_ROWS):
                 x = torch.from_numpy(scaled[start:start + SCORE_BATCH_ROWS]).to(self.device_)
-                errors, extra, codes = self._batch_terms(x)
+                errors, extra, codes = self._batch_terms(x, latent)
                 feature_parts.append(errors.cpu().numpy())
                 extras.append(extra.cpu().numpy())
                 if keep_codes:
