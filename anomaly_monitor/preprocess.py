@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 ScalingMethod = Literal["standard", "robust", "none"]
 SCALING_METHODS: tuple[str, ...] = ("standard", "robust", "none")
@@ -57,10 +58,16 @@ class Scaler:
         return cls(method, center.astype(np.float64), scale.astype(np.float64))
 
     def transform(self, X: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
-        """Scale ``X`` and return float32, clipped to +-``SCALED_CLIP``."""
-        scaled = (X - self.center) / self.scale
-        np.clip(scaled, -SCALED_CLIP, SCALED_CLIP, out=scaled)
-        return scaled.astype(np.float32)
+        """Scale ``X`` and return float32, clipped to +-``SCALED_CLIP``.
+
+        The arithmetic is float64 (a raw value like an epoch timestamp keeps its
+        precision) and runs on torch's CPU threads; only the result is float32.
+        """
+        x = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float64))
+        center = torch.from_numpy(self.center)
+        scale = torch.from_numpy(self.scale)
+        scaled = x.sub(center).div_(scale).clamp_(-SCALED_CLIP, SCALED_CLIP)
+        return scaled.to(torch.float32).numpy()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form (floats round-trip exactly through JSON)."""

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,8 @@ from anomaly_monitor.detectors.sparse import SparseAutoencoder
 from anomaly_monitor.detectors.training import TrainingConfig, TrainingHistory, train_module
 from anomaly_monitor.detectors.vae import VariationalAutoencoder
 from anomaly_monitor.preprocess import SCALING_METHODS, Scaler
+
+T = TypeVar("T")
 
 KINDS: tuple[str, ...] = ("vae", "dae", "sae")
 SCORES: tuple[str, ...] = ("reconstruction", "elbo", "mc")
@@ -249,8 +251,7 @@ class AutoencoderDetector(BaseDetector):
         self.feature_names_in_ = names
         self.scaler_ = Scaler.fit(array, self.scaling)
         self.device_ = self._resolve_device()
-        scaled_array = self.scaler_.transform(array)
-        scaled = torch.from_numpy(scaled_array).to(self.device_)
+        scaled = torch.from_numpy(self.scaler_.transform(array)).to(self.device_)
         seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_estimators)
         config = TrainingConfig(
             self.epochs, self.batch_size, self.learning_rate, self.weight_decay,
@@ -267,8 +268,12 @@ class AutoencoderDetector(BaseDetector):
                 self.modules_.append(module)
                 self.history_.append(history)
         self.latent_center_ = self.latent_whitening_ = None
-        errors, _, codes = self._scored_terms(scaled_array, keep_codes=True)
-        means = errors.mean(axis=0)
+        parts = self._map_batches(array, lambda errors, _, codes: (
+            errors.sum(dim=0, dtype=torch.float64).cpu().numpy(),
+            [code.cpu().numpy() for code in codes]))
+        means = sum(part[0] for part in parts) / array.shape[0]
+        codes = [np.concatenate([part[1][i] for part in parts]).astype(np.float64)
+                 for i in range(len(self.modules_))]
         floor = max(float(means.mean()) * ERROR_SCALE_FLOOR, 1e-12)
         self.error_scale_ = (
             np.maximum(means, floor) if self.normalize_errors else np.ones_like(means)
@@ -360,55 +365,61 @@ class AutoencoderDetector(BaseDetector):
         n = len(self.modules_)
         return errors / n, extra / n, codes
 
-    def _scored_terms(
-        self, scaled: npt.NDArray[np.float32], *, keep_codes: bool = False
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], list[npt.NDArray[np.float64]]]:
-        feature_parts, extras, code_parts = [], [], []
+    def _map_batches(
+        self, array: npt.NDArray[np.float64], reduce: Callable[[Tensor, Tensor, list[Tensor]], T]
+    ) -> list[T]:
+        """Scale ``array`` and run ``reduce(errors, extra, codes)`` on each batch of rows."""
         latent = self._latent_tensors()
+        parts = []
         with torch.inference_mode():
-            for start in range(0, scaled.shape[0], SCORE_BATCH_ROWS):
-                x = torch.from_numpy(scaled[start:start + SCORE_BATCH_ROWS]).to(self.device_)
-                errors, extra, codes = self._batch_terms(x, latent)
-                feature_parts.append(errors.cpu().numpy())
-                extras.append(extra.cpu().numpy())
-                if keep_codes:
-                    code_parts.append([c.cpu().numpy() for c in codes])
-        if not feature_parts:
-            return np.zeros((0, scaled.shape[1])), np.zeros(0), []
-        codes_per_module = [np.concatenate([part[i] for part in code_parts]).astype(np.float64)
-                            for i in range(len(self.modules_))] if keep_codes else []
-        return (
-            np.concatenate(feature_parts).astype(np.float64),
-            np.concatenate(extras).astype(np.float64),
-            codes_per_module,
-        )
+            for start in range(0, array.shape[0], SCORE_BATCH_ROWS):
+                scaled = self.scaler_.transform(array[start:start + SCORE_BATCH_ROWS])
+                x = torch.from_numpy(scaled).to(self.device_)
+                parts.append(reduce(*self._batch_terms(x, latent)))
+        return parts
 
-    def _contributions(self, X: Any) -> npt.NDArray[np.float64]:
-        array = self._check_input(X)
-        errors, extra, _ = self._scored_terms(self.scaler_.transform(array))
-        contributions = errors / self.error_scale_ / self.n_features_in_
+    def _feature_weights(self) -> Tensor:
+        """Per-feature factor turning squared errors into score contributions."""
+        weights = 1.0 / (np.asarray(self.error_scale_) * self.n_features_in_)
+        return torch.as_tensor(weights, dtype=torch.float32, device=self.device_)
+
+    def _batch_contributions(self, errors: Tensor, extra: Tensor, weights: Tensor) -> Tensor:
+        contributions = errors * weights
         if self._uses_extra_terms():
             # Spread the extra terms over features in proportion to their reconstruction share.
-            recon = contributions.sum(axis=1, keepdims=True)
-            total = recon + extra[:, None]
-            share = np.divide(contributions, recon, out=np.full_like(contributions,
-                              1.0 / self.n_features_in_), where=recon > 0)
-            contributions = share * total
+            recon = contributions.sum(dim=1, keepdim=True)
+            uniform = torch.full_like(contributions, 1.0 / self.n_features_in_)
+            share = torch.where(recon > 0, contributions / recon.clamp_min(1e-30), uniform)
+            contributions = share * (recon + extra[:, None])
         return contributions
 
     def decision_function(self, X: Any) -> npt.NDArray[np.float64]:
         """Anomaly score of each row of ``X``: HIGHER = MORE ANOMALOUS.
 
-        Deterministic: the same fitted model gives the same scores for the same rows.
+        The score is the ensemble's mean squared reconstruction error per feature,
+        normalised by each feature's training error, plus the latent term. It is
+        deterministic: the same fitted model gives the same scores for the same rows.
         """
-        return self._contributions(X).sum(axis=1)
+        array = self._check_input(X)
+        weights = self._feature_weights()
+        parts = self._map_batches(
+            array, lambda errors, extra, _: (errors @ weights + extra).cpu().numpy()
+        )
+        return np.concatenate(parts).astype(np.float64)
 
     def feature_errors(self, X: Any) -> npt.NDArray[np.float64]:
         """Each feature's share of each row's score, shape (rows, features).
 
-        The shares are non-negative and each row sums to its ``decision_function`` score.
+        The shares are non-negative and each row sums to its ``decision_function``
+        score (up to float32 rounding).
         """
-        return self._contributions(X)
+        array = self._check_input(X)
+        weights = self._feature_weights()
+        parts = self._map_batches(
+            array, lambda errors, extra, _: self._batch_contributions(
+                errors, extra, weights).cpu().numpy()
+        )
+        return np.concatenate(parts).astype(np.float64)
 
     # -- persistence ----------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def test_feature_errors_are_shares_of_the_score(fitted, data, kind):
     shares = fitted[kind].feature_errors(x)
     assert shares.shape == x.shape
     assert (shares >= 0).all()
-    np.testing.assert_allclose(shares.sum(axis=1), fitted[kind].decision_function(x), rtol=1e-10)
+    np.testing.assert_allclose(shares.sum(axis=1), fitted[kind].decision_function(x), rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -256,4 +256,4 @@ def test_latent_distance_catches_extremes_along_the_manifold(data):
     assert detector.latent_whitening_.shape[1:] == (2, 2)
     assert roc_auc_score(y, detector.decision_function(x)) >= 0.95
     shares = detector.feature_errors(x)
-    np.testing.assert_allclose(shares.sum(axis=1), detector.decision_function(x), rtol=1e-10)
+    np.testing.assert_allclose(shares.sum(axis=1), detector.decision_function(x), rtol=1e-5)
