@@ -1,0 +1,311 @@
+"""Settings from a TOML file, with ``ANOMALY_MONITOR_*`` environment overrides.
+
+The file is found at ``--config PATH``, else ``$ANOMALY_MONITOR_CONFIG``, else
+``./anomaly-monitor.toml``. Every key is checked: an unknown key, a wrong type or
+a missing field raises :class:`ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PATH = Path("anomaly-monitor.toml")
+ENV_CONFIG = "ANOMALY_MONITOR_CONFIG"
+ENV_DATABASE_URL = "ANOMALY_MONITOR_DATABASE_URL"
+ENV_METRICS_HOST = "ANOMALY_MONITOR_METRICS_HOST"
+ENV_METRICS_PORT = "ANOMALY_MONITOR_METRICS_PORT"
+DEFAULT_DATABASE_URL = "sqlite:///anomaly_monitor.db"
+#: Monitor names appear in metric labels, file names and SQL values: keep them plain.
+MONITOR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+KINDS = ("vae", "dae", "sae")
+THRESHOLD_METHODS = ("quantile", "pot", "labels", "fixed")
+#: Detector hyperparameters that a config may not set (they belong to the monitor or the CLI).
+RESERVED_MODEL_KEYS = ("kind", "device", "verbose")
+
+
+class ConfigError(ValueError):
+    """The configuration is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ThresholdSettings:
+    """How ``calibrate`` (and ``train``) set a monitor's threshold."""
+
+    method: str = "quantile"
+    target_fpr: float = 0.01
+    alerts_per_day: float | None = None
+    value: float | None = None
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """One watched table."""
+
+    name: str
+    table: str
+    timestamp_column: str
+    id_column: str = "id"
+    schema: str | None = None
+    features: tuple[str, ...] | None = None
+    label_column: str | None = None
+    kind: str = "vae"
+    interval_seconds: float = 30.0
+    batch_size: int = 10_000
+    query_delay_seconds: float = 0.0
+    threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
+    model: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole configuration."""
+
+    path: Path | None
+    database_url: str = DEFAULT_DATABASE_URL
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9108
+    monitors: tuple[MonitorSettings, ...] = ()
+
+    def monitor(self, name: str) -> MonitorSettings:
+        """The monitor called ``name``; :class:`ConfigError` when there is none."""
+        for monitor in self.monitors:
+            if monitor.name == name:
+                return monitor
+        known = ", ".join(m.name for m in self.monitors) or "none configured"
+        raise ConfigError(f"no monitor named {name!r} in {self.path} (monitors: {known})")
+
+
+# -- field checks ------------------------------------------------------------------------
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _positive(v: Any) -> bool:
+    return _is_number(v) and v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return _is_number(v) and v >= 0
+
+
+def _rate(v: Any) -> bool:
+    return _is_number(v) and 0 < v < 1
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and v != ""
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(_text(x) for x in v)
+
+
+def _port(v: Any) -> bool:
+    return _is_int(v) and 0 <= v <= 65535
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
+    return lambda v: v in choices
+
+
+Check = tuple[Callable[[Any], bool], str]
+_TEXT: Check = (_text, "a non-empty string")
+_DATABASE: dict[str, Check] = {"url": _TEXT}
+_METRICS: dict[str, Check] = {"host": _TEXT, "port": (_port, "an integer port 0-65535")}
+_THRESHOLD: dict[str, Check] = {
+    "method": (_one_of(THRESHOLD_METHODS), f"one of {', '.join(THRESHOLD_METHODS)}"),
+    "target_fpr": (_rate, "a number between 0 and 1 (exclusive)"),
+    "alerts_per_day": (_positive, "a positive number"),
+    "value": (_is_number, "a finite number"),
+}
+_MONITOR: dict[str, Check] = {
+    "name": (lambda v: isinstance(v, str) and bool(MONITOR_NAME.match(v)),
+             "a name of letters, digits, '_', '.', '-' starting with a letter (max 64)"),
+    "table": _TEXT,
+    "schema": _TEXT,
+    "id_column": _TEXT,
+    "timestamp_column": _TEXT,
+    "features": (_names, "a non-empty list of column names"),
+    "label_column": _TEXT,
+    "kind": (_one_of(KINDS), f"one of {', '.join(KINDS)}"),
+    "interval_seconds": (_positive, "a positive number of seconds"),
+    "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer 1-1000000"),
+    "query_delay_seconds": (_non_negative, "a non-negative number of seconds"),
+    "threshold": (lambda v: isinstance(v, dict), "a table"),
+    "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
+}
+_REQUIRED_MONITOR = ("name", "table", "timestamp_column")
+
+
+def _check_table(
+    data: Any, spec: dict[str, Check], where: str, path: Path | None
+) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {where} must be a table")
+    for key, value in data.items():
+        if key not in spec:
+            known = ", ".join(sorted(spec))
+            raise ConfigError(f"{path}: unknown key {where}.{key} (known keys: {known})")
+        check, expected = spec[key]
+        if not check(value):
+            raise ConfigError(f"{path}: {where}.{key} must be {expected}, got {value!r}")
+    return data
+
+
+# -- parsing -----------------------------------------------------------------------------
+
+def _threshold(data: dict[str, Any], where: str, path: Path | None) -> ThresholdSettings:
+    data = _check_table(data, _THRESHOLD, where, path)
+    settings = ThresholdSettings(**data)
+    if settings.method == "fixed" and settings.value is None:
+        raise ConfigError(f"{path}: {where}.value is required when method = \"fixed\"")
+    return settings
+
+
+def _model_params(data: dict[str, Any], where: str, path: Path | None) -> dict[str, Any]:
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+
+    known = set(AutoencoderDetector().get_params()) - set(RESERVED_MODEL_KEYS)
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"{path}: unknown key {where}.{key} (detector hyperparameters: "
+                f"{', '.join(sorted(known))})"
+            )
+    try:
+        AutoencoderDetector(**data)._validate_params()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {where}: {exc}") from None
+    return dict(data)
+
+
+def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
+    where = f"monitor[{index}]"
+    data = dict(_check_table(data, _MONITOR, where, path))
+    for key in _REQUIRED_MONITOR:
+        if key not in data:
+            raise ConfigError(f"{path}: {where}.{key} is required")
+    where = f"monitor {data['name']!r}"
+    if "features" in data:
+        data["features"] = tuple(data["features"])
+        if len(set(data["features"])) != len(data["features"]):
+            raise ConfigError(f"{path}: {where}: features lists a column twice")
+    data["threshold"] = _threshold(data.get("threshold", {}), f"{where}.threshold", path)
+    if "model" in data:
+        data["model"] = _model_params(data["model"], f"{where}.model", path)
+    for key in ("interval_seconds", "query_delay_seconds"):
+        if key in data:
+            data[key] = float(data[key])
+    return MonitorSettings(**data)
+
+
+def parse_settings(
+    data: dict[str, Any], path: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate parsed TOML ``data`` and apply environment overrides."""
+    environ = os.environ if environ is None else environ
+    _check_table(data, {"database": (lambda v: True, ""), "metrics": (lambda v: True, ""),
+                        "monitor": (lambda v: True, "")}, "top level", path)
+    database = _check_table(data.get("database", {}), _DATABASE, "database", path)
+    metrics = _check_table(data.get("metrics", {}), _METRICS, "metrics", path)
+    raw_monitors = data.get("monitor", [])
+    if not isinstance(raw_monitors, list):
+        raise ConfigError(f"{path}: monitor must be an array of tables ([[monitor]])")
+    monitors = tuple(_monitor(m, i, path) for i, m in enumerate(raw_monitors))
+    names = [m.name for m in monitors]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: monitor name {duplicates[0]!r} is used twice")
+    port = metrics.get("port", 9108)
+    if ENV_METRICS_PORT in environ:
+        value = environ[ENV_METRICS_PORT]
+        if not value.isdigit() or not _port(int(value)):
+            raise ConfigError(f"${ENV_METRICS_PORT} must be a port 0-65535, got {value!r}")
+        port = int(value)
+    return Settings(
+        path=path,
+        database_url=environ.get(ENV_DATABASE_URL) or database.get("url", DEFAULT_DATABASE_URL),
+        metrics_host=environ.get(ENV_METRICS_HOST) or metrics.get("host", "127.0.0.1"),
+        metrics_port=port,
+        monitors=monitors,
+    )
+
+
+def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    """Where the configuration is read from (``--config``, ``$ANOMALY_MONITOR_CONFIG``, cwd)."""
+    environ = os.environ if environ is None else environ
+    if explicit is not None:
+        return Path(explicit)
+    if environ.get(ENV_CONFIG):
+        return Path(environ[ENV_CONFIG])
+    return DEFAULT_PATH
+
+
+def load_settings(
+    explicit: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read, validate and return the settings; :class:`ConfigError` names what is wrong."""
+    path = config_path(explicit, environ)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} not found (pass --config, set ${ENV_CONFIG}, "
+            "or write one with 'anomaly-monitor init')"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_settings(data, path, environ)
+
+
+EXAMPLE = '''\
+# anomaly-monitor configuration. Every key is documented; delete what you do not need.
+
+[database]
+# Any SQLAlchemy URL. PostgreSQL: "postgresql+psycopg://user@host:5432/dbname".
+# $ANOMALY_MONITOR_DATABASE_URL overrides this (keep passwords out of files).
+url = "sqlite:///anomaly_monitor.db"
+
+[metrics]
+# The Prometheus exporter of 'anomaly-monitor run'. Port 0 turns it off.
+host = "127.0.0.1"
+port = 9108
+
+[[monitor]]
+name = "plant"                  # letters, digits, _ . - ; used in metric labels
+table = "readings"              # the watched table (optionally: schema = "public")
+id_column = "id"                # increasing integer key
+timestamp_column = "ts"         # when the row was produced
+# features = ["f0", "f1"]       # default: every numeric column but id, timestamp, label
+# label_column = "is_anomaly"   # optional 0/1 column, used by threshold method "labels"
+kind = "vae"                    # vae | dae | sae
+interval_seconds = 30           # how often the daemon looks for new rows
+batch_size = 10000              # rows per transaction
+query_delay_seconds = 0         # only score rows older than this (late writers)
+
+[monitor.threshold]
+method = "quantile"             # quantile | pot | labels | fixed
+target_fpr = 0.01               # share of normal rows flagged (quantile, pot)
+# alerts_per_day = 20           # instead of target_fpr: from the observed row rate
+# value = 3.5                   # for method = "fixed"
+
+# [monitor.model]               # detector hyperparameters (defaults work across datasets)
+# epochs = 100
+# n_estimators = 3
+'''

@@ -1,0 +1,94 @@
+"""Engine factory and the few places where SQLite and PostgreSQL differ."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+
+#: A connection attempt gives up after this many seconds.
+CONNECT_TIMEOUT_SECONDS = 10
+#: PostgreSQL statements and lock waits are cancelled after these many milliseconds,
+#: so that a hung database cannot hang a batch.
+STATEMENT_TIMEOUT_MS = 60_000
+LOCK_TIMEOUT_MS = 10_000
+#: A transaction left idle longer than this is ended by the server.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 60_000
+#: SQLite waits this long for a competing writer's lock.
+SQLITE_BUSY_TIMEOUT_SECONDS = 30
+
+
+class DatabaseError(RuntimeError):
+    """The database is unreachable or refused a statement (message has no password)."""
+
+
+def redact(url: str | URL) -> str:
+    """``url`` with its password masked, for logs and messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (sa.exc.ArgumentError, ValueError):
+        return "<unparseable database URL>"
+
+
+def _normalise(url: URL) -> URL:
+    # "postgresql://" means psycopg2 to SQLAlchemy; this package ships psycopg 3.
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the source's writers and the scorer's reader work at the same time.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000:d}")
+    cursor.close()
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
+    """An engine with pre-ping, connect and statement timeouts for ``url``."""
+    try:
+        parsed = _normalise(make_url(url))
+    except sa.exc.ArgumentError:
+        raise DatabaseError(f"invalid database URL {redact(url)!r}") from None
+    options: dict[str, Any] = {"pool_pre_ping": True, **kwargs}
+    if parsed.get_backend_name() == "sqlite":
+        options.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+    elif parsed.get_backend_name() == "postgresql":
+        server_options = " ".join((
+            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+        ))
+        options.setdefault("connect_args", {
+            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "options": server_options,
+            "application_name": "anomaly-monitor",
+        })
+    try:
+        engine = sa.create_engine(parsed, **options)
+    except (sa.exc.ArgumentError, ImportError) as exc:
+        raise DatabaseError(f"cannot use database URL {redact(url)!r}: {exc}") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
+    """One line describing a database error, without the password or SQL parameters."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        message = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+    else:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if url is not None:
+        parsed = make_url(url)
+        if parsed.password:
+            message = message.replace(str(parsed.password), "***")
+    return message
+
+
+def is_postgresql(engine: sa.Engine) -> bool:
+    """Whether ``engine`` talks to PostgreSQL."""
+    return engine.dialect.name == "postgresql"

@@ -1,0 +1,412 @@
+"""Model lifecycle operations behind the CLI: train, calibrate, activate, roll back.
+
+Training streams the source table in keyset pages, holds out the newest rows for
+calibration, stores a candidate version and (by default) activates it.
+Calibration recomputes a version's threshold from its stored held-out scores.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+
+from anomaly_monitor.calibration import (
+    CalibrationWarning,
+    Threshold,
+    calibrate,
+    fpr_for_alerts_per_day,
+)
+from anomaly_monitor.config import MonitorSettings, ThresholdSettings
+from anomaly_monitor.registry import (
+    LoadedModel,
+    ModelVersion,
+    RegistryError,
+    activate,
+    active_version,
+    calibration_scores,
+    get_version,
+    load_model,
+    rollback_target,
+    set_threshold,
+    store_version,
+)
+from anomaly_monitor.scoring import read_cursor
+from anomaly_monitor.source import (
+    SchemaError,
+    SourceTable,
+    Window,
+    newest_id,
+    read_training,
+    read_window,
+    reflect_source,
+)
+
+#: Share of the training window (its newest rows) held out for calibration.
+HOLDOUT_FRACTION = 0.2
+#: The fewest usable rows a model is trained on.
+MIN_TRAINING_ROWS = 50
+#: Training reads at most this many rows unless --limit says otherwise (bounded memory).
+DEFAULT_TRAINING_LIMIT = 1_000_000
+#: Rows before the cursor scored by ``calibrate --dry-run``.
+DRY_RUN_RECENT_ROWS = 10_000
+SECONDS_PER_DAY = 86_400.0
+
+
+class TrainingError(ValueError):
+    """The training window is empty or unusable."""
+
+
+@dataclass
+class TrainingData:
+    """The usable rows of a training window, oldest first."""
+
+    values: npt.NDArray[np.float32]
+    ids: npt.NDArray[np.int64]
+    labels: npt.NDArray[np.float64] | None
+    skipped: int
+    first_timestamp: dt.datetime | None
+    last_timestamp: dt.datetime | None
+
+
+def collect_training(
+    connection: sa.Connection,
+    source: SourceTable,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    limit: int | None,
+) -> TrainingData:
+    """Read the training window page by page, keeping only the matrix (float32)."""
+    values, ids, labels, skipped = [], [], [], 0
+    first = last = None
+    with_label = source.label_column is not None
+    for page in read_training(connection, source, since=since, until=until,
+                              limit=limit or DEFAULT_TRAINING_LIMIT, with_label=with_label):
+        values.append(page.values.astype(np.float32))
+        ids.append(page.ids)
+        if page.labels is not None:
+            labels.append(page.labels)
+        skipped += len(page.bad)
+        stamps = [t for t in page.timestamps if t is not None]
+        if stamps:
+            first = min(stamps) if first is None else min(first, *stamps)
+            last = max(stamps) if last is None else max(last, *stamps)
+    n_features = len(source.features)
+    return TrainingData(
+        np.concatenate(values) if values else np.zeros((0, n_features), np.float32),
+        np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        np.concatenate(labels) if with_label and labels else None,
+        skipped, first, last,
+    )
+
+
+def _rows_per_day(data: TrainingData) -> float | None:
+    if data.first_timestamp is None or data.last_timestamp is None:
+        return None
+    span = (data.last_timestamp - data.first_timestamp).total_seconds()
+    return len(data.ids) / span * SECONDS_PER_DAY if span > 0 else None
+
+
+def choose_threshold(
+    scores: npt.NDArray[np.float64],
+    settings: ThresholdSettings,
+    *,
+    labels: npt.NDArray[np.float64] | None = None,
+    rows_per_day: float | None = None,
+) -> Threshold:
+    """The threshold that ``settings`` asks for over held-out ``scores``."""
+    target = settings.target_fpr
+    if settings.alerts_per_day is not None and settings.method in ("quantile", "pot"):
+        if rows_per_day is None:
+            raise TrainingError("alerts_per_day needs timestamps spanning more than an instant")
+        target = fpr_for_alerts_per_day(settings.alerts_per_day, rows_per_day)
+    if settings.method == "labels":
+        if labels is None:
+            raise TrainingError("threshold method 'labels' needs label_column in the monitor")
+        known = ~np.isnan(labels)
+        threshold = calibrate(scores[known], "labels", labels=labels[known].astype(int))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            threshold = calibrate(scores, settings.method, target_fpr=target,
+                                  value=settings.value)
+    if settings.alerts_per_day is not None:
+        threshold.params["alerts_per_day"] = settings.alerts_per_day
+    return threshold
+
+
+def _auroc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.float64]) -> float | None:
+    from scipy.stats import rankdata
+
+    known = ~np.isnan(labels)
+    truth = labels[known] > 0.5
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    if positives == 0 or negatives == 0:
+        return None
+    ranks = rankdata(scores[known])
+    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@dataclass
+class TrainReport:
+    """What ``train`` did."""
+
+    version: ModelVersion
+    rows: int
+    skipped: int
+    seconds: float
+    activated: bool
+
+
+def train_monitor(
+    engine: sa.Engine,
+    monitor: MonitorSettings,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int | None = None,
+    epochs: int | None = None,
+    device: str = "auto",
+    activate_version: bool = True,
+    verbose: bool = False,
+) -> TrainReport:
+    """Train a new version of ``monitor`` on its source table and store it."""
+    import pandas as pd
+
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+
+    started = time.perf_counter()
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+        data = collect_training(connection, source, since=since, until=until, limit=limit)
+    if len(data.ids) < MIN_TRAINING_ROWS:
+        raise TrainingError(
+            f"monitor {monitor.name!r}: the training window of table {monitor.table!r} has "
+            f"{len(data.ids)} usable rows ({data.skipped} skipped for NULL/NaN/non-numeric "
+            f"values); at least {MIN_TRAINING_ROWS} are needed"
+        )
+    n_fit = round(len(data.ids) * (1 - HOLDOUT_FRACTION))
+    params: dict[str, Any] = {"random_state": 0, **monitor.model}
+    if epochs is not None:
+        params["epochs"] = epochs
+    detector = AutoencoderDetector(monitor.kind, device=device, verbose=verbose, **params)
+    frame = pd.DataFrame(data.values[:n_fit], columns=list(source.features))
+    detector.fit(frame)
+    detector.verbose = False
+    held_out = data.values[n_fit:]
+    scores = detector.decision_function(held_out)
+    labels = data.labels[n_fit:] if data.labels is not None else None
+    threshold = choose_threshold(scores, monitor.threshold, labels=labels,
+                                 rows_per_day=_rows_per_day(data))
+    training = {
+        "rows": n_fit, "holdout_rows": len(scores), "skipped_rows": data.skipped,
+        "first_id": int(data.ids[0]), "last_id": int(data.ids[-1]),
+        "holdout_first_id": int(data.ids[n_fit]),
+        "first_timestamp": _iso(data.first_timestamp), "last_timestamp": _iso(data.last_timestamp),
+        "since": _iso(since), "until": _iso(until), "device": str(detector.device_),
+        "epochs_run": [len(h.train_loss) for h in detector.history_],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    validation = {
+        "holdout_flag_rate": threshold.calibration_flag_rate,
+        "score_quantiles": {q: float(np.quantile(scores, float(q)))
+                            for q in ("0.5", "0.9", "0.99", "0.999")},
+        "auroc": _auroc(scores, labels) if labels is not None else None,
+    }
+    with engine.begin() as connection:
+        version = store_version(connection, monitor.name, detector, threshold, scores,
+                                training=training, validation=validation)
+        if activate_version:
+            version = activate_checked(connection, monitor, source, version.version)
+    return TrainReport(version, int(n_fit), data.skipped, time.perf_counter() - started,
+                       activate_version)
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def activate_checked(
+    connection: sa.Connection, monitor: MonitorSettings, source: SourceTable | None,
+    version: int,
+) -> ModelVersion:
+    """Activate ``version`` after checking that the source still has its features."""
+    source = source or reflect_source(connection, monitor)
+
+    def verify(loaded: LoadedModel) -> None:
+        missing = [f for f in loaded.version.features if f not in source.table.c]
+        if missing:
+            raise SchemaError(
+                f"model version {version} of monitor {monitor.name!r} was trained on features "
+                f"{loaded.version.features}, but table {monitor.table!r} lacks "
+                f"{', '.join(missing)}"
+            )
+        source.feature_columns(loaded.version.features)
+
+    return activate(connection, monitor.name, version,
+                    initial_position=lambda: newest_id(connection, source), verify=verify)
+
+
+def rollback(connection: sa.Connection, monitor: MonitorSettings) -> ModelVersion:
+    """Re-activate the version that was active before the current one."""
+    return activate_checked(connection, monitor, None, rollback_target(connection, monitor.name))
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+@dataclass
+class Candidate:
+    """A threshold and what it would flag."""
+
+    label: str
+    threshold: Threshold
+    holdout_rate: float
+    recent_flagged: int
+
+
+@dataclass
+class CalibrationPlan:
+    """Everything ``calibrate`` shows: the chosen threshold and the alternatives."""
+
+    version: ModelVersion
+    chosen: Threshold
+    candidates: list[Candidate]
+    holdout_scores: npt.NDArray[np.float64]
+    recent_scores: npt.NDArray[np.float64]
+
+
+def _recent_scores(
+    connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel, rows: int
+) -> npt.NDArray[np.float64]:
+    """Scores of up to ``rows`` rows just before the cursor (recent batches)."""
+    cursor = read_cursor(connection, monitor.name)
+    if cursor is None or rows <= 0:
+        return np.zeros(0)
+    source = reflect_source(connection, monitor)
+    start = connection.execute(
+        sa.select(source.id_column).where(source.id_column <= cursor.position)
+        .order_by(source.id_column.desc()).offset(rows - 1).limit(1)
+    ).scalar()
+    after = (int(start) - 1) if start is not None else -(2**62)
+    window: Window = read_window(connection, source, after, rows,
+                                 features=model.version.features)
+    window_ids = window.ids <= cursor.position
+    if not window_ids.any():
+        return np.zeros(0)
+    return model.detector.decision_function(window.values[window_ids])
+
+
+def _holdout_labels(
+    connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
+    """Scores and labels of the held-out rows, re-read (only for the labels method)."""
+    if monitor.label_column is None:
+        return None
+    source = reflect_source(connection, monitor)
+    training = model.version.training
+    first, last = training["holdout_first_id"], training["last_id"]
+    values, labels = [], []
+    for page in read_training(connection, source, with_label=True):
+        keep = (page.ids >= first) & (page.ids <= last)
+        values.append(page.values[keep])
+        labels.append(page.labels[keep] if page.labels is not None else np.zeros(keep.sum()))
+    if not values or not sum(len(v) for v in values):
+        return None
+    matrix = np.concatenate(values)
+    return model.detector.decision_function(matrix), np.concatenate(labels)
+
+
+def plan_calibration(
+    engine: sa.Engine,
+    monitor: MonitorSettings,
+    settings: ThresholdSettings,
+    *,
+    recent_rows: int = DRY_RUN_RECENT_ROWS,
+) -> CalibrationPlan:
+    """The threshold ``settings`` gives for the active version, and the alternatives."""
+    with engine.connect() as connection:
+        number = active_version(connection, monitor.name)
+        if number is None:
+            raise RegistryError(
+                f"monitor {monitor.name!r} has no active model; run: "
+                f"anomaly-monitor train {monitor.name}"
+            )
+        version = get_version(connection, monitor.name, number)
+        holdout = calibration_scores(connection, monitor.name, number)
+        model = load_model(connection, monitor.name, number, device="cpu")
+        recent = _recent_scores(connection, monitor, model, recent_rows)
+        labelled = (_holdout_labels(connection, monitor, model)
+                    if settings.method == "labels" else None)
+    rows_per_day = None
+    training = version.training
+    if training.get("first_timestamp") and training.get("last_timestamp"):
+        span = (dt.datetime.fromisoformat(training["last_timestamp"])
+                - dt.datetime.fromisoformat(training["first_timestamp"])).total_seconds()
+        total = training["rows"] + training["holdout_rows"]
+        rows_per_day = total / span * SECONDS_PER_DAY if span > 0 else None
+    if labelled is not None:
+        chosen = choose_threshold(labelled[0], settings, labels=labelled[1])
+    else:
+        chosen = choose_threshold(holdout, settings, rows_per_day=rows_per_day)
+    candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method),
+                            0.0, 0)]
+    for method in ("quantile", "pot"):
+        for rate in sorted({settings.target_fpr, 0.01, 0.001, 0.0001}, reverse=True):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CalibrationWarning)
+                candidates.append(Candidate(f"{method} fpr={rate:g}",
+                                            calibrate(holdout, method, target_fpr=rate), 0.0, 0))
+    candidates.append(Candidate(f"chosen ({chosen.method})", chosen, 0.0, 0))
+    for candidate in candidates:
+        value = candidate.threshold.value
+        candidate.holdout_rate = float((holdout > value).mean()) if holdout.size else 0.0
+        candidate.recent_flagged = int((recent > value).sum())
+    return CalibrationPlan(version, chosen, candidates, holdout, recent)
+
+
+def apply_calibration(engine: sa.Engine, monitor: MonitorSettings, plan: CalibrationPlan) -> None:
+    """Store the plan's chosen threshold on its version (used from the next batch on)."""
+    with engine.begin() as connection:
+        if active_version(connection, monitor.name) != plan.version.version:
+            raise RegistryError(
+                f"monitor {monitor.name!r}: the active version changed during calibration; "
+                "run calibrate again"
+            )
+        set_threshold(connection, monitor.name, plan.version.version, plan.chosen)
+
+
+def plot_calibration(plan: CalibrationPlan, path: str) -> None:
+    """Draw the held-out score histogram with the current and chosen thresholds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RegistryError(
+            "--plot needs matplotlib: pip install 'anomaly-monitor[plot]'") from None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    scores = plan.holdout_scores
+    bins = np.geomspace(max(scores.min(), 1e-6), max(scores.max(), 1e-5), 80) if scores.size \
+        else 10
+    ax.hist(scores, bins=bins, alpha=0.7, label="held-out rows")
+    if plan.recent_scores.size:
+        ax.hist(plan.recent_scores, bins=bins, alpha=0.5, label="recent rows")
+    ax.axvline(plan.version.threshold, color="grey", linestyle="--", label="current threshold")
+    ax.axvline(plan.chosen.value, color="red", label=f"new threshold ({plan.chosen.method})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("anomaly score (higher = more anomalous)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"monitor {plan.version.monitor}, model version {plan.version.version}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

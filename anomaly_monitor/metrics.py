@@ -1,0 +1,127 @@
+"""Prometheus metrics (prefix ``anomaly_monitor_``) on an injected registry.
+
+Every series of a monitor exists from the start at 0, so that rate() and
+absent()-style alerts work before the first anomaly. Tests build a fresh
+``CollectorRegistry`` per test and read values back with ``get_sample_value``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from anomaly_monitor.source import REASONS
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from anomaly_monitor.scoring import BatchResult
+
+PREFIX = "anomaly_monitor"
+OUTCOMES = ("success", "error")
+#: Batch durations from 10 ms to 2 minutes.
+DURATION_BUCKETS_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SEVERITY_BUCKETS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+
+
+class Metrics:
+    """All metrics of the service, registered on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        labels = ["monitor"]
+        self.rows_scored = Counter(f"{PREFIX}_rows_scored", "Rows scored.", labels,
+                                   registry=registry)
+        self.rows_flagged = Counter(f"{PREFIX}_rows_flagged", "Rows flagged as anomalous.",
+                                    labels, registry=registry)
+        self.rows_quarantined = Counter(
+            f"{PREFIX}_rows_quarantined", "Rows that could not be scored, by reason.",
+            ["monitor", "reason"], registry=registry)
+        self.batches = Counter(f"{PREFIX}_batches", "Batches attempted, by outcome.",
+                               ["monitor", "outcome"], registry=registry)
+        self.batch_duration = Histogram(
+            f"{PREFIX}_batch_duration_seconds", "Wall time of a committed batch.", labels,
+            buckets=DURATION_BUCKETS_SECONDS, registry=registry)
+        self.last_success = Gauge(
+            f"{PREFIX}_last_success_timestamp_seconds",
+            "Unix time of the last successful poll (a batch committed or nothing to do).",
+            labels, registry=registry)
+        self.source_lag = Gauge(
+            f"{PREFIX}_source_lag_seconds",
+            "Now minus the timestamp of the newest scored row.", labels, registry=registry)
+        self.backlog = Gauge(f"{PREFIX}_backlog_rows", "Source rows after the cursor.", labels,
+                             registry=registry)
+        self.threshold = Gauge(f"{PREFIX}_threshold", "The active threshold.", labels,
+                               registry=registry)
+        self.model_info = Gauge(
+            f"{PREFIX}_model_info", "The active model version (value 1).",
+            ["monitor", "version", "kind"], registry=registry)
+        self.severity = Histogram(
+            f"{PREFIX}_severity", "Severity (0-100) of flagged rows.", labels,
+            buckets=SEVERITY_BUCKETS, registry=registry)
+        self.late_rows = Counter(
+            f"{PREFIX}_late_rows", "Rows found behind the cursor and scored late.", labels,
+            registry=registry)
+        self.paused = Gauge(f"{PREFIX}_paused",
+                            "1 while the monitor is paused (the reason is in 'status').",
+                            labels, registry=registry)
+        self._model_labels: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def init_monitors(self, monitors: Iterable[str]) -> None:
+        """Create every series of each monitor at 0."""
+        for monitor in monitors:
+            for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
+                           self.last_success, self.source_lag, self.backlog, self.threshold,
+                           self.severity, self.late_rows, self.paused):
+                metric.labels(monitor)
+            for reason in REASONS:
+                self.rows_quarantined.labels(monitor, reason)
+            for outcome in OUTCOMES:
+                self.batches.labels(monitor, outcome)
+            self.set_model(monitor, "none", "none", None)
+
+    def set_model(self, monitor: str, version: str, kind: str, threshold: float | None) -> None:
+        """Point ``model_info`` at the active version and set the threshold gauge."""
+        with self._lock:
+            old = self._model_labels.get(monitor)
+            if old is not None and old != (version, kind):
+                self.model_info.remove(monitor, *old)
+            self._model_labels[monitor] = (version, kind)
+            self.model_info.labels(monitor, version, kind).set(0 if version == "none" else 1)
+        if threshold is not None:
+            self.threshold.labels(monitor).set(threshold)
+
+    def observe_batch(self, result: BatchResult) -> None:
+        """Count a committed batch."""
+        monitor = result.monitor
+        self.batches.labels(monitor, "success").inc()
+        self.rows_scored.labels(monitor).inc(result.scored)
+        self.rows_flagged.labels(monitor).inc(result.flagged)
+        for reason, count in result.quarantine_reasons.items():
+            self.rows_quarantined.labels(monitor, reason).inc(count)
+        self.batch_duration.labels(monitor).observe(result.duration_seconds)
+        for value in result.severities:
+            self.severity.labels(monitor).observe(float(value))
+
+    def observe_error(self, monitor: str) -> None:
+        """Count a failed batch."""
+        self.batches.labels(monitor, "error").inc()
+
+    def observe_poll(
+        self, monitor: str, *, now: float, backlog: int | None, newest_timestamp: float | None
+    ) -> None:
+        """Record a successful poll: success time, backlog, lag."""
+        self.last_success.labels(monitor).set(now)
+        if backlog is not None:
+            self.backlog.labels(monitor).set(backlog)
+        if newest_timestamp is not None:
+            self.source_lag.labels(monitor).set(max(0.0, now - newest_timestamp))
+
+
+def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread."""
+    return start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,268 @@
+"""Model versions in ``am_model_versions``: store, verify, load, activate, roll back.
+
+A version holds the detector as safetensors bytes plus its JSON manifest, the
+sha256 of the bytes, the threshold and how it was set, the severity scale and
+the held-out calibration scores. At most one version per monitor is active (a
+partial unique index enforces it); activating verifies the artifact first, so a
+tampered version can never become active.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+
+from anomaly_monitor.calibration import SeverityScale, Threshold
+from anomaly_monitor.tables import as_utc, cursors, model_versions, utcnow
+
+if TYPE_CHECKING:
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+
+#: At most this many held-out scores are stored with a version (evenly spaced quantiles).
+MAX_CALIBRATION_SCORES = 100_000
+_SUMMARY_COLUMNS = [c for c in model_versions.c
+                    if c.name not in ("artifact", "manifest", "calibration_scores")]
+
+
+class RegistryError(ValueError):
+    """A version does not exist, cannot be activated, or its artifact is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A stored version's metadata (without its weights)."""
+
+    monitor: str
+    version: int
+    kind: str
+    status: str
+    features: list[str]
+    hyperparameters: dict[str, Any]
+    artifact_sha256: str
+    threshold: float
+    threshold_method: str
+    threshold_params: dict[str, Any]
+    severity_scale: dict[str, Any]
+    training: dict[str, Any]
+    validation: dict[str, Any]
+    created_at: dt.datetime
+    activated_at: dt.datetime | None
+
+    @classmethod
+    def from_row(cls, row: sa.Row[Any]) -> ModelVersion:
+        """Build from a row of ``am_model_versions``."""
+        data = {name: getattr(row, name) for name in cls.__dataclass_fields__}
+        data["created_at"] = as_utc(data["created_at"])
+        data["activated_at"] = as_utc(data["activated_at"])
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable form (times as ISO 8601)."""
+        data = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        for key in ("created_at", "activated_at"):
+            data[key] = data[key].isoformat() if data[key] is not None else None
+        return data
+
+
+@dataclass
+class LoadedModel:
+    """An active version ready to score."""
+
+    version: ModelVersion
+    detector: AutoencoderDetector
+    severity: SeverityScale
+
+
+def pack_scores(scores: npt.ArrayLike) -> bytes:
+    """Sorted float32 bytes of at most ``MAX_CALIBRATION_SCORES`` scores."""
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    if values.size > MAX_CALIBRATION_SCORES:
+        values = np.quantile(values, np.linspace(0, 1, MAX_CALIBRATION_SCORES))
+    return values.astype("<f4").tobytes()
+
+
+def unpack_scores(data: bytes) -> npt.NDArray[np.float64]:
+    """The inverse of :func:`pack_scores`."""
+    return np.frombuffer(data, dtype="<f4").astype(np.float64)
+
+
+def store_version(
+    connection: sa.Connection,
+    monitor: str,
+    detector: AutoencoderDetector,
+    threshold: Threshold,
+    calibration_scores: npt.ArrayLike,
+    *,
+    training: dict[str, Any],
+    validation: dict[str, Any],
+) -> ModelVersion:
+    """Insert a new candidate version (number = previous + 1) and return it."""
+    from anomaly_monitor.detectors.artifact import dump_detector
+
+    manifest, weights = dump_detector(detector)
+    latest = connection.execute(
+        sa.select(sa.func.max(model_versions.c.version)).where(model_versions.c.monitor == monitor)
+    ).scalar()
+    version = int(latest or 0) + 1
+    connection.execute(model_versions.insert().values(
+        monitor=monitor, version=version, kind=detector.kind, status="candidate",
+        features=list(detector.feature_names_in_ or []),
+        hyperparameters=manifest["hyperparameters"], manifest=manifest, artifact=weights,
+        artifact_sha256=manifest["weights_sha256"], threshold=float(threshold.value),
+        threshold_method=threshold.method, threshold_params=_threshold_params(threshold),
+        severity_scale=SeverityScale.fit(calibration_scores).to_dict(),
+        calibration_scores=pack_scores(calibration_scores),
+        training=training, validation=validation, created_at=utcnow(),
+    ))
+    return get_version(connection, monitor, version)
+
+
+def _threshold_params(threshold: Threshold) -> dict[str, Any]:
+    return {**threshold.params, "calibration_flag_rate": threshold.calibration_flag_rate}
+
+
+def list_versions(connection: sa.Connection, monitor: str) -> list[ModelVersion]:
+    """Every version of ``monitor``, newest first."""
+    rows = connection.execute(
+        sa.select(*_SUMMARY_COLUMNS).where(model_versions.c.monitor == monitor)
+        .order_by(model_versions.c.version.desc())
+    ).all()
+    return [ModelVersion.from_row(r) for r in rows]
+
+
+def get_version(connection: sa.Connection, monitor: str, version: int) -> ModelVersion:
+    """One version; :class:`RegistryError` when it does not exist."""
+    row = connection.execute(
+        sa.select(*_SUMMARY_COLUMNS).where(
+            model_versions.c.monitor == monitor, model_versions.c.version == version)
+    ).first()
+    if row is None:
+        raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+    return ModelVersion.from_row(row)
+
+
+def active_version(connection: sa.Connection, monitor: str) -> int | None:
+    """The number of the active version, ``None`` when no version is active."""
+    return connection.execute(
+        sa.select(model_versions.c.version).where(
+            model_versions.c.monitor == monitor, model_versions.c.status == "active")
+    ).scalar()
+
+
+def calibration_scores(
+    connection: sa.Connection, monitor: str, version: int
+) -> npt.NDArray[np.float64]:
+    """The held-out calibration scores stored with a version."""
+    data = connection.execute(
+        sa.select(model_versions.c.calibration_scores).where(
+            model_versions.c.monitor == monitor, model_versions.c.version == version)
+    ).scalar()
+    if data is None:
+        raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+    return unpack_scores(data)
+
+
+def load_model(
+    connection: sa.Connection, monitor: str, version: int, *, device: str = "auto"
+) -> LoadedModel:
+    """Load and verify a version's detector (hash, header, shapes; nothing unpickled)."""
+    from anomaly_monitor.detectors.artifact import ArtifactError, restore_detector
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+
+    meta = get_version(connection, monitor, version)
+    manifest, weights = connection.execute(
+        sa.select(model_versions.c.manifest, model_versions.c.artifact).where(
+            model_versions.c.monitor == monitor, model_versions.c.version == version)
+    ).one()
+    try:
+        if not isinstance(manifest, dict) or manifest.get("weights_sha256") != meta.artifact_sha256:
+            raise ArtifactError("the manifest's sha256 differs from the version's recorded sha256")
+        detector = restore_detector(AutoencoderDetector, manifest, bytes(weights), device=device)
+        severity = SeverityScale.from_dict(meta.severity_scale)
+    except (ArtifactError, KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"monitor {monitor!r} version {version}: {exc}") from None
+    if list(detector.feature_names_in_ or []) != list(meta.features):
+        raise RegistryError(
+            f"monitor {monitor!r} version {version}: the artifact's features differ from the "
+            "version's recorded features"
+        )
+    return LoadedModel(meta, detector, severity)
+
+
+def activate(
+    connection: sa.Connection,
+    monitor: str,
+    version: int,
+    *,
+    initial_position: Callable[[], int],
+    verify: Callable[[LoadedModel], None] | None = None,
+) -> ModelVersion:
+    """Make ``version`` the active one after verifying its artifact.
+
+    The previous active version is retired. The first activation of a monitor
+    creates its cursor at ``initial_position()`` (the newest source row), so that
+    older rows count as training data and are not scored. ``verify`` may reject
+    the loaded model (for example when the source lacks one of its features).
+    """
+    loaded = load_model(connection, monitor, version, device="cpu")
+    if verify is not None:
+        verify(loaded)
+    now = utcnow()
+    connection.execute(
+        model_versions.update().where(
+            model_versions.c.monitor == monitor, model_versions.c.status == "active",
+            model_versions.c.version != version)
+        .values(status="retired")
+    )
+    connection.execute(
+        model_versions.update().where(
+            model_versions.c.monitor == monitor, model_versions.c.version == version)
+        .values(status="active", activated_at=now)
+    )
+    exists = connection.execute(
+        sa.select(cursors.c.monitor).where(cursors.c.monitor == monitor)
+    ).first()
+    if exists is None:
+        connection.execute(cursors.insert().values(
+            monitor=monitor, position=initial_position(), paused=False, updated_at=now))
+    return get_version(connection, monitor, version)
+
+
+def rollback_target(connection: sa.Connection, monitor: str) -> int:
+    """The version that was active before the current one."""
+    current = active_version(connection, monitor)
+    if current is None:
+        raise RegistryError(f"monitor {monitor!r} has no active version to roll back from")
+    previous = connection.execute(
+        sa.select(model_versions.c.version).where(
+            model_versions.c.monitor == monitor, model_versions.c.status == "retired",
+            model_versions.c.activated_at.is_not(None))
+        .order_by(model_versions.c.activated_at.desc(), model_versions.c.version.desc())
+        .limit(1)
+    ).scalar()
+    if previous is None:
+        raise RegistryError(
+            f"monitor {monitor!r}: version {current} is the only version ever activated; "
+            "nothing to roll back to"
+        )
+    return int(previous)
+
+
+def set_threshold(
+    connection: sa.Connection, monitor: str, version: int, threshold: Threshold
+) -> None:
+    """Store a new threshold for a version (takes effect on the next batch)."""
+    result = connection.execute(
+        model_versions.update().where(
+            model_versions.c.monitor == monitor, model_versions.c.version == version)
+        .values(threshold=float(threshold.value), threshold_method=threshold.method,
+                threshold_params=_threshold_params(threshold))
+    )
+    if result.rowcount != 1:
+        raise RegistryError(f"monitor {monitor!r} has no model version {version}")

@@ -1,0 +1,348 @@
+"""The watched table: schema checks against the reflected table, and windowed reads.
+
+Identifiers from the configuration are never pasted into SQL: the table is
+reflected, every configured name must be one of its columns, and queries are
+built from the reflected ``Column`` objects (quoted by SQLAlchemy).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+
+from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.tables import as_utc
+
+NUMERIC_TYPES = (sa.Integer, sa.Float, sa.Numeric, sa.Boolean)
+#: Rows per page when streaming training data.
+TRAINING_PAGE_ROWS = 50_000
+#: Quarantine reasons (the ``reason`` label of ``rows_quarantined_total``).
+REASONS = ("null", "nan", "infinite", "non_numeric")
+
+
+class SchemaError(ValueError):
+    """The source table or a configured column is missing or has the wrong type."""
+
+
+@dataclass(frozen=True)
+class SourceTable:
+    """A monitor's reflected table and the columns it uses."""
+
+    monitor: str
+    table: sa.Table
+    id_column: sa.Column[Any]
+    timestamp_column: sa.Column[Any]
+    features: tuple[str, ...]
+    label_column: sa.Column[Any] | None = None
+
+    def feature_columns(self, names: Sequence[str] | None = None) -> list[sa.Column[Any]]:
+        """The columns for ``names`` (default: the configured features), checked."""
+        names = self.features if names is None else names
+        columns = []
+        for name in names:
+            if name not in self.table.c:
+                raise SchemaError(
+                    f"monitor {self.monitor!r}: column {name!r} is missing from table "
+                    f"{self.table.fullname!r}"
+                )
+            column = self.table.c[name]
+            _check_numeric(self.monitor, self.table, column)
+            columns.append(column)
+        return columns
+
+
+def _check_numeric(monitor: str, table: sa.Table, column: sa.Column[Any]) -> None:
+    if not isinstance(column.type, NUMERIC_TYPES):
+        raise SchemaError(
+            f"monitor {monitor!r}: feature column {column.name!r} of table {table.fullname!r} "
+            f"has type {column.type}, not a numeric type"
+        )
+
+
+def _column(monitor: str, table: sa.Table, name: str, role: str) -> sa.Column[Any]:
+    if name not in table.c:
+        known = ", ".join(table.c.keys())
+        raise SchemaError(
+            f"monitor {monitor!r}: {role} {name!r} is not a column of table "
+            f"{table.fullname!r} (columns: {known})"
+        )
+    return table.c[name]
+
+
+def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> SourceTable:
+    """Reflect and check the monitor's table; :class:`SchemaError` names what is wrong."""
+    inspector = sa.inspect(connection)
+    if monitor.schema is not None and monitor.schema not in inspector.get_schema_names():
+        raise SchemaError(f"monitor {monitor.name!r}: schema {monitor.schema!r} does not exist")
+    names = set(inspector.get_table_names(schema=monitor.schema))
+    names |= set(inspector.get_view_names(schema=monitor.schema))
+    if monitor.table not in names:
+        raise SchemaError(
+            f"monitor {monitor.name!r}: table {monitor.table!r} does not exist in the database"
+        )
+    table = sa.Table(monitor.table, sa.MetaData(), schema=monitor.schema,
+                     autoload_with=connection)
+    id_column = _column(monitor.name, table, monitor.id_column, "id_column")
+    if not isinstance(id_column.type, sa.Integer):
+        raise SchemaError(
+            f"monitor {monitor.name!r}: id_column {id_column.name!r} has type "
+            f"{id_column.type}, not an integer type"
+        )
+    ts_column = _column(monitor.name, table, monitor.timestamp_column, "timestamp_column")
+    label = (None if monitor.label_column is None
+             else _column(monitor.name, table, monitor.label_column, "label_column"))
+    reserved = {id_column.name, ts_column.name} | ({label.name} if label is not None else set())
+    if monitor.features is None:
+        features = tuple(c.name for c in table.c
+                         if c.name not in reserved and isinstance(c.type, NUMERIC_TYPES))
+        if not features:
+            raise SchemaError(
+                f"monitor {monitor.name!r}: table {table.fullname!r} has no numeric column "
+                "besides the id and timestamp"
+            )
+    else:
+        features = monitor.features
+        for name in features:
+            if name in reserved:
+                raise SchemaError(
+                    f"monitor {monitor.name!r}: {name!r} is the id, timestamp or label "
+                    "column and cannot be a feature"
+                )
+    source = SourceTable(monitor.name, table, id_column, ts_column, features, label)
+    source.feature_columns()
+    return source
+
+
+# -- values --------------------------------------------------------------------------------
+
+def to_timestamp(value: Any) -> dt.datetime | None:
+    """A source timestamp (datetime, date, epoch seconds or ISO text) as aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        return as_utc(value)
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+    if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
+        seconds = float(value)
+        if math.isfinite(seconds):
+            try:
+                return dt.datetime.fromtimestamp(seconds, dt.UTC)
+            except (OverflowError, OSError, ValueError):
+                return None
+        return None
+    if isinstance(value, str):
+        try:
+            return as_utc(dt.datetime.fromisoformat(value))
+        except ValueError:
+            return None
+    return None
+
+
+def _classify(value: Any) -> tuple[str, str] | None:
+    """Why ``value`` cannot be scored, or ``None`` when it is a finite number."""
+    if value is None:
+        return "null", "NULL"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float | Decimal):
+        number = float(value)
+        if math.isnan(number):
+            return "nan", "NaN"
+        if math.isinf(number):
+            return "infinite", repr(number)
+        return None
+    return "non_numeric", f"{type(value).__name__} {str(value)[:40]!r}"
+
+
+def json_value(value: Any) -> Any:
+    """``value`` in a form JSON can hold (non-finite floats and odd types as text)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float | Decimal):
+        number = float(value)
+        return number if math.isfinite(number) else str(number)
+    if isinstance(value, bytes):
+        return value[:64].hex()
+    return str(value)
+
+
+@dataclass
+class BadRow:
+    """A row that cannot be scored: its id, the reason code, a detail line, raw values."""
+
+    source_id: int
+    reason: str
+    detail: str
+    raw_values: dict[str, Any]
+
+
+@dataclass
+class Window:
+    """Rows read after a cursor: scorable rows as a matrix, the others as :class:`BadRow`."""
+
+    ids: npt.NDArray[np.int64]
+    timestamps: list[dt.datetime | None]
+    values: npt.NDArray[np.float64]
+    bad: list[BadRow] = field(default_factory=list)
+    labels: npt.NDArray[np.float64] | None = None
+    last_id: int | None = None
+
+    @property
+    def size(self) -> int:
+        """Rows read, scorable and quarantined."""
+        return len(self.ids) + len(self.bad)
+
+
+def _to_matrix(
+    rows: Sequence[Sequence[Any]], names: Sequence[str]
+) -> tuple[npt.NDArray[np.float64], list[int], list[tuple[str, str, dict[str, Any]]]]:
+    """Convert raw feature tuples; returns the matrix, bad row indices and their reasons."""
+    try:
+        matrix = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
+        suspects = np.flatnonzero(~np.isfinite(matrix).all(axis=1)).tolist()
+    except (TypeError, ValueError):
+        matrix = np.full((len(rows), len(names)), np.nan)
+        suspects = list(range(len(rows)))
+    bad, reasons = [], []
+    for i in suspects:
+        problems = [(name, _classify(v)) for name, v in zip(names, rows[i], strict=True)]
+        problems = [(name, p) for name, p in problems if p is not None]
+        if not problems:
+            matrix[i] = [float(v) for v in rows[i]]
+            continue
+        reason = problems[0][1][0]
+        detail = "; ".join(f"{name}: {p[1]}" for name, p in problems[:5])
+        raw = {name: json_value(v) for name, v in zip(names, rows[i], strict=True)}
+        bad.append(i)
+        reasons.append((reason, detail, raw))
+    return matrix, bad, reasons
+
+
+def _window(
+    rows: Sequence[Sequence[Any]], features: Sequence[str], with_label: bool
+) -> Window:
+    ids = np.array([r[0] for r in rows], dtype=np.int64)
+    first = 3 if with_label else 2
+    matrix, bad_index, reasons = _to_matrix([tuple(r[first:]) for r in rows], features)
+    keep = np.ones(len(rows), dtype=bool)
+    keep[bad_index] = False
+    labels = None
+    if with_label:
+        labels = np.array([float(r[2]) if _classify(r[2]) is None else np.nan for r in rows])
+        labels = labels[keep]
+    bad = [BadRow(int(ids[i]), *reasons[k]) for k, i in enumerate(bad_index)]
+    timestamps = [to_timestamp(r[1]) for r, k in zip(rows, keep, strict=True) if k]
+    return Window(ids[keep], timestamps, matrix[keep], bad, labels,
+                  int(ids[-1]) if len(ids) else None)
+
+
+def _select(source: SourceTable, features: Sequence[str], with_label: bool) -> sa.Select[Any]:
+    columns = [source.id_column, source.timestamp_column]
+    if with_label:
+        if source.label_column is None:
+            raise SchemaError(f"monitor {source.monitor!r} has no label_column configured")
+        columns.append(source.label_column)
+    # type_coerce to NullType: raw driver values, so that text in a numeric SQLite
+    # column reaches the quarantine instead of failing in a result processor.
+    columns += [sa.type_coerce(c, sa.types.NullType()).label(c.name)
+                for c in source.feature_columns(features)]
+    return sa.select(*columns)
+
+
+def read_window(
+    connection: sa.Connection,
+    source: SourceTable,
+    after_id: int,
+    limit: int,
+    *,
+    features: Sequence[str] | None = None,
+    ready_before: dt.datetime | None = None,
+) -> Window:
+    """Up to ``limit`` rows with id above ``after_id``, in id order.
+
+    With ``ready_before``, the window stops at the first row whose timestamp is
+    not older than it, so that a row is never passed over while an older id waits.
+    """
+    names = tuple(source.features if features is None else features)
+    query = (_select(source, names, False)
+             .where(source.id_column > after_id)
+             .order_by(source.id_column)
+             .limit(limit))
+    rows = connection.execute(query).all()
+    if ready_before is not None:
+        for i, row in enumerate(rows):
+            stamp = to_timestamp(row[1])
+            if stamp is not None and stamp >= ready_before:
+                rows = rows[:i]
+                break
+    return _window(rows, names, False)
+
+
+def newest_id(connection: sa.Connection, source: SourceTable) -> int:
+    """The largest id in the table, 0 when it is empty."""
+    value = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
+    return int(value) if value is not None else 0
+
+
+def count_after(connection: sa.Connection, source: SourceTable, after_id: int) -> int:
+    """How many rows have an id above ``after_id`` (the backlog)."""
+    query = sa.select(sa.func.count()).select_from(source.table).where(
+        source.id_column > after_id)
+    return int(connection.execute(query).scalar() or 0)
+
+
+def _training_bounds(
+    connection: sa.Connection, source: SourceTable, since: dt.datetime | None,
+    until: dt.datetime | None, limit: int | None,
+) -> list[sa.ColumnElement[bool]]:
+    ts = source.timestamp_column
+    conditions: list[sa.ColumnElement[bool]] = []
+    if since is not None:
+        conditions.append(ts >= sa.bindparam(None, since, type_=ts.type))
+    if until is not None:
+        conditions.append(ts < sa.bindparam(None, until, type_=ts.type))
+    if limit is not None:
+        # The newest ``limit`` rows of the window: find the id where they start.
+        start = connection.execute(
+            sa.select(source.id_column).where(*conditions)
+            .order_by(source.id_column.desc()).offset(limit - 1).limit(1)
+        ).scalar()
+        if start is not None:
+            conditions.append(source.id_column >= start)
+    return conditions
+
+
+def read_training(
+    connection: sa.Connection,
+    source: SourceTable,
+    *,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    limit: int | None = None,
+    with_label: bool = False,
+    page_rows: int = TRAINING_PAGE_ROWS,
+) -> Iterator[Window]:
+    """Stream the training window in pages of ``page_rows``, oldest first (keyset paging)."""
+    conditions = _training_bounds(connection, source, since, until, limit)
+    after: int | None = None
+    while True:
+        query = _select(source, source.features, with_label).where(*conditions)
+        if after is not None:
+            query = query.where(source.id_column > after)
+        rows = connection.execute(query.order_by(source.id_column).limit(page_rows)).all()
+        if not rows:
+            return
+        window = _window(rows, source.features, with_label)
+        yield window
+        after = window.last_id
+        if len(rows) < page_rows:
+            return

@@ -1,0 +1,130 @@
+"""The monitor's own tables (prefix ``am_``), created by the Alembic migrations.
+
+The migrations in ``migrations/`` are the source of truth for the database; these
+definitions must match them (a test compares the two on SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+#: JSON documents: JSONB on PostgreSQL, text on SQLite.
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+MONITOR_NAME_LENGTH = 64
+VERSION_STATUSES = ("candidate", "active", "retired")
+
+model_versions = sa.Table(
+    "am_model_versions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("features", Json, nullable=False),
+    sa.Column("hyperparameters", Json, nullable=False),
+    sa.Column("manifest", Json, nullable=False),
+    sa.Column("artifact", sa.LargeBinary, nullable=False),
+    sa.Column("artifact_sha256", sa.String(64), nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("threshold_method", sa.String(16), nullable=False),
+    sa.Column("threshold_params", Json, nullable=False),
+    sa.Column("severity_scale", Json, nullable=False),
+    # Held-out calibration scores, float32 little-endian, sorted ascending.
+    sa.Column("calibration_scores", sa.LargeBinary, nullable=False),
+    sa.Column("training", Json, nullable=False),
+    sa.Column("validation", Json, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("activated_at", Timestamp),
+    sa.UniqueConstraint("monitor", "version"),
+    sa.CheckConstraint(
+        sa.column("status").in_(VERSION_STATUSES), name="status"
+    ),
+    sa.Index(
+        "uq_am_model_versions_one_active", "monitor", unique=True,
+        sqlite_where=sa.text("status = 'active'"),
+        postgresql_where=sa.text("status = 'active'"),
+    ),
+)
+
+cursors = sa.Table(
+    "am_cursors", metadata,
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("pause_reason", sa.Text),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+anomalies = sa.Table(
+    "am_anomalies", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("source_id", sa.BigInteger, nullable=False),
+    sa.Column("source_timestamp", Timestamp),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("severity", sa.Float, nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("contributions", Json, nullable=False),
+    sa.Column("scored_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("monitor", "source_id"),
+    sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
+)
+
+quarantine = sa.Table(
+    "am_quarantine", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("source_id", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("raw_values", Json, nullable=False),
+    sa.Column("quarantined_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("monitor", "source_id"),
+)
+
+batches = sa.Table(
+    "am_batches", metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("first_id", sa.BigInteger, nullable=False),
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("flagged", sa.Integer, nullable=False),
+    sa.Column("quarantined", sa.Integer, nullable=False),
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("duration_seconds", sa.Float, nullable=False),
+    sa.Column("newest_timestamp", Timestamp),
+    sa.Index("ix_am_batches_monitor_started_at", "monitor", "started_at"),
+)
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.UTC)
+
+
+def as_utc(value: dt.datetime | None) -> dt.datetime | None:
+    """``value`` as aware UTC (SQLite returns naive datetimes, stored as UTC)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)

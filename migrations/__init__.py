@@ -1,0 +1,1 @@
+"""Alembic migrations for the ``am_`` tables (installed as ``anomaly_monitor.migrations``)."""
