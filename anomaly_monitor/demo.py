@@ -29,8 +29,8 @@ HISTORY_ROWS = 12_000
 #: Live rows: the producer inserts this many per tick.
 LIVE_ROWS_PER_TICK = 10
 LIVE_TICK_SECONDS = 0.25
-#: Share of live rows that start an anomaly episode.
-EPISODE_RATE = 0.004
+#: Live rows between the starts of two anomaly episodes (drawn uniformly).
+EPISODE_GAP_ROWS = (100, 200)
 MISSING_RATE = 0.003
 DAEMON_INTERVAL_SECONDS = 2
 
@@ -76,6 +76,7 @@ class Plant:
         self.offsets = np.array([60.0, 25.0, 3.0, 120.0, 450.0, 2.0, 1500.0, 45.0])
         self.scales = np.array([5.0, 4.0, 0.4, 15.0, 60.0, 0.3, 200.0, 6.0])
         self.episode: dict[str, Any] | None = None
+        self.until_episode = int(self.rng.integers(*EPISODE_GAP_ROWS))
         self.last = np.zeros(len(SENSORS))
 
     def normal(self, t: float) -> np.ndarray:
@@ -96,8 +97,11 @@ class Plant:
     def reading(self, t: float, *, anomalies: bool) -> tuple[np.ndarray, str | None]:
         """A reading and its anomaly kind (``None`` when normal)."""
         values = self.normal(t)
-        if anomalies and self.episode is None and self.rng.random() < EPISODE_RATE:
-            self._start_episode()
+        if anomalies and self.episode is None:
+            self.until_episode -= 1
+            if self.until_episode <= 0:
+                self.until_episode = int(self.rng.integers(*EPISODE_GAP_ROWS))
+                self._start_episode()
         kind = None
         if self.episode is not None:
             e, kind = self.episode, self.episode["kind"]

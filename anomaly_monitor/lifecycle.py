@@ -294,7 +294,11 @@ def _recent_scores(
         sa.select(source.id_column).where(source.id_column <= cursor.position)
         .order_by(source.id_column.desc()).offset(rows - 1).limit(1)
     ).scalar()
-    after = (int(start) - 1) if start is not None else -(2**62)
+    if start is None:  # fewer rows than asked for: start at the oldest
+        start = connection.execute(sa.select(sa.func.min(source.id_column))).scalar()
+    if start is None:
+        return np.zeros(0)
+    after = int(start) - 1
     window: Window = read_window(connection, source, after, rows,
                                  features=model.version.features)
     window_ids = window.ids <= cursor.position

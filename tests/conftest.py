@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+from anomaly_monitor import migrate
+from anomaly_monitor.db import create_engine
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -39,3 +45,56 @@ def correlated_data(
 @pytest.fixture(scope="session")
 def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return correlated_data()
+
+
+# -- databases: a SQLite file and a real PostgreSQL started by the suite ----------------------
+
+@pytest.fixture(scope="session")
+def pg_server():
+    from tests.pgserver import TEMPLATE, find_bin, running_server
+
+    if find_bin("initdb") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL binaries are missing but CI=true: the tests must run")
+        pytest.skip("PostgreSQL is not installed (initdb not found)")
+    with running_server() as server:
+        with server.connect() as connection:
+            connection.execute(f"CREATE DATABASE {TEMPLATE}")
+        template = create_engine(server.url(TEMPLATE))
+        migrate.upgrade(template)
+        template.dispose()
+        yield server
+
+
+def _database_url(request: pytest.FixtureRequest, tmp_path: Path, *, migrated: bool):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'monitor.db'}"
+        if migrated:
+            engine = create_engine(url)
+            migrate.upgrade(engine)
+            engine.dispose()
+        yield url
+        return
+    server = request.getfixturevalue("pg_server")
+    name = server.create_database(template=None if not migrated else "am_template")
+    yield server.url(name)
+    server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A migrated database: a SQLite file, then a fresh PostgreSQL database."""
+    yield from _database_url(request, tmp_path, migrated=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def bare_db_url(request, tmp_path):
+    """A database without the am_ tables."""
+    yield from _database_url(request, tmp_path, migrated=False)
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = create_engine(db_url)
+    yield engine
+    engine.dispose()

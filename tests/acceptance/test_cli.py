@@ -1,0 +1,219 @@
+"""The command line as users run it: CliRunner for the commands, subprocesses for the
+daemon, ``python -m`` and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from click.testing import CliRunner
+
+from anomaly_monitor.cli import main
+from anomaly_monitor.db import create_engine
+from tests.helpers import FEATURES, Sensors, bulk_insert, insert_rows, source_table
+from tests.pgserver import free_port
+
+CONFIG = """
+[database]
+url = "{url}"
+
+[metrics]
+port = {port}
+
+[[monitor]]
+name = "plant"
+table = "readings"
+timestamp_column = "ts"
+features = [{features}]
+label_column = "label"
+kind = "dae"
+interval_seconds = 1
+batch_size = 200
+
+[monitor.threshold]
+method = "quantile"
+target_fpr = 0.01
+
+[monitor.model]
+n_estimators = 1
+patience = 5
+"""
+
+
+@pytest.fixture
+def workspace(db_url, tmp_path):
+    """A config file and a source table with 1000 rows of history."""
+    engine = create_engine(db_url)
+    table = source_table(engine)
+    bulk_insert(engine, table, Sensors().normal(1000))
+    path = tmp_path / "am.toml"
+    port = free_port()
+    path.write_text(CONFIG.format(url=db_url, port=port,
+                                  features=", ".join(f'"{f}"' for f in FEATURES)))
+    yield path, engine, table, port
+    engine.dispose()
+
+
+def cli(*args, expect=0, stderr=False):
+    """Run the CLI in-process; returns stdout and stderr together, or stderr alone."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result.stderr if stderr else result.output
+
+
+def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
+    config, engine, table, _ = workspace
+    assert "reachable" in cli("--config", config, "check")
+    out = cli("--config", config, "train", "plant", "--epochs", "10")
+    assert "version 1 (dae) trained on 800 rows, 200 held out" in out
+    assert "status: active" in out
+    assert re.search(r"\| *1 *\| *dae|plant +1 +dae +active", cli("--config", config,
+                                                                 "models", "list"))
+    shown = json.loads(cli("--config", config, "models", "show", "1"))
+    assert shown["status"] == "active" and shown["features"] == list(FEATURES)
+    before = shown["threshold"]
+    out = cli("--config", config, "calibrate", "plant", "--dry-run", "--target-fpr", "0.05")
+    assert "dry run: nothing changed" in out and "quantile fpr=0.05" in out
+    assert json.loads(cli("--config", config, "models", "show", "1"))["threshold"] == before
+    plot = tmp_path / "scores.png"
+    out = cli("--config", config, "calibrate", "plant", "--target-fpr", "0.05", "--plot", plot)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(cli("--config", config, "models", "show", "1"))["threshold"] < before
+    sensors = Sensors(seed=5)
+    insert_rows(engine, table, sensors.normal(100))
+    anomalies = insert_rows(engine, table, sensors.anomalous(10), label=1)
+    insert_rows(engine, table, [[None] * len(FEATURES)])
+    out = cli("--config", config, "run", "--once")
+    assert re.search(r"monitor plant: running, \d+ batches, 111 rows", out)
+    status = json.loads(cli("--config", config, "status", "--json"))["monitors"][0]
+    assert status["backlog"] == 0 and status["active_version"] == 1
+    assert status["anomalies_24h"] >= 9 and status["last_batch"]["quarantined"] <= 1
+    assert "plant" in cli("--config", config, "status")
+    flagged = json.loads(cli("--config", config, "anomalies", "plant", "--json", "--limit",
+                             "100"))
+    assert {a["source_id"] for a in flagged} >= set(anomalies[:9]) - {None} or \
+        len({a["source_id"] for a in flagged} & set(anomalies)) >= 9
+    assert all(len(a["top_features"]) == 3 for a in flagged)
+    assert "top features" in cli("--config", config, "anomalies", "plant")
+    out = cli("--config", config, "models", "rollback", expect=1)
+    assert "nothing to roll back to" in out and "Traceback" not in out
+
+
+def test_errors_are_one_line_with_the_right_exit_code(workspace, tmp_path):
+    config, engine, _, _ = workspace
+    missing = cli("--config", tmp_path / "nope.toml", "check", expect=2)
+    assert "nope.toml not found" in missing
+    bad = tmp_path / "bad.toml"
+    bad.write_text(config.read_text().replace('features = [', 'features = ["nope", '))
+    out = cli("--config", bad, "check", expect=2)
+    assert "column 'nope' is missing from table 'readings'" in out
+    out = cli("--config", config, "train", "other", expect=2)
+    assert "no monitor named 'other'" in out
+    empty = tmp_path / "empty.toml"
+    with engine.begin() as connection:
+        source_table(engine, "empty_readings")
+        connection.commit()
+    empty.write_text(config.read_text().replace('table = "readings"', 'table = "empty_readings"'))
+    out = cli("--config", empty, "train", "plant", expect=1)
+    assert "has 0 usable rows" in out
+    for output in (missing, out):
+        assert len(output.strip().splitlines()) == 1 and "Traceback" not in output
+
+
+def test_a_database_that_is_down_is_one_line_without_the_password(tmp_path):
+    port = free_port()
+    path = tmp_path / "down.toml"
+    path.write_text(CONFIG.format(url=f"postgresql+psycopg://am:hunter2secret@127.0.0.1:{port}/x",
+                                  port=0, features='"f0"'))
+    for args in (["check"], ["status", "--json"], ["run", "--once"]):
+        out = cli("--config", path, *args, expect=1)
+        assert "hunter2secret" not in out and "Traceback" not in out
+        error = cli("--config", path, *args, expect=1, stderr=True)
+        assert error.startswith("Error: database error") and "***" in error
+        assert len(error.strip().splitlines()) == 1
+
+
+def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANOMALY_MONITOR_CONFIG", raising=False)
+    assert "wrote anomaly-monitor.toml" in cli("init")
+    assert "already exists" in cli("init", expect=1)
+    assert "run: anomaly-monitor db upgrade" in cli("check", expect=1)
+    assert "at revision 0001" in cli("db", "upgrade")
+    assert "up to date" in cli("db", "current")
+    out = cli("check", expect=2)  # the example's table does not exist yet
+    assert "table 'readings' does not exist" in out
+    assert "revision base" in cli("db", "downgrade", "base")
+
+
+def wait_for(predicate, timeout, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout} s")
+
+
+def scrape(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return response.read().decode()
+    except OSError:
+        return ""
+
+
+def rows_scored(port):
+    match = re.search(r'^anomaly_monitor_rows_scored_total\{monitor="plant"\} (\S+)$',
+                      scrape(port), re.M)
+    return float(match.group(1)) if match else -1.0
+
+
+def test_daemon_scores_new_rows_serves_metrics_and_stops_on_sigterm(workspace):
+    config, engine, table, port = workspace
+    cli("--config", config, "train", "plant", "--epochs", "5")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    daemon = subprocess.Popen([sys.executable, "-m", "anomaly_monitor", "--config", str(config),
+                               "run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env)
+    try:
+        wait_for(lambda: rows_scored(port) == 0, timeout=60)
+        insert_rows(engine, table, Sensors(seed=9).normal(50))
+        wait_for(lambda: rows_scored(port) == 50, timeout=30)
+        body = scrape(port)
+        assert 'anomaly_monitor_model_info{kind="dae",monitor="plant",version="1"} 1.0' in body
+        assert 'anomaly_monitor_backlog_rows{monitor="plant"} 0.0' in body
+        daemon.send_signal(signal.SIGTERM)
+        output, _ = daemon.communicate(timeout=10)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.communicate()
+    assert daemon.returncode == 0, output
+    assert "received SIGTERM" in output and "stopped" in output
+
+
+def test_python_dash_m_and_version():
+    out = subprocess.run([sys.executable, "-m", "anomaly_monitor", "--version"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.startswith("anomaly-monitor, version")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run(["anomaly-monitor", "demo", "--seconds", "15", "--port", "0"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout + result.stderr
+    match = re.search(r"precision (\S+), recall (\S+)", result.stdout)
+    assert match, result.stdout
+    assert float(match.group(1)) >= 0.8 and float(match.group(2)) >= 0.5
+    assert "top anomalies:" in result.stdout and "anomaly-monitor --config" in result.stdout
+    assert (tmp_path / "anomaly-monitor-demo.db").exists()

@@ -1,0 +1,97 @@
+"""Test helpers: a source table of correlated sensor rows and monitor settings for it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from anomaly_monitor.config import MonitorSettings, Settings, ThresholdSettings
+
+FEATURES = ("f0", "f1", "f2", "f3", "f4", "f5")
+#: Small, fast models for tests.
+FAST_MODEL = {"n_estimators": 1, "epochs": 15, "patience": 5}
+
+
+def source_table(engine: sa.Engine, name: str = "readings") -> sa.Table:
+    """Create the source table: integer id, timestamp, six float features, a label."""
+    metadata = sa.MetaData()
+    table = sa.Table(
+        name, metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("ts", sa.DateTime(timezone=True), nullable=False),
+        *(sa.Column(f, sa.Float) for f in FEATURES),
+        sa.Column("label", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("note", sa.String(20)),
+    )
+    metadata.create_all(engine)
+    return table
+
+
+class Sensors:
+    """Seeded rows on a 2-D linear manifold; anomalies break the correlations."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.mixing = np.random.default_rng(123).normal(size=(2, len(FEATURES)))
+
+    def normal(self, n: int) -> np.ndarray:
+        """``n`` normal rows."""
+        return (self.rng.normal(size=(n, 2)) @ self.mixing
+                + 0.05 * self.rng.normal(size=(n, len(FEATURES))))
+
+    def anomalous(self, n: int) -> np.ndarray:
+        """``n`` rows whose features come from different normal rows and are shifted."""
+        pool = self.normal(n * len(FEATURES))
+        rows = np.stack([pool[self.rng.integers(0, len(pool), n), j]
+                         for j in range(len(FEATURES))], axis=1)
+        return rows + 3.0 * np.sign(rows)
+
+
+def insert_rows(
+    engine: sa.Engine, table: sa.Table, values: np.ndarray | Sequence[Sequence[Any]], *,
+    start: dt.datetime | None = None, step_seconds: float = 60.0, label: int = 0,
+) -> list[int]:
+    """Insert rows of feature values; returns their ids in order."""
+    start = start or dt.datetime.now(dt.UTC) - dt.timedelta(seconds=step_seconds * len(values))
+    rows = [
+        {"ts": start + dt.timedelta(seconds=i * step_seconds), "label": label,
+         **{f: (None if v is None else float(v)) for f, v in zip(FEATURES, row, strict=True)}}
+        for i, row in enumerate(values)
+    ]
+    ids = []
+    with engine.begin() as connection:
+        for row in rows:
+            ids.append(int(connection.execute(table.insert().values(**row)).inserted_primary_key[0]))
+    return ids
+
+
+def bulk_insert(engine: sa.Engine, table: sa.Table, values: np.ndarray, **kwargs: Any) -> None:
+    """Insert many rows at once (no ids returned)."""
+    start = kwargs.get("start") or dt.datetime.now(dt.UTC) - dt.timedelta(hours=len(values) / 60)
+    rows = [{"ts": start + dt.timedelta(minutes=i), "label": kwargs.get("label", 0),
+             **{f: float(v) for f, v in zip(FEATURES, row, strict=True)}}
+            for i, row in enumerate(values)]
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows)
+
+
+def monitor_settings(**overrides: Any) -> MonitorSettings:
+    """Settings of the test monitor ``plant`` on table ``readings``."""
+    base: dict[str, Any] = {
+        "name": "plant", "table": "readings", "timestamp_column": "ts",
+        "features": FEATURES, "kind": "dae", "interval_seconds": 1.0, "batch_size": 500,
+        "threshold": ThresholdSettings(method="quantile", target_fpr=0.01),
+        "model": dict(FAST_MODEL),
+    }
+    base.update(overrides)
+    return MonitorSettings(**base)
+
+
+def settings(url: str, *monitors: MonitorSettings, port: int = 0) -> Settings:
+    """Whole settings for ``url`` with the given monitors (default: ``plant``)."""
+    return Settings(path=None, database_url=url, metrics_port=port,
+                    monitors=monitors or (monitor_settings(),))

@@ -1,0 +1,241 @@
+"""train -> run_batch -> am_ tables, on a real SQLite file and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor.lifecycle import activate_checked, rollback, train_monitor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.registry import RegistryError, active_version, list_versions
+from anomaly_monitor.scoring import BatchConflictError, ModelCache, read_cursor, run_batch
+from anomaly_monitor.source import SchemaError, reflect_source
+from anomaly_monitor.tables import anomalies, batches, model_versions, quarantine
+from anomaly_monitor.worker import Worker
+from tests.helpers import (
+    Sensors,
+    bulk_insert,
+    insert_rows,
+    monitor_settings,
+    settings,
+    source_table,
+)
+
+TRAINING_ROWS = 1500
+
+
+@pytest.fixture
+def plant(engine):
+    """A source table with history, a trained and activated model, and the simulator."""
+    table = source_table(engine)
+    sensors = Sensors()
+    bulk_insert(engine, table, sensors.normal(TRAINING_ROWS))
+    monitor = monitor_settings()
+    report = train_monitor(engine, monitor, device="cpu")
+    return engine, table, monitor, sensors, report
+
+
+def drain(engine, monitor, models=None):
+    """Call run_batch until caught up; returns the committed results."""
+    models = models or ModelCache("cpu")
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    results = []
+    while True:
+        result = run_batch(engine, monitor, source, models)
+        if result.status == "committed":
+            results.append(result)
+        if result.caught_up:
+            return results
+
+
+def fetch(engine, query):
+    with engine.connect() as connection:
+        return connection.execute(query).all()
+
+
+def test_train_stores_and_activates_a_version(plant):
+    engine, _, monitor, _, report = plant
+    version = report.version
+    assert version.version == 1 and version.status == "active"
+    assert version.training["holdout_rows"] == pytest.approx(0.2 * TRAINING_ROWS, abs=1)
+    assert version.features == list(monitor.features)
+    assert 0.0 < version.validation["holdout_flag_rate"] <= 0.02
+    with engine.connect() as connection:
+        assert read_cursor(connection, "plant").position == TRAINING_ROWS
+        assert [v.version for v in list_versions(connection, "plant")] == [1]
+
+
+def test_batch_flags_anomalies_quarantines_bad_rows_and_advances_cursor(plant):
+    engine, table, monitor, sensors, _ = plant
+    normal_ids = insert_rows(engine, table, sensors.normal(300))
+    anomaly_ids = insert_rows(engine, table, sensors.anomalous(20), label=1)
+    bad = [[None, 1, 1, 1, 1, 1], [1, 1, float("inf"), 1, 1, 1], [1, None, None, 1, 1, 1]]
+    bad_ids = insert_rows(engine, table, bad)
+    results = drain(engine, monitor)
+    flagged = {r.source_id for r in fetch(engine, sa.select(anomalies.c.source_id))}
+    assert len(flagged & set(anomaly_ids)) >= 18
+    assert len(flagged & set(normal_ids)) <= 12
+    reasons = dict(fetch(engine, sa.select(quarantine.c.source_id, quarantine.c.reason)))
+    assert set(reasons) == set(bad_ids)
+    assert reasons[bad_ids[0]] == "null"
+    assert reasons[bad_ids[1]] in ("infinite", "null")  # SQLite stores inf; drivers vary
+    with engine.connect() as connection:
+        assert read_cursor(connection, "plant").position == bad_ids[-1]
+    records = fetch(engine, sa.select(batches).order_by(batches.c.first_id))
+    assert sum(r.rows for r in records) == 323 == sum(r.rows for r in results)
+    assert sum(r.quarantined for r in records) == 3
+    assert sum(r.flagged for r in records) == len(flagged)
+    row = fetch(engine, sa.select(anomalies).where(anomalies.c.source_id == anomaly_ids[0]))[0]
+    assert 0 <= row.severity <= 100 and row.score > row.threshold and row.model_version == 1
+    shares = [c["share"] for c in row.contributions]
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True)
+    assert {c["feature"] for c in row.contributions} <= set(monitor.features)
+
+
+def test_every_row_is_scored_once_in_contiguous_batches(plant):
+    engine, table, _, sensors, _ = plant
+    monitor = monitor_settings(batch_size=70)
+    ids = insert_rows(engine, table, sensors.normal(200))
+    assert len(drain(engine, monitor)) == 3
+    assert drain(engine, monitor) == []
+    ranges = [(r.first_id, r.last_id, r.rows) for r in fetch(
+        engine, sa.select(batches).order_by(batches.c.first_id))]
+    assert ranges[0][0] == ids[0] and ranges[-1][1] == ids[-1]
+    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert sum(r[2] for r in ranges) == 200
+
+
+def test_a_moved_cursor_rolls_the_whole_batch_back(plant):
+    engine, table, monitor, sensors, _ = plant
+    insert_rows(engine, table, sensors.anomalous(5))
+
+    class MovingCache(ModelCache):
+        def active(self, connection, name):
+            model = super().active(connection, name)
+            with engine.begin() as other:
+                other.execute(sa.text("UPDATE am_cursors SET position = position + 1"))
+            return model
+
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    with pytest.raises(BatchConflictError):
+        run_batch(engine, monitor, source, MovingCache("cpu"))
+    assert fetch(engine, sa.select(anomalies)) == []
+    assert fetch(engine, sa.select(batches)) == []
+
+
+def test_query_delay_leaves_young_rows_for_later(plant):
+    engine, table, _, sensors, _ = plant
+    now = dt.datetime.now(dt.UTC)
+    old = insert_rows(engine, table, sensors.normal(5), start=now - dt.timedelta(hours=2))
+    insert_rows(engine, table, sensors.normal(5), start=now)
+    monitor = monitor_settings(query_delay_seconds=600)
+    results = drain(engine, monitor)
+    assert sum(r.rows for r in results) == 5
+    with engine.connect() as connection:
+        assert read_cursor(connection, "plant").position == old[-1]
+
+
+def test_a_new_active_version_is_used_without_restart_and_can_be_rolled_back(plant):
+    engine, table, monitor, sensors, _ = plant
+    models = ModelCache("cpu")
+    insert_rows(engine, table, sensors.normal(10))
+    assert drain(engine, monitor, models)[0].model_version == 1
+    report = train_monitor(engine, monitor, device="cpu", activate_version=False)
+    assert report.version.status == "candidate"
+    with engine.begin() as connection:
+        activate_checked(connection, monitor, None, 2)
+    insert_rows(engine, table, sensors.normal(10))
+    assert drain(engine, monitor, models)[0].model_version == 2
+    with engine.begin() as connection:
+        assert rollback(connection, monitor).version == 1
+        assert active_version(connection, "plant") == 1
+        statuses = dict(connection.execute(
+            sa.select(model_versions.c.version, model_versions.c.status)).all())
+    assert statuses == {1: "active", 2: "retired"}
+
+
+def test_a_tampered_artifact_is_refused_and_the_active_version_stays(plant):
+    engine, _, monitor, _, _ = plant
+    train_monitor(engine, monitor, device="cpu", activate_version=False)
+    with engine.begin() as connection:
+        blob = bytearray(connection.execute(sa.select(model_versions.c.artifact).where(
+            model_versions.c.version == 2)).scalar())
+        blob[-1] ^= 0xFF
+        connection.execute(model_versions.update().where(model_versions.c.version == 2)
+                           .values(artifact=bytes(blob)))
+    with pytest.raises(RegistryError, match="sha256"), engine.begin() as connection:
+        activate_checked(connection, monitor, None, 2)
+    with engine.connect() as connection:
+        assert active_version(connection, "plant") == 1
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"table": "nope"}, "table 'nope' does not exist"),
+    ({"features": ("f0", "missing")}, "column 'missing' is missing"),
+    ({"features": ("f0", "note")}, "'note' .* not a numeric type"),
+    ({"id_column": "ts"}, "id_column 'ts' has type"),
+    ({"timestamp_column": "when"}, "timestamp_column 'when' is not a column"),
+])
+def test_schema_problems_name_the_table_or_column(engine, overrides, message):
+    source_table(engine)
+    with pytest.raises(SchemaError, match=message), engine.connect() as connection:
+        reflect_source(connection, monitor_settings(**overrides))
+
+
+def test_worker_pauses_a_broken_monitor_and_keeps_the_others(plant, db_url):
+    engine, table, monitor, sensors, _ = plant
+    insert_rows(engine, table, sensors.normal(20))
+    broken = monitor_settings(name="broken", table="missing_table")
+    registry = CollectorRegistry()
+    with engine.begin() as connection:  # the broken monitor has a cursor, as if it once worked
+        connection.execute(sa.text(
+            "INSERT INTO am_cursors (monitor, position, paused, updated_at) "
+            "VALUES ('broken', 0, false, CURRENT_TIMESTAMP)"))
+    worker = Worker(settings(db_url, monitor, broken), engine, Metrics(registry), device="cpu")
+    assert worker.poll("broken").status == "paused"
+    assert "missing_table" in worker.states["broken"].detail
+    assert worker.poll("plant").status == "running"
+    assert registry.get_sample_value("anomaly_monitor_rows_scored_total",
+                                     {"monitor": "plant"}) == 20
+    assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "broken"}) == 1
+    assert registry.get_sample_value("anomaly_monitor_backlog_rows", {"monitor": "plant"}) == 0
+    assert registry.get_sample_value("anomaly_monitor_model_info",
+                                     {"monitor": "plant", "version": "1", "kind": "dae"}) == 1
+    with engine.connect() as connection:
+        assert read_cursor(connection, "broken").pause_reason.startswith("monitor 'broken'")
+
+
+def test_metrics_series_exist_at_zero_before_any_batch(engine, db_url):
+    registry = CollectorRegistry()
+    Worker(settings(db_url), engine, Metrics(registry), device="cpu")
+    for name, labels in [
+        ("anomaly_monitor_rows_scored_total", {}),
+        ("anomaly_monitor_rows_quarantined_total", {"reason": "null"}),
+        ("anomaly_monitor_batches_total", {"outcome": "error"}),
+        ("anomaly_monitor_batch_duration_seconds_count", {}),
+        ("anomaly_monitor_severity_count", {}),
+        ("anomaly_monitor_late_rows_total", {}),
+        ("anomaly_monitor_backlog_rows", {}),
+    ]:
+        assert registry.get_sample_value(name, {"monitor": "plant", **labels}) == 0
+
+
+def test_a_database_error_is_counted_and_backed_off_not_raised(plant, db_url):
+    engine, table, monitor, sensors, _ = plant
+    insert_rows(engine, table, sensors.normal(5))
+    registry = CollectorRegistry()
+    worker = Worker(settings(db_url), engine, Metrics(registry), device="cpu")
+    with engine.begin() as connection:  # a failure the database reports mid-pipeline
+        connection.execute(sa.text("DROP TABLE am_batches"))
+    state = worker.poll("plant", budget_seconds=0.5)
+    assert state.status == "error" and state.failures >= 1
+    assert registry.get_sample_value("anomaly_monitor_batches_total",
+                                     {"monitor": "plant", "outcome": "error"}) >= 1
+    assert np.isclose(registry.get_sample_value(
+        "anomaly_monitor_rows_scored_total", {"monitor": "plant"}), 0)

@@ -1,0 +1,123 @@
+"""Configuration: exact format, clear errors naming the key and the file, env overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from anomaly_monitor.config import (
+    EXAMPLE,
+    ConfigError,
+    load_settings,
+    parse_settings,
+)
+from anomaly_monitor.db import describe_error, redact
+
+VALID = """
+[database]
+url = "sqlite:///x.db"
+
+[metrics]
+host = "0.0.0.0"
+port = 9200
+
+[[monitor]]
+name = "plant"
+table = "readings"
+id_column = "id"
+timestamp_column = "ts"
+features = ["f0", "f1"]
+kind = "sae"
+interval_seconds = 5
+batch_size = 100
+query_delay_seconds = 2.5
+[monitor.threshold]
+method = "pot"
+target_fpr = 0.001
+[monitor.model]
+epochs = 7
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "am.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_full_config_parses(tmp_path):
+    settings = load_settings(write(tmp_path, VALID), environ={})
+    monitor = settings.monitor("plant")
+    assert settings.database_url == "sqlite:///x.db" and settings.metrics_port == 9200
+    assert monitor.features == ("f0", "f1") and monitor.kind == "sae"
+    assert monitor.interval_seconds == 5.0 and monitor.batch_size == 100
+    assert monitor.threshold.method == "pot" and monitor.threshold.target_fpr == 0.001
+    assert monitor.model == {"epochs": 7}
+
+
+def test_the_example_written_by_init_is_valid(tmp_path):
+    settings = load_settings(write(tmp_path, EXAMPLE), environ={})
+    assert [m.name for m in settings.monitors] == ["plant"]
+
+
+def test_environment_overrides_the_url_and_port(tmp_path):
+    env = {"ANOMALY_MONITOR_DATABASE_URL": "postgresql://u:secret@h/db",
+           "ANOMALY_MONITOR_METRICS_PORT": "0"}
+    settings = load_settings(write(tmp_path, VALID), environ=env)
+    assert settings.database_url == "postgresql://u:secret@h/db"
+    assert settings.metrics_port == 0
+
+
+def test_config_path_from_the_environment(tmp_path, monkeypatch):
+    path = write(tmp_path, VALID)
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(None, environ={"ANOMALY_MONITOR_CONFIG": str(path)}).monitors
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("kind = \"sae\"", "kind = \"gan\""), r"monitor\[0\]\.kind must be one of vae, dae, sae"),
+    (("batch_size = 100", "batch_size = \"100\""), r"batch_size must be an integer"),
+    (("batch_size = 100", "batch_size = true"), r"batch_size must be an integer"),
+    (("interval_seconds = 5", "interval_seconds = -1"), r"interval_seconds must be a positive"),
+    (("batch_size = 100", "batchsize = 100"), r"unknown key monitor\[0\]\.batchsize"),
+    (("host = ", "hots = "), r"unknown key metrics\.hots"),
+    (("table = \"readings\"", ""), r"monitor\[0\]\.table is required"),
+    (("target_fpr = 0.001", "target_fpr = 2"), r"target_fpr must be a number between 0 and 1"),
+    (("epochs = 7", "epochs = 0"), r"monitor 'plant'\.model: epochs"),
+    (("epochs = 7", "kind = \"vae\""), r"unknown key monitor 'plant'\.model\.kind"),
+    (("name = \"plant\"", "name = \"pl ant; drop\""), r"name must be a name of letters"),
+    (("port = 9200", "port = 70000"), r"metrics\.port must be an integer port"),
+    (("[database]", "[databse]"), r"unknown key top level\.databse"),
+])
+def test_errors_name_the_key_and_the_file(tmp_path, change, message):
+    path = write(tmp_path, VALID.replace(*change))
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(path, environ={})
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_invalid_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not found.*anomaly-monitor init"):
+        load_settings(tmp_path / "none.toml", environ={})
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_settings(write(tmp_path, "[database\n"), environ={})
+
+
+def test_duplicate_monitor_names_and_fixed_without_value():
+    monitor = {"name": "a", "table": "t", "timestamp_column": "ts"}
+    with pytest.raises(ConfigError, match="'a' is used twice"):
+        parse_settings({"monitor": [monitor, monitor]}, environ={})
+    with pytest.raises(ConfigError, match="value is required"):
+        parse_settings({"monitor": [{**monitor, "threshold": {"method": "fixed"}}]}, environ={})
+
+
+def test_unknown_monitor_lists_the_known_ones():
+    settings = parse_settings({"monitor": [{"name": "a", "table": "t", "timestamp_column": "ts"}]},
+                              environ={})
+    with pytest.raises(ConfigError, match="no monitor named 'b'.*monitors: a"):
+        settings.monitor("b")
+
+
+def test_passwords_are_redacted():
+    url = "postgresql+psycopg://user:s3cr3t@db:5432/app"
+    assert "s3cr3t" not in redact(url) and "***" in redact(url)
+    assert "s3cr3t" not in describe_error(RuntimeError("login for s3cr3t failed"), url)
