@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 
 import numpy as np
 import pytest
@@ -106,7 +107,7 @@ def test_every_row_is_scored_once_in_contiguous_batches(plant):
     ranges = [(r.first_id, r.last_id, r.rows) for r in fetch(
         engine, sa.select(batches).order_by(batches.c.first_id))]
     assert ranges[0][0] == ids[0] and ranges[-1][1] == ids[-1]
-    assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] < b[0] for a, b in itertools.pairwise(ranges))
     assert sum(r[2] for r in ranges) == 200
 
 
@@ -227,7 +228,7 @@ def test_metrics_series_exist_at_zero_before_any_batch(engine, db_url):
 
 
 def test_a_database_error_is_counted_and_backed_off_not_raised(plant, db_url):
-    engine, table, monitor, sensors, _ = plant
+    engine, table, _, sensors, _ = plant
     insert_rows(engine, table, sensors.normal(5))
     registry = CollectorRegistry()
     worker = Worker(settings(db_url), engine, Metrics(registry), device="cpu")

@@ -96,7 +96,7 @@ def test_errors_name_the_key_and_the_file(tmp_path, change, message):
 
 
 def test_missing_file_and_invalid_toml(tmp_path):
-    with pytest.raises(ConfigError, match="not found.*anomaly-monitor init"):
+    with pytest.raises(ConfigError, match=r"not found.*anomaly-monitor init"):
         load_settings(tmp_path / "none.toml", environ={})
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_settings(write(tmp_path, "[database\n"), environ={})
@@ -113,7 +113,7 @@ def test_duplicate_monitor_names_and_fixed_without_value():
 def test_unknown_monitor_lists_the_known_ones():
     settings = parse_settings({"monitor": [{"name": "a", "table": "t", "timestamp_column": "ts"}]},
                               environ={})
-    with pytest.raises(ConfigError, match="no monitor named 'b'.*monitors: a"):
+    with pytest.raises(ConfigError, match=r"no monitor named 'b'.*monitors: a"):
         settings.monitor("b")
 
 
