@@ -28,7 +28,13 @@ from anomaly_monitor.config import (
     config_path,
     load_settings,
 )
-from anomaly_monitor.db import DatabaseError, create_engine, describe_error, redact
+from anomaly_monitor.db import (
+    DatabaseError,
+    DatabaseURLError,
+    create_engine,
+    describe_error,
+    redact,
+)
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -49,8 +55,10 @@ def _translate(exc: Exception, url: str | None) -> CliError | None:
     from anomaly_monitor.registry import RegistryError
     from anomaly_monitor.source import SchemaError
 
-    if isinstance(exc, ConfigError | SchemaError):
+    if isinstance(exc, ConfigError | SchemaError | DatabaseURLError):
         return CliError(str(exc), EXIT_USAGE)
+    if type(exc).__module__.startswith("alembic") and type(exc).__name__ == "CommandError":
+        return CliError(f"migration: {exc}", EXIT_USAGE)
     if isinstance(exc, RegistryError | TrainingError | DatabaseError):
         return CliError(str(exc))
     if isinstance(exc, sa.exc.SQLAlchemyError):
@@ -156,6 +164,8 @@ def main(ctx: click.Context, config: str | None, verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # APScheduler logs every job run at INFO; keep that for -vv.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     ctx.obj = App(config)
 
 
@@ -229,6 +239,8 @@ def _require_schema(app: App) -> None:
 @pass_app
 def check(app: App) -> None:
     """Check the config, the database connection and every monitor's table."""
+    from anomaly_monitor.registry import active_version, load_model
+    from anomaly_monitor.scoring import check_features
     from anomaly_monitor.source import reflect_source
 
     settings = app.settings
@@ -243,6 +255,16 @@ def check(app: App) -> None:
             source = reflect_source(connection, monitor)
             click.echo(f"monitor {monitor.name}: table {monitor.table} ok, "
                        f"{len(source.features)} features ({', '.join(source.features)})")
+            number = active_version(connection, monitor.name)
+            if number is None:
+                click.echo(f"monitor {monitor.name}: no active model yet "
+                           f"(run: anomaly-monitor train {monitor.name})")
+                continue
+            model = load_model(connection, monitor.name, number, device="cpu")
+            check_features(monitor, model)
+            source.feature_columns(model.version.features)
+            click.echo(f"monitor {monitor.name}: model version {number} verified "
+                       f"(sha256 {model.version.artifact_sha256[:12]})")
 
 
 # -- train / calibrate ------------------------------------------------------------------
@@ -438,11 +460,12 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str) -> No
         raise CliError(f"{settings.path}: no [[monitor]] configured", EXIT_USAGE)
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    _require_schema(app)
     registry = CollectorRegistry()
     worker = Worker(settings, app.engine, Metrics(registry), device=device,
                     monitors=list(monitor_names) or None)
+    worker.install_signal_handlers()
     if once:
+        _require_schema(app)
         states = worker.run_once()
         failed = {name: s for name, s in states.items() if s.status in ("error", "paused")}
         for name, state in states.items():
@@ -461,7 +484,9 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str) -> No
                            f"{settings.metrics_port}: {exc.strerror or exc}") from None
         logging.getLogger(__name__).info(
             "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    worker.run_forever()
+    # The daemon waits for a database that is down at start-up instead of exiting.
+    if worker.wait_for_database(lambda: _require_schema(app)):
+        worker.run_forever(install_signals=False)
 
 
 @main.command()

@@ -23,6 +23,10 @@ class DatabaseError(RuntimeError):
     """The database is unreachable or refused a statement (message has no password)."""
 
 
+class DatabaseURLError(DatabaseError):
+    """The configured database URL is malformed or names an unknown driver."""
+
+
 def redact(url: str | URL) -> str:
     """``url`` with its password masked, for logs and messages."""
     try:
@@ -51,8 +55,8 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     """An engine with pre-ping, connect and statement timeouts for ``url``."""
     try:
         parsed = _normalise(make_url(url))
-    except sa.exc.ArgumentError:
-        raise DatabaseError(f"invalid database URL {redact(url)!r}") from None
+    except (sa.exc.ArgumentError, ValueError):
+        raise DatabaseURLError(f"invalid database URL {redact(url)!r}") from None
     options: dict[str, Any] = {"pool_pre_ping": True, **kwargs}
     if parsed.get_backend_name() == "sqlite":
         options.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
@@ -69,8 +73,8 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
         })
     try:
         engine = sa.create_engine(parsed, **options)
-    except (sa.exc.ArgumentError, ImportError) as exc:
-        raise DatabaseError(f"cannot use database URL {redact(url)!r}: {exc}") from None
+    except (sa.exc.ArgumentError, ImportError, ValueError) as exc:
+        raise DatabaseURLError(f"cannot use database URL {redact(url)!r}: {exc}") from None
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_on_connect)
     return engine

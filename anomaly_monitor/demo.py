@@ -213,6 +213,22 @@ def _serve_metrics(registry: Any, port: int, echo: Callable[[str], None]) -> Non
         echo(f"   metrics: port {port} is busy ({exc.strerror}); continuing without them")
 
 
+def _calibrate(engine: sa.Engine, monitor: Any, echo: Callable[[str], None]) -> None:
+    """What ``calibrate --dry-run`` shows, then the configured threshold applied."""
+    from anomaly_monitor.lifecycle import apply_calibration, plan_calibration
+
+    plan = plan_calibration(engine, monitor, monitor.threshold)
+    echo(f"   calibration over {plan.holdout_scores.size:,} held-out rows "
+         "(anomaly-monitor calibrate plant --dry-run):")
+    for candidate in plan.candidates:
+        if candidate.label.startswith(("pot", "quantile fpr=0.01")):
+            echo(f"     {candidate.label:<20} threshold {candidate.threshold.value:8.4g}  "
+                 f"flags {candidate.holdout_rate:.2%} of held-out rows")
+    apply_calibration(engine, monitor, plan)
+    echo(f"   applied: {plan.chosen.method} at a 0.2% false-positive rate, threshold "
+         f"{plan.chosen.value:.4g}")
+
+
 def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo in ``directory`` and return its summary figures."""
@@ -249,9 +265,9 @@ def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
          f"(the newest 20% held out for calibration)...")
     report = train_monitor(engine, monitor, device="cpu")
     version = report.version
-    echo(f"   version {version.version}: threshold {version.threshold:.4g} "
-         f"({version.threshold_method}, target false-positive rate 0.2%), "
-         f"{report.seconds:.0f} s")
+    echo(f"   version {version.version} trained in {report.seconds:.0f} s "
+         f"({sum(version.training['epochs_run'])} epochs)")
+    _calibrate(engine, monitor, echo)
     with engine.connect() as connection:
         first_live = int(connection.execute(sa.text("SELECT max(id) FROM readings")).scalar())
     registry = CollectorRegistry()

@@ -37,7 +37,7 @@ from anomaly_monitor.registry import (
     set_threshold,
     store_version,
 )
-from anomaly_monitor.scoring import read_cursor
+from anomaly_monitor.scoring import check_features, read_cursor
 from anomaly_monitor.source import (
     SchemaError,
     SourceTable,
@@ -249,6 +249,7 @@ def activate_checked(
                 f"{', '.join(missing)}"
             )
         source.feature_columns(loaded.version.features)
+        check_features(monitor, loaded)
 
     return activate(connection, monitor.name, version,
                     initial_position=lambda: newest_id(connection, source), verify=verify)
@@ -317,10 +318,9 @@ def _holdout_labels(
     training = model.version.training
     first, last = training["holdout_first_id"], training["last_id"]
     values, labels = [], []
-    for page in read_training(connection, source, with_label=True):
-        keep = (page.ids >= first) & (page.ids <= last)
-        values.append(page.values[keep])
-        labels.append(page.labels[keep] if page.labels is not None else np.zeros(keep.sum()))
+    for page in read_training(connection, source, id_range=(first, last), with_label=True):
+        values.append(page.values)
+        labels.append(page.labels if page.labels is not None else np.zeros(len(page.ids)))
     if not values or not sum(len(v) for v in values):
         return None
     matrix = np.concatenate(values)

@@ -235,20 +235,23 @@ def activate(
 
 
 def rollback_target(connection: sa.Connection, monitor: str) -> int:
-    """The version that was active before the current one."""
+    """The version to roll back to: the newest once-active version older than the active one.
+
+    Rolling back again steps further back (3 -> 2 -> 1), never forward to the
+    version just abandoned.
+    """
     current = active_version(connection, monitor)
     if current is None:
         raise RegistryError(f"monitor {monitor!r} has no active version to roll back from")
     previous = connection.execute(
         sa.select(model_versions.c.version).where(
             model_versions.c.monitor == monitor, model_versions.c.status == "retired",
-            model_versions.c.activated_at.is_not(None))
-        .order_by(model_versions.c.activated_at.desc(), model_versions.c.version.desc())
-        .limit(1)
+            model_versions.c.activated_at.is_not(None), model_versions.c.version < current)
+        .order_by(model_versions.c.version.desc()).limit(1)
     ).scalar()
     if previous is None:
         raise RegistryError(
-            f"monitor {monitor!r}: version {current} is the only version ever activated; "
+            f"monitor {monitor!r}: no version older than {current} was ever active; "
             "nothing to roll back to"
         )
     return int(previous)

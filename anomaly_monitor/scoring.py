@@ -24,7 +24,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.registry import LoadedModel, load_model
-from anomaly_monitor.source import SourceTable, Window, read_window
+from anomaly_monitor.source import SchemaError, SourceTable, Window, read_window
 from anomaly_monitor.tables import (
     anomalies,
     as_utc,
@@ -130,6 +130,16 @@ class ModelCache:
         return cached
 
 
+def check_features(monitor: MonitorSettings, model: LoadedModel) -> None:
+    """Refuse a model trained on other features than the monitor's configured list."""
+    if monitor.features is not None and list(monitor.features) != list(model.version.features):
+        raise SchemaError(
+            f"monitor {monitor.name!r}: active model version {model.version.version} was "
+            f"trained on features {model.version.features}, but the config lists "
+            f"{list(monitor.features)}; retrain with: anomaly-monitor train {monitor.name}"
+        )
+
+
 def _contributions(
     model: LoadedModel, values: npt.NDArray[np.float64], scores: npt.NDArray[np.float64]
 ) -> list[list[dict[str, Any]]]:
@@ -222,6 +232,7 @@ def run_batch(
         model = models.active(connection, monitor.name)
         if model is None:
             return BatchResult(monitor.name, "no_model")
+        check_features(monitor, model)
         ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
                         if monitor.query_delay_seconds > 0 else None)
         window = read_window(connection, source, cursor.position, monitor.batch_size,

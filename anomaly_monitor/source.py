@@ -153,6 +153,12 @@ def _classify(value: Any) -> tuple[str, str] | None:
         return "null", "NULL"
     if isinstance(value, bool):
         return None
+    if isinstance(value, str):
+        # Numeric text is a number, as numpy's fast conversion treats it.
+        try:
+            value = float(value)
+        except ValueError:
+            return "non_numeric", f"str {value[:40]!r}"
     if isinstance(value, int | float | Decimal):
         number = float(value)
         if math.isnan(number):
@@ -245,16 +251,19 @@ def _window(
                   int(ids[-1]) if len(ids) else None)
 
 
+def _raw(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    # NullType: the driver's value as is, so that a malformed value reaches the
+    # quarantine (or a None timestamp) instead of failing in a result processor.
+    return sa.type_coerce(column, sa.types.NullType()).label(column.name)
+
+
 def _select(source: SourceTable, features: Sequence[str], with_label: bool) -> sa.Select[Any]:
-    columns = [source.id_column, source.timestamp_column]
+    columns = [source.id_column, _raw(source.timestamp_column)]
     if with_label:
         if source.label_column is None:
             raise SchemaError(f"monitor {source.monitor!r} has no label_column configured")
-        columns.append(source.label_column)
-    # type_coerce to NullType: raw driver values, so that text in a numeric SQLite
-    # column reaches the quarantine instead of failing in a result processor.
-    columns += [sa.type_coerce(c, sa.types.NullType()).label(c.name)
-                for c in source.feature_columns(features)]
+        columns.append(_raw(source.label_column))
+    columns += [_raw(c) for c in source.feature_columns(features)]
     return sa.select(*columns)
 
 
@@ -306,10 +315,13 @@ def _training_bounds(
 ) -> list[sa.ColumnElement[bool]]:
     ts = source.timestamp_column
     conditions: list[sa.ColumnElement[bool]] = []
-    if since is not None:
-        conditions.append(ts >= sa.bindparam(None, since, type_=ts.type))
-    if until is not None:
-        conditions.append(ts < sa.bindparam(None, until, type_=ts.type))
+    for bound, inclusive in ((since, True), (until, False)):
+        if bound is None:
+            continue
+        # An epoch column is compared in seconds, a date/time column as a datetime.
+        value: Any = bound.timestamp() if isinstance(ts.type, NUMERIC_TYPES) else bound
+        parameter = sa.bindparam(None, value, type_=ts.type)
+        conditions.append(ts >= parameter if inclusive else ts < parameter)
     if limit is not None:
         # The newest ``limit`` rows of the window: find the id where they start.
         start = connection.execute(
@@ -328,11 +340,17 @@ def read_training(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int | None = None,
+    id_range: tuple[int, int] | None = None,
     with_label: bool = False,
     page_rows: int = TRAINING_PAGE_ROWS,
 ) -> Iterator[Window]:
-    """Stream the training window in pages of ``page_rows``, oldest first (keyset paging)."""
+    """Stream the training window in pages of ``page_rows``, oldest first (keyset paging).
+
+    ``id_range`` (inclusive) narrows the window to known ids, e.g. the held-out rows.
+    """
     conditions = _training_bounds(connection, source, since, until, limit)
+    if id_range is not None:
+        conditions += [source.id_column >= id_range[0], source.id_column <= id_range[1]]
     after: int | None = None
     while True:
         query = _select(source, source.features, with_label).where(*conditions)

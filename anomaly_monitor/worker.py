@@ -16,6 +16,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -29,11 +30,13 @@ from anomaly_monitor.scoring import (
     BatchConflictError,
     BatchResult,
     ModelCache,
+    check_features,
     read_cursor,
     run_batch,
     set_paused,
 )
 from anomaly_monitor.source import SchemaError, SourceTable, count_after, reflect_source
+from anomaly_monitor.tables import as_utc, batches
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,19 @@ BACKOFF_INITIAL_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 60.0
 #: How often the main thread checks for a stop request.
 STOP_POLL_SECONDS = 0.5
+#: An error that is not a lost connection (a constraint, a missing table, a bug) pauses
+#: the monitor after this many consecutive failures instead of being retried forever.
+PAUSE_AFTER_FAILURES = 5
+#: ``run --once`` gives up on a monitor after this many consecutive failures.
+ONCE_MAX_FAILURES = 3
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` looks like a lost or refused connection, worth retrying forever."""
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError
+                      | sa.exc.DisconnectionError | sa.exc.TimeoutError | OSError)
 
 
 @dataclass
@@ -59,6 +75,7 @@ class MonitorState:
     batches: int = 0
     rows: int = 0
     flagged: int = 0
+    newest_timestamp: dt.datetime | None = None
 
 
 class Worker:
@@ -106,6 +123,7 @@ class Worker:
         with self.engine.connect() as connection:
             model = self.models.active(connection, monitor.name)
         if model is not None:
+            check_features(monitor, model)
             source.feature_columns(model.version.features)
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, None)
@@ -130,9 +148,20 @@ class Worker:
                      result.flagged, result.quarantined, result.duration_seconds)
 
     def _failed(self, monitor: MonitorSettings, exc: BaseException) -> float:
-        """Count a failed batch; returns the backoff delay in seconds."""
+        """Count a failed batch; returns the backoff delay in seconds.
+
+        A persistent error that is not a lost connection pauses the monitor.
+        """
         state = self.states[monitor.name]
         state.failures += 1
+        if state.failures >= PAUSE_AFTER_FAILURES and not is_transient(exc):
+            self.metrics.observe_error(monitor.name)
+            reason = f"{state.failures} failures in a row: {describe_error(exc, self.engine.url)}"
+            try:
+                self._pause(monitor, reason)
+            except Exception:  # the database may refuse the pause too
+                state.status, state.detail = "paused", reason
+            return 0.0
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** (state.failures - 1))
         state.status = "error"
         state.detail = describe_error(exc, self.engine.url)
@@ -143,7 +172,7 @@ class Worker:
                     monitor.name, state.detail, delay)
         return delay
 
-    def _step(self, monitor: MonitorSettings) -> BatchResult | None:
+    def _step(self, monitor: MonitorSettings, first_try: bool = True) -> BatchResult | None:
         """One batch with its error handling; ``None`` after a failure or a pause."""
         state = self.states[monitor.name]
         try:
@@ -162,16 +191,20 @@ class Worker:
             self._failed(monitor, exc)
             return None
         if result.status == "paused":
+            # Paused by an earlier process: re-check now rather than an interval later.
             state.status = "paused"
             with self.engine.connect() as connection:
                 cursor = read_cursor(connection, monitor.name)
             state.detail = cursor.pause_reason if cursor else None
-            return result
+            return self._step(monitor, first_try=False) if first_try else result
         self._record(monitor, result)
         return result
 
-    def poll(self, name: str, *, budget_seconds: float | None = None) -> MonitorState:
-        """Run batches for monitor ``name`` until caught up, out of budget, or stopped."""
+    def poll(
+        self, name: str, *, budget_seconds: float | None = None, max_failures: int | None = None
+    ) -> MonitorState:
+        """Run batches for monitor ``name`` until caught up, out of budget, stopped, or
+        (with ``max_failures``) failed that many times in a row."""
         monitor = self.monitors[name]
         state = self.states[name]
         if budget_seconds is None:
@@ -185,7 +218,8 @@ class Worker:
                 break
             result = self._step(monitor)
             if result is None:
-                if state.status == "paused":
+                if state.status == "paused" or (
+                        max_failures is not None and state.failures >= max_failures):
                     break
                 continue
             last = result
@@ -205,7 +239,12 @@ class Worker:
         except Exception as exc:  # metrics must not kill the job
             self._failed(monitor, exc)
             return
-        newest = last.newest_timestamp.timestamp() if last.newest_timestamp else None
+        state = self.states[monitor.name]
+        if last.newest_timestamp is not None:
+            state.newest_timestamp = last.newest_timestamp
+        elif state.newest_timestamp is None:
+            state.newest_timestamp = self._newest_scored(monitor)
+        newest = state.newest_timestamp.timestamp() if state.newest_timestamp else None
         self.metrics.observe_poll(monitor.name, now=time.time(), backlog=backlog,
                                   newest_timestamp=newest)
         self.metrics.paused.labels(monitor.name).set(0)
@@ -213,16 +252,47 @@ class Worker:
             self.metrics.set_model(monitor.name, str(model.version.version),
                                    model.version.kind, model.version.threshold)
 
+    def _newest_scored(self, monitor: MonitorSettings) -> dt.datetime | None:
+        """The newest source timestamp of the monitor's last batch (after a restart)."""
+        with self.engine.connect() as connection:
+            value = connection.execute(
+                sa.select(batches.c.newest_timestamp).where(batches.c.monitor == monitor.name)
+                .order_by(batches.c.id.desc()).limit(1)
+            ).scalar()
+        return as_utc(value)
+
     # -- all monitors ---------------------------------------------------------------
 
     def run_once(self) -> dict[str, MonitorState]:
         """Process everything pending on every monitor once (``run --once``)."""
         for name in self.monitors:
-            self.poll(name, budget_seconds=float("inf"))
-            state = self.states[name]
-            while state.status == "error" and state.failures < 3 and not self.stop_event.is_set():
-                self.poll(name, budget_seconds=float("inf"))
+            if not self.stop_event.is_set():
+                self.poll(name, budget_seconds=float("inf"), max_failures=ONCE_MAX_FAILURES)
         return self.states
+
+    def wait_for_database(self, check: Callable[[], None]) -> bool:
+        """Call ``check`` until it stops raising connection errors (capped backoff).
+
+        Returns ``False`` when a stop was requested first. Other errors propagate.
+        """
+        delay = BACKOFF_INITIAL_SECONDS
+        while not self.stop_event.is_set():
+            try:
+                check()
+                return True
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("database unavailable (%s); retrying in %.0f s",
+                            describe_error(exc, self.engine.url), delay)
+                self.stop_event.wait(delay)
+                delay = min(BACKOFF_MAX_SECONDS, delay * 2)
+        return False
+
+    def install_signal_handlers(self) -> None:
+        """Let SIGTERM and SIGINT stop the worker after the current batch."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
 
     def run_forever(self, *, install_signals: bool = True) -> None:
         """Schedule every monitor and block until SIGTERM/SIGINT or :meth:`stop`."""
@@ -230,8 +300,7 @@ class Worker:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         if install_signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._on_signal)
+            self.install_signal_handlers()
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max(1, min(len(self.monitors), 8)))},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},

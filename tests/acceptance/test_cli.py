@@ -104,6 +104,11 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     assert "top features" in cli("--config", config, "anomalies", "plant")
     out = cli("--config", config, "models", "rollback", expect=1)
     assert "nothing to roll back to" in out and "Traceback" not in out
+    assert "model version 1 verified" in cli("--config", config, "check")
+    fewer = tmp_path / "fewer.toml"
+    fewer.write_text(config.read_text().replace('"f0", ', ""))
+    out = cli("--config", fewer, "check", expect=2, stderr=True)
+    assert "trained on features" in out and "anomaly-monitor train plant" in out
 
 
 def test_errors_are_one_line_with_the_right_exit_code(workspace, tmp_path):
@@ -138,6 +143,17 @@ def test_a_database_that_is_down_is_one_line_without_the_password(tmp_path):
         error = cli("--config", path, *args, expect=1, stderr=True)
         assert error.startswith("Error: database error") and "***" in error
         assert len(error.strip().splitlines()) == 1
+
+
+def test_a_malformed_url_or_revision_is_a_usage_error(tmp_path):
+    path = tmp_path / "url.toml"
+    path.write_text(CONFIG.format(url="postgresql://am:pw-secret@db:notaport/x", port=0,
+                                  features='"f0"'))
+    error = cli("--config", path, "check", expect=2, stderr=True)
+    assert "invalid database URL" in error and "pw-secret" not in error
+    path.write_text(CONFIG.format(url=f"sqlite:///{tmp_path / 'x.db'}", port=0, features='"f0"'))
+    assert "migration:" in cli("--config", path, "db", "upgrade", "nosuchrev", expect=2,
+                               stderr=True)
 
 
 def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):

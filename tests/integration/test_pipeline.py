@@ -10,9 +10,16 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
-from anomaly_monitor.lifecycle import activate_checked, rollback, train_monitor
+from anomaly_monitor.config import ThresholdSettings
+from anomaly_monitor.lifecycle import (
+    activate_checked,
+    apply_calibration,
+    plan_calibration,
+    rollback,
+    train_monitor,
+)
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.registry import RegistryError, active_version, list_versions
+from anomaly_monitor.registry import RegistryError, active_version, get_version, list_versions
 from anomaly_monitor.scoring import BatchConflictError, ModelCache, read_cursor, run_batch
 from anomaly_monitor.source import SchemaError, reflect_source
 from anomaly_monitor.tables import anomalies, batches, model_versions, quarantine
@@ -159,6 +166,9 @@ def test_a_new_active_version_is_used_without_restart_and_can_be_rolled_back(pla
         statuses = dict(connection.execute(
             sa.select(model_versions.c.version, model_versions.c.status)).all())
     assert statuses == {1: "active", 2: "retired"}
+    with pytest.raises(RegistryError, match="nothing to roll back to"), \
+            engine.begin() as connection:
+        rollback(connection, monitor)  # never forward again to the abandoned version 2
 
 
 def test_a_tampered_artifact_is_refused_and_the_active_version_stays(plant):
@@ -240,3 +250,84 @@ def test_a_database_error_is_counted_and_backed_off_not_raised(plant, db_url):
                                      {"monitor": "plant", "outcome": "error"}) >= 1
     assert np.isclose(registry.get_sample_value(
         "anomaly_monitor_rows_scored_total", {"monitor": "plant"}), 0)
+
+
+def test_a_model_for_another_feature_set_pauses_the_monitor_until_fixed(plant, db_url):
+    engine, table, monitor, sensors, _ = plant
+    insert_rows(engine, table, sensors.normal(5))
+    changed = monitor_settings(features=("f0", "f1", "f2"))
+    worker = Worker(settings(db_url, changed), engine, Metrics(CollectorRegistry()),
+                    device="cpu")
+    assert worker.poll("plant").status == "paused"
+    assert "trained on features" in worker.states["plant"].detail
+    assert "anomaly-monitor train plant" in worker.states["plant"].detail
+    fixed = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                   device="cpu")
+    assert fixed.poll("plant").status == "running"
+    assert fixed.states["plant"].rows == 5
+
+
+def test_labels_calibration_uses_the_held_out_labels(engine):
+    table = source_table(engine)
+    sensors = Sensors(seed=3)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    bulk_insert(engine, table, sensors.normal(1300), start=start)
+    anomaly_ids = insert_rows(engine, table, sensors.anomalous(30), label=1,
+                              start=start + dt.timedelta(days=1))
+    bulk_insert(engine, table, sensors.normal(170), start=start + dt.timedelta(days=1, hours=1))
+    monitor = monitor_settings(label_column="label")
+    report = train_monitor(engine, monitor, device="cpu")
+    assert report.version.validation["auroc"] > 0.95
+    plan = plan_calibration(engine, monitor, ThresholdSettings(method="labels"))
+    assert plan.chosen.method == "labels"
+    scores = dict(fetch(engine, sa.select(table.c.id, table.c.label)))
+    assert sum(scores[i] for i in anomaly_ids) == 30
+    flagged_rate = float((plan.holdout_scores > plan.chosen.value).mean())
+    assert 0.05 < flagged_rate < 0.2  # about the 30 anomalies among 300 held-out rows
+    apply_calibration(engine, monitor, plan)
+    with engine.connect() as connection:
+        assert get_version(connection, "plant", 1).threshold_method == "labels"
+
+
+def test_run_once_gives_up_after_repeated_failures_instead_of_hanging(plant, db_url):
+    engine, table, _, sensors, _ = plant
+    insert_rows(engine, table, sensors.normal(5))
+    worker = Worker(settings(db_url), engine, Metrics(CollectorRegistry()), device="cpu")
+    with engine.begin() as connection:
+        connection.execute(sa.text("DROP TABLE am_quarantine"))
+    insert_rows(engine, table, [[None] * 6])
+    states = worker.run_once()
+    assert states["plant"].status in ("error", "paused")
+    assert states["plant"].failures >= 3
+
+
+def test_a_malformed_timestamp_does_not_block_the_monitor(plant):
+    engine, table, monitor, sensors, _ = plant
+    ids = insert_rows(engine, table, sensors.normal(3))
+    if engine.dialect.name == "sqlite":  # SQLite stores whatever text it is given
+        with engine.begin() as connection:
+            connection.execute(sa.text("UPDATE readings SET ts = 'garbage' WHERE id = :i"),
+                               {"i": ids[1]})
+    results = drain(engine, monitor)
+    assert sum(r.rows for r in results) == 3
+
+
+def test_activating_a_model_for_other_features_is_refused(plant):
+    engine = plant[0]
+    other = monitor_settings(features=("f0", "f1"))
+    with pytest.raises(SchemaError, match="trained on features"), engine.begin() as connection:
+        activate_checked(connection, other, None, 1)
+
+
+def test_training_window_since_until(plant):
+    engine, table, monitor, _, _ = plant
+    with engine.connect() as connection:
+        stamps = [r[0] for r in connection.execute(sa.select(table.c.ts).order_by(table.c.id))]
+    since, until = stamps[200], stamps[1000]
+    since = since if since.tzinfo else since.replace(tzinfo=dt.UTC)
+    until = until if until.tzinfo else until.replace(tzinfo=dt.UTC)
+    report = train_monitor(engine, monitor, since=since, until=until, device="cpu",
+                           activate_version=False)
+    training = report.version.training
+    assert training["first_id"] == 201 and training["last_id"] == 1000
+    assert training["rows"] + training["holdout_rows"] == 800
