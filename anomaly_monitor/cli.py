@@ -165,7 +165,8 @@ def main(ctx: click.Context, config: str | None, verbose: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # APScheduler logs every job run at INFO; keep that for -vv.
-    logging.getLogger("apscheduler").setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    for noisy in ("apscheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
     ctx.obj = App(config)
 
 
@@ -355,6 +356,8 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
         _table(["threshold", "value", "held-out flagged", "recent flagged"], rows)
     if plot:
         click.echo(f"wrote {plot}", err=as_json)
+    if "fallback" in plan.chosen.params:
+        click.echo(f"warning: {plan.chosen.params['fallback']}", err=True)
     if dry_run:
         click.echo("dry run: nothing changed", err=as_json)
         return
@@ -382,7 +385,8 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
     """List the versions of a monitor, newest first."""
     from anomaly_monitor.registry import list_versions
 
-    names = [monitor_name] if monitor_name else [m.name for m in app.settings.monitors]
+    names = ([app.settings.monitor(monitor_name).name] if monitor_name
+             else [m.name for m in app.settings.monitors])
     with app.engine.connect() as connection:
         versions = [v for name in names for v in list_versions(connection, name)]
     if as_json:
@@ -452,7 +456,7 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str) -> No
     """Score new rows: the daemon, or a single pass with --once."""
     from prometheus_client import CollectorRegistry
 
-    from anomaly_monitor.metrics import Metrics, serve
+    from anomaly_monitor.metrics import Metrics
     from anomaly_monitor.worker import Worker
 
     settings = app.settings
@@ -463,30 +467,46 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str) -> No
     registry = CollectorRegistry()
     worker = Worker(settings, app.engine, Metrics(registry), device=device,
                     monitors=list(monitor_names) or None)
-    worker.install_signal_handlers()
-    if once:
-        _require_schema(app)
-        states = worker.run_once()
-        failed = {name: s for name, s in states.items() if s.status in ("error", "paused")}
-        for name, state in states.items():
-            click.echo(f"monitor {name}: {state.status}, {state.batches} batches, "
-                       f"{state.rows} rows, {state.flagged} flagged"
-                       + (f" ({state.detail})" if state.detail else ""))
-        if failed:
-            raise CliError("; ".join(f"monitor {n} {s.status}: {s.detail}"
-                                     for n, s in failed.items()))
-        return
-    if settings.metrics_port:
-        try:
-            serve(registry, settings.metrics_host, settings.metrics_port)
-        except OSError as exc:
-            raise CliError(f"cannot serve metrics on {settings.metrics_host}:"
-                           f"{settings.metrics_port}: {exc.strerror or exc}") from None
-        logging.getLogger(__name__).info(
-            "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
-    # The daemon waits for a database that is down at start-up instead of exiting.
-    if worker.wait_for_database(lambda: _require_schema(app)):
-        worker.run_forever(install_signals=False)
+    restore_signals = worker.install_signal_handlers()
+    try:
+        if once:
+            _run_once(app, worker)
+            return
+        if settings.metrics_port:
+            _serve_metrics(registry, settings)
+        # The daemon waits for a database that is down at start-up instead of exiting.
+        if worker.wait_for_database(lambda: _require_schema(app)):
+            worker.run_forever(install_signals=False)
+    finally:
+        restore_signals()
+
+
+def _run_once(app: App, worker: Any) -> None:
+    _require_schema(app)
+    states = worker.run_once()
+    for name, state in states.items():
+        outcome = "done" if state.status == "running" else state.status
+        click.echo(f"monitor {name}: {outcome}, {state.batches} batches, {state.rows} rows, "
+                   f"{state.flagged} flagged, {state.quarantined} quarantined")
+    paused = [n for n, s in states.items() if s.status == "paused"]
+    failed = [n for n, s in states.items() if s.status == "error"]
+    if failed:
+        raise CliError(f"monitor(s) failing: {', '.join(failed)} (reasons logged above)")
+    if paused:
+        raise CliError(f"monitor(s) paused: {', '.join(paused)} (reasons logged above)",
+                       EXIT_USAGE)
+
+
+def _serve_metrics(registry: Any, settings: Settings) -> None:
+    from anomaly_monitor.metrics import serve
+
+    try:
+        serve(registry, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {settings.metrics_host}:"
+                       f"{settings.metrics_port}: {exc.strerror or exc}") from None
+    logging.getLogger(__name__).info(
+        "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
 
 
 @main.command()
@@ -510,9 +530,11 @@ def status(app: App, as_json: bool) -> None:
              s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"])
             for s in states])
     for s in states:
-        for key in ("pause_reason", "source_error"):
-            if s[key]:
-                click.echo(f"monitor {s['monitor']}: {s[key]}")
+        if s["pause_reason"]:
+            click.echo(f"paused by the worker (cleared when it next finds the problem fixed): "
+                       f"{s['pause_reason']}")
+        if s["source_error"] and s["source_error"] != s["pause_reason"]:
+            click.echo(f"source check now: {s['source_error']}")
 
 
 @main.command()

@@ -133,12 +133,22 @@ def choose_threshold(
         known = ~np.isnan(labels)
         threshold = calibrate(scores[known], "labels", labels=labels[known].astype(int))
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CalibrationWarning)
-            threshold = calibrate(scores, settings.method, target_fpr=target,
-                                  value=settings.value)
+        threshold = _calibrate_noting_fallback(scores, settings.method, target, settings.value)
     if settings.alerts_per_day is not None:
         threshold.params["alerts_per_day"] = settings.alerts_per_day
+    return threshold
+
+
+def _calibrate_noting_fallback(
+    scores: npt.NDArray[np.float64], method: str, target_fpr: float, value: float | None
+) -> Threshold:
+    """``calibrate`` with a POT fallback recorded in ``params["fallback"]``, not warned."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CalibrationWarning)
+        threshold = calibrate(scores, method, target_fpr=target_fpr, value=value)
+    notes = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
+    if notes:
+        threshold.params["fallback"] = notes[0]
     return threshold
 
 
@@ -363,10 +373,10 @@ def plan_calibration(
                             0.0, 0)]
     for method in ("quantile", "pot"):
         for rate in sorted({settings.target_fpr, 0.01, 0.001, 0.0001}, reverse=True):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", CalibrationWarning)
-                candidates.append(Candidate(f"{method} fpr={rate:g}",
-                                            calibrate(holdout, method, target_fpr=rate), 0.0, 0))
+            threshold = _calibrate_noting_fallback(holdout, method, rate, None)
+            label = f"{method} fpr={rate:g}" + (" (as quantile)" if "fallback" in
+                                                 threshold.params else "")
+            candidates.append(Candidate(label, threshold, 0.0, 0))
     candidates.append(Candidate(f"chosen ({chosen.method})", chosen, 0.0, 0))
     for candidate in candidates:
         value = candidate.threshold.value
@@ -398,8 +408,11 @@ def plot_calibration(plan: CalibrationPlan, path: str) -> None:
             "--plot needs matplotlib: pip install 'anomaly-monitor[plot]'") from None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     scores = plan.holdout_scores
-    bins = np.geomspace(max(scores.min(), 1e-6), max(scores.max(), 1e-5), 80) if scores.size \
-        else 10
+    everything = np.concatenate([scores, plan.recent_scores,
+                                 [plan.version.threshold, plan.chosen.value]])
+    everything = everything[everything > 0]
+    bins = (np.geomspace(max(everything.min(), 1e-6), max(everything.max() * 1.05, 1e-5), 80)
+            if everything.size else 10)
     ax.hist(scores, bins=bins, alpha=0.7, label="held-out rows")
     if plan.recent_scores.size:
         ax.hist(plan.recent_scores, bins=bins, alpha=0.5, label="recent rows")

@@ -75,6 +75,7 @@ class MonitorState:
     batches: int = 0
     rows: int = 0
     flagged: int = 0
+    quarantined: int = 0
     newest_timestamp: dt.datetime | None = None
 
 
@@ -142,6 +143,7 @@ class Worker:
             state.batches += 1
             state.rows += result.rows
             state.flagged += result.flagged
+            state.quarantined += result.quarantined
             self.metrics.observe_batch(result)
             log.info("monitor %s: ids %s-%s, %d rows, %d flagged, %d quarantined (%.3f s)",
                      monitor.name, result.first_id, result.last_id, result.rows,
@@ -289,10 +291,19 @@ class Worker:
                 delay = min(BACKOFF_MAX_SECONDS, delay * 2)
         return False
 
-    def install_signal_handlers(self) -> None:
-        """Let SIGTERM and SIGINT stop the worker after the current batch."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+    def install_signal_handlers(self) -> Callable[[], None]:
+        """Let SIGTERM and SIGINT stop the worker after the current batch.
+
+        Returns a function that restores the previous handlers.
+        """
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
 
     def run_forever(self, *, install_signals: bool = True) -> None:
         """Schedule every monitor and block until SIGTERM/SIGINT or :meth:`stop`."""

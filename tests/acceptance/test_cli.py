@@ -91,7 +91,8 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     anomalies = insert_rows(engine, table, sensors.anomalous(10), label=1)
     insert_rows(engine, table, [[None] * len(FEATURES)])
     out = cli("--config", config, "run", "--once")
-    assert re.search(r"monitor plant: running, \d+ batches, 111 rows", out)
+    assert re.search(r"monitor plant: done, \d+ batches, 111 rows, \d+ flagged, 1 quarantined",
+                     out)
     status = json.loads(cli("--config", config, "status", "--json"))["monitors"][0]
     assert status["backlog"] == 0 and status["active_version"] == 1
     assert status["anomalies_24h"] >= 9 and status["last_batch"]["quarantined"] <= 1
@@ -109,6 +110,13 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     fewer.write_text(config.read_text().replace('"f0", ', ""))
     out = cli("--config", fewer, "check", expect=2, stderr=True)
     assert "trained on features" in out and "anomaly-monitor train plant" in out
+    insert_rows(engine, table, sensors.normal(3))
+    out = cli("--config", fewer, "run", "--once", expect=2)
+    assert "monitor(s) paused: plant" in out
+    out = cli("--config", fewer, "status")
+    assert "paused by the worker" in out and "trained on features" in out
+    assert "no monitor named 'nope'" in cli("--config", config, "models", "list", "--monitor",
+                                            "nope", expect=2)
 
 
 def test_errors_are_one_line_with_the_right_exit_code(workspace, tmp_path):
