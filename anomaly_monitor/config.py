@@ -59,8 +59,22 @@ class MonitorSettings:
     interval_seconds: float = 30.0
     batch_size: int = 10_000
     query_delay_seconds: float = 0.0
+    lease_seconds: float | None = None
     threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
     model: Mapping[str, Any] = field(default_factory=dict)
+
+
+#: Unless configured, a worker's lease on a monitor lasts this many intervals (at least
+#: MIN_LEASE_SECONDS): a standby takes over that long after the leader dies.
+LEASE_INTERVALS = 3
+MIN_LEASE_SECONDS = 30.0
+
+
+def lease_duration(monitor: MonitorSettings) -> float:
+    """Seconds a worker's lease on ``monitor`` lasts between renewals."""
+    if monitor.lease_seconds is not None:
+        return monitor.lease_seconds
+    return max(MIN_LEASE_SECONDS, LEASE_INTERVALS * monitor.interval_seconds)
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,7 @@ _MONITOR: dict[str, Check] = {
     "interval_seconds": (_positive, "a positive number of seconds"),
     "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer 1-1000000"),
     "query_delay_seconds": (_non_negative, "a non-negative number of seconds"),
+    "lease_seconds": (_positive, "a positive number of seconds"),
     "threshold": (lambda v: isinstance(v, dict), "a table"),
     "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
 }
@@ -205,7 +220,7 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
     data["threshold"] = _threshold(data.get("threshold", {}), f"{where}.threshold", path)
     if "model" in data:
         data["model"] = _model_params(data["model"], f"{where}.model", path)
-    for key in ("interval_seconds", "query_delay_seconds"):
+    for key in ("interval_seconds", "query_delay_seconds", "lease_seconds"):
         if key in data:
             data[key] = float(data[key])
     return MonitorSettings(**data)
@@ -298,6 +313,8 @@ kind = "vae"                    # vae | dae | sae
 interval_seconds = 30           # how often the daemon looks for new rows
 batch_size = 10000              # rows per transaction
 query_delay_seconds = 0         # only score rows older than this (late writers)
+# lease_seconds = 90            # a standby worker takes over this long after the leader
+                                # dies (default: 3 intervals, at least 30 s)
 
 [monitor.threshold]
 method = "quantile"             # quantile | pot | labels | fixed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,8 +24,10 @@ import numpy.typing as npt
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.db import is_postgresql
+from anomaly_monitor.lease import Lease, fenced
 from anomaly_monitor.registry import LoadedModel, load_model
-from anomaly_monitor.source import SchemaError, SourceTable, Window, read_window
+from anomaly_monitor.source import SchemaError, SourceTable, Window, read_ids, read_window
 from anomaly_monitor.tables import (
     anomalies,
     as_utc,
@@ -37,6 +40,16 @@ from anomaly_monitor.tables import (
 
 #: Feature contributions stored with each flagged row.
 TOP_FEATURES = 3
+#: Id gaps recorded per batch (more are not tracked for late rows).
+MAX_GAP_RANGES = 1000
+#: How far back the sweep looks for rows committed into earlier batches' gaps.
+SWEEP_HORIZON_SECONDS = 3600.0
+MAX_SWEEP_RANGES = 2000
+#: PostgreSQL: how long an open transaction may hold the read window back before the
+#: worker reads past it (the sweep then scores what that transaction commits).
+HORIZON_MAX_STALL_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class BatchConflictError(RuntimeError):
@@ -178,31 +191,125 @@ def _score(
     return rows, severities
 
 
-def _commit(
-    engine: sa.Engine, monitor: str, cursor: CursorState, window: Window,
-    flagged: list[dict[str, Any]], batch: dict[str, Any], now: dt.datetime,
+def gap_ranges(
+    ids: npt.ArrayLike, after: int, last: int, limit: int = MAX_GAP_RANGES
+) -> list[list[int]]:
+    """Inclusive id ranges in ``after+1 .. last`` that are not in ``ids`` (at most ``limit``)."""
+    seen = np.unique(np.asarray(ids, dtype=np.int64))
+    edges = np.concatenate([[after], seen[(seen > after) & (seen <= last)], [last + 1]])
+    holes = np.flatnonzero(np.diff(edges) > 1)[:limit]
+    return [[int(edges[i] + 1), int(edges[i + 1] - 1)] for i in holes]
+
+
+def subtract_ids(ranges: list[list[int]], found: npt.ArrayLike) -> list[list[int]]:
+    """``ranges`` without the ids in ``found``."""
+    found_ids = np.unique(np.asarray(found, dtype=np.int64))
+    left: list[list[int]] = []
+    for a, b in ranges:
+        inside = found_ids[(found_ids >= a) & (found_ids <= b)]
+        left += gap_ranges(inside, a - 1, b) if inside.size else [[a, b]]
+    return left
+
+
+@dataclass
+class ReadState:
+    """Per-monitor memory of a read window held back by an open PostgreSQL transaction."""
+
+    held_back_id: int | None = None
+    held_since: float = 0.0
+
+    def stalled(self, held_back: int | None, now: float) -> bool:
+        """Record where the horizon stopped; whether it has stopped there too long."""
+        if held_back is None or held_back != self.held_back_id:
+            self.held_back_id, self.held_since = held_back, now
+            return False
+        return now - self.held_since > HORIZON_MAX_STALL_SECONDS
+
+
+def _fence(
+    connection: sa.Connection, monitor: str, lease: Lease | None, now: dt.datetime,
+    position: int | None = None, new_position: int | None = None,
 ) -> None:
-    with engine.begin() as connection:
-        moved = connection.execute(
-            cursors.update()
-            .where(cursors.c.monitor == monitor, cursors.c.position == cursor.position,
-                   cursors.c.paused == sa.false())
-            .values(position=window.last_id, updated_at=now)
+    """Touch the cursor row if the lease (and position) still hold, else roll back."""
+    conditions = [cursors.c.monitor == monitor, cursors.c.paused == sa.false(), *fenced(lease)]
+    values: dict[str, Any] = {"updated_at": now}
+    if position is not None:
+        conditions.append(cursors.c.position == position)
+        values["position"] = new_position
+    if connection.execute(cursors.update().where(*conditions).values(**values)).rowcount != 1:
+        raise BatchConflictError(
+            f"monitor {monitor!r}: the cursor moved, the monitor was paused or this worker's "
+            "lease was taken over during the batch; rolled back"
         )
-        if moved.rowcount != 1:
-            raise BatchConflictError(
-                f"monitor {monitor!r}: the cursor moved from {cursor.position} or the monitor "
-                "was paused during the batch; rolled back"
-            )
-        if flagged:
-            connection.execute(anomalies.insert(), flagged)
-        if window.bad:
-            connection.execute(quarantine.insert(), [
-                {"monitor": monitor, "source_id": b.source_id, "reason": b.reason,
-                 "detail": b.detail, "raw_values": b.raw_values, "quarantined_at": now}
-                for b in window.bad
-            ])
-        connection.execute(batches.insert().values(**batch))
+
+
+def _write_rows(connection: sa.Connection, monitor: str, window: Window,
+                flagged: list[dict[str, Any]], now: dt.datetime) -> None:
+    if flagged:
+        connection.execute(anomalies.insert(), flagged)
+    if window.bad:
+        connection.execute(quarantine.insert(), [
+            {"monitor": monitor, "source_id": b.source_id, "reason": b.reason,
+             "detail": b.detail, "raw_values": b.raw_values, "quarantined_at": now}
+            for b in window.bad
+        ])
+
+
+def _result(
+    monitor: MonitorSettings, model: LoadedModel, window: Window,
+    flagged: list[dict[str, Any]], severities: npt.NDArray[np.float64], caught_up: bool,
+) -> BatchResult:
+    stamps = [t for t in window.timestamps if t is not None]
+    ids = list(window.ids) + [b.source_id for b in window.bad]
+    return BatchResult(
+        monitor.name, "committed", scored=len(window.ids), flagged=len(flagged),
+        quarantined=len(window.bad), first_id=int(min(ids)), last_id=int(max(ids)),
+        model_version=model.version.version, newest_timestamp=max(stamps) if stamps else None,
+        caught_up=caught_up,
+        quarantine_reasons=dict(Counter(b.reason for b in window.bad)), severities=severities,
+    )
+
+
+def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
+               gaps: list[list[int]] | None, t0: float) -> dict[str, Any]:
+    return {
+        "monitor": result.monitor, "first_id": result.first_id, "last_id": result.last_id,
+        "rows": result.rows, "flagged": result.flagged, "quarantined": result.quarantined,
+        "model_version": result.model_version, "started_at": started,
+        "newest_timestamp": result.newest_timestamp, "kind": kind, "gaps": gaps or None,
+        "duration_seconds": time.perf_counter() - t0,
+    }
+
+
+def _read_next(
+    engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
+    started: dt.datetime, read_state: ReadState | None,
+) -> tuple[CursorState | None, LoadedModel | None, Window | None, str]:
+    """The cursor, the model and the next window; or a reason why there is none."""
+    with engine.connect() as connection:
+        cursor = read_cursor(connection, monitor.name)
+        if cursor is None:
+            return None, None, None, "no_model"
+        if cursor.paused:
+            return cursor, None, None, "paused"
+        model = models.active(connection, monitor.name)
+        if model is None:
+            return cursor, None, None, "no_model"
+        check_features(monitor, model)
+        ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
+                        if monitor.query_delay_seconds > 0 else None)
+        horizon = is_postgresql(engine)
+        window = read_window(connection, source, cursor.position, monitor.batch_size,
+                             features=model.version.features, ready_before=ready_before,
+                             horizon=horizon)
+        if (horizon and window.last_id is None and read_state is not None
+                and read_state.stalled(window.held_back, time.monotonic())):
+            log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
+                        "%s back; reading past it (the sweep scores what it commits later)",
+                        monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
+            window = read_window(connection, source, cursor.position, monitor.batch_size,
+                                 features=model.version.features, ready_before=ready_before)
+    return cursor, model, window, "read"
 
 
 def run_batch(
@@ -211,51 +318,89 @@ def run_batch(
     source: SourceTable,
     models: ModelCache,
     *,
+    lease: Lease | None = None,
+    read_state: ReadState | None = None,
     clock: Callable[[], dt.datetime] = utcnow,
 ) -> BatchResult:
     """Score the next window after the monitor's cursor and commit it atomically.
 
     Reads at most ``monitor.batch_size`` rows in id order, stopping before rows
-    younger than ``query_delay_seconds``. Rows with NULL, NaN, infinite or
+    younger than ``query_delay_seconds`` and, on PostgreSQL, before rows that may
+    overtake a still-open transaction. Rows with NULL, NaN, infinite or
     non-numeric values are quarantined with a reason; the others are scored and
-    those above the threshold inserted into ``am_anomalies``. Raises
-    :class:`BatchConflictError` when another writer moved the cursor meanwhile.
+    those above the threshold inserted into ``am_anomalies``. The ids in the
+    window that were not visible are recorded as the batch's gaps for
+    :func:`sweep_late_rows`. Raises :class:`BatchConflictError` when the cursor
+    moved or ``lease`` was taken over meanwhile.
+    """
+    started = clock()
+    t0 = time.perf_counter()
+    cursor, model, window, status = _read_next(engine, monitor, source, models, started,
+                                               read_state)
+    if cursor is None or model is None or window is None:
+        return BatchResult(monitor.name, status)
+    if window.last_id is None:
+        return BatchResult(monitor.name, "idle", model_version=model.version.version)
+    flagged, severities = _score(monitor.name, model, window, started)
+    result = _result(monitor, model, window, flagged, severities,
+                     caught_up=window.size < monitor.batch_size)
+    read_ids_ = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
+    gaps = gap_ranges(read_ids_, cursor.position, window.last_id)
+    batch = _batch_row(result, started, "window", gaps, t0)
+    now = clock()
+    with engine.begin() as connection:
+        _fence(connection, monitor.name, lease, now, cursor.position, window.last_id)
+        _write_rows(connection, monitor.name, window, flagged, now)
+        connection.execute(batches.insert().values(**batch))
+    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)
+
+
+def sweep_late_rows(
+    engine: sa.Engine,
+    monitor: MonitorSettings,
+    source: SourceTable,
+    models: ModelCache,
+    *,
+    lease: Lease | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
+) -> BatchResult | None:
+    """Score rows that became visible inside recent batches' gaps (late commits).
+
+    Looks at the gaps of the monitor's batches of the last ``SWEEP_HORIZON_SECONDS``;
+    rows found there are scored like a batch, written with a ``late`` batch record,
+    and removed from the gaps, all in one transaction. ``None`` when nothing is late.
     """
     started = clock()
     t0 = time.perf_counter()
     with engine.connect() as connection:
         cursor = read_cursor(connection, monitor.name)
-        if cursor is None:
-            return BatchResult(monitor.name, "no_model")
-        if cursor.paused:
-            return BatchResult(monitor.name, "paused")
-        model = models.active(connection, monitor.name)
-        if model is None:
-            return BatchResult(monitor.name, "no_model")
-        check_features(monitor, model)
-        ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
-                        if monitor.query_delay_seconds > 0 else None)
-        window = read_window(connection, source, cursor.position, monitor.batch_size,
-                             features=model.version.features, ready_before=ready_before)
-    if window.last_id is None:
-        return BatchResult(monitor.name, "idle", model_version=model.version.version)
+        model = models.active(connection, monitor.name) if cursor else None
+        if cursor is None or cursor.paused or model is None:
+            return None
+        recent = connection.execute(
+            sa.select(batches.c.id, batches.c.gaps).where(
+                batches.c.monitor == monitor.name, batches.c.gaps.is_not(None),
+                batches.c.started_at >= started - dt.timedelta(seconds=SWEEP_HORIZON_SECONDS))
+        ).all()
+        ranges = [tuple(r) for b in recent for r in (b.gaps or [])][:MAX_SWEEP_RANGES]
+        window = read_ids(connection, source, ranges, cursor.position,
+                          features=model.version.features)
+    if window.size == 0:
+        return None
     flagged, severities = _score(monitor.name, model, window, started)
-    stamps = [t for t in window.timestamps if t is not None]
-    newest = max(stamps) if stamps else None
-    ids = list(window.ids) + [b.source_id for b in window.bad]
-    result = BatchResult(
-        monitor.name, "committed", scored=len(window.ids), flagged=len(flagged),
-        quarantined=len(window.bad), first_id=int(min(ids)), last_id=window.last_id,
-        model_version=model.version.version, newest_timestamp=newest,
-        caught_up=window.size < monitor.batch_size,
-        quarantine_reasons=dict(Counter(b.reason for b in window.bad)), severities=severities,
-    )
-    batch = {
-        "monitor": monitor.name, "first_id": result.first_id, "last_id": result.last_id,
-        "rows": result.rows, "flagged": result.flagged, "quarantined": result.quarantined,
-        "model_version": result.model_version, "started_at": started,
-        "newest_timestamp": newest, "duration_seconds": 0.0,
-    }
-    batch["duration_seconds"] = time.perf_counter() - t0
-    _commit(engine, monitor.name, cursor, window, flagged, batch, clock())
+    result = _result(monitor, model, window, flagged, severities, caught_up=True)
+    found = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
+    now = clock()
+    with engine.begin() as connection:
+        _fence(connection, monitor.name, lease, now)
+        _write_rows(connection, monitor.name, window, flagged, now)
+        for batch_id, gaps in recent:
+            left = subtract_ids(gaps or [], found)
+            if left != gaps:
+                connection.execute(batches.update().where(batches.c.id == batch_id)
+                                   .values(gaps=left or None))
+        connection.execute(batches.insert().values(
+            **_batch_row(result, started, "late", None, t0)))
+    log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
+                monitor.name, result.rows)
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)

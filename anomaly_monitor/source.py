@@ -24,6 +24,8 @@ from anomaly_monitor.tables import as_utc
 NUMERIC_TYPES = (sa.Integer, sa.Float, sa.Numeric, sa.Boolean)
 #: Rows per page when streaming training data.
 TRAINING_PAGE_ROWS = 50_000
+XID_MODULUS = 2**32
+FIRST_NORMAL_XID = 3
 #: Quarantine reasons (the ``reason`` label of ``rows_quarantined_total``).
 REASONS = ("null", "nan", "infinite", "non_numeric")
 
@@ -201,6 +203,7 @@ class Window:
     bad: list[BadRow] = field(default_factory=list)
     labels: npt.NDArray[np.float64] | None = None
     last_id: int | None = None
+    held_back: int | None = None
 
     @property
     def size(self) -> int:
@@ -267,6 +270,32 @@ def _select(source: SourceTable, features: Sequence[str], with_label: bool) -> s
     return sa.select(*columns)
 
 
+def snapshot_horizon(connection: sa.Connection) -> int:
+    """PostgreSQL: the oldest transaction id still running (``pg_snapshot_xmin``)."""
+    return int(connection.execute(
+        sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")).scalar_one())
+
+
+def committed_before(xid: int, horizon: int) -> bool:
+    """Whether 32-bit transaction id ``xid`` precedes the 64-bit ``horizon`` (mod 2**32)."""
+    if xid < FIRST_NORMAL_XID:  # frozen or bootstrap rows
+        return True
+    return 0 < (horizon - xid) % XID_MODULUS < XID_MODULUS // 2
+
+
+def _cut(rows: Sequence[Any], ready_before: dt.datetime | None,
+         horizon: int | None) -> tuple[Sequence[Any], int | None]:
+    """The rows before the first one too young or possibly overtaking an open transaction,
+    and that row's id."""
+    for i, row in enumerate(rows):
+        stamp = to_timestamp(row[1]) if ready_before is not None else None
+        if stamp is not None and ready_before is not None and stamp >= ready_before:
+            return rows[:i], None
+        if horizon is not None and not committed_before(int(row[-1]), horizon):
+            return rows[:i], int(row[0])
+    return rows, None
+
+
 def read_window(
     connection: sa.Connection,
     source: SourceTable,
@@ -275,25 +304,49 @@ def read_window(
     *,
     features: Sequence[str] | None = None,
     ready_before: dt.datetime | None = None,
+    horizon: bool = False,
 ) -> Window:
     """Up to ``limit`` rows with id above ``after_id``, in id order.
 
     With ``ready_before``, the window stops at the first row whose timestamp is
-    not older than it, so that a row is never passed over while an older id waits.
+    not older than it. With ``horizon`` (PostgreSQL), it also stops at the first
+    row written by a transaction at or after the oldest one still open: a row
+    with a lower id may still be in flight in that transaction, and reading past
+    it would skip that row. ``Window.held_back`` is the id where the horizon stopped.
     """
     names = tuple(source.features if features is None else features)
     query = (_select(source, names, False)
              .where(source.id_column > after_id)
              .order_by(source.id_column)
              .limit(limit))
+    xmin = None
+    if horizon:
+        xmin = snapshot_horizon(connection)
+        query = query.add_columns(
+            sa.cast(sa.cast(sa.literal_column("xmin"), sa.Text), sa.BigInteger).label("_xmin"))
     rows = connection.execute(query).all()
-    if ready_before is not None:
-        for i, row in enumerate(rows):
-            stamp = to_timestamp(row[1])
-            if stamp is not None and stamp >= ready_before:
-                rows = rows[:i]
-                break
-    return _window(rows, names, False)
+    rows, held_back = _cut(rows, ready_before, xmin)
+    window = _window([r[:-1] for r in rows] if horizon else rows, names, False)
+    window.held_back = held_back
+    return window
+
+
+def read_ids(
+    connection: sa.Connection,
+    source: SourceTable,
+    ranges: Sequence[tuple[int, int]],
+    up_to: int,
+    *,
+    features: Sequence[str] | None = None,
+) -> Window:
+    """Rows whose ids fall in the inclusive ``ranges`` and are at most ``up_to``."""
+    names = tuple(source.features if features is None else features)
+    if not ranges:
+        return _window([], names, False)
+    within = sa.or_(*(source.id_column.between(a, b) for a, b in ranges))
+    query = (_select(source, names, False)
+             .where(within, source.id_column <= up_to).order_by(source.id_column))
+    return _window(connection.execute(query).all(), names, False)
 
 
 def newest_id(connection: sa.Connection, source: SourceTable) -> int:

@@ -66,6 +66,10 @@ cursors = sa.Table(
     sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("pause_reason", sa.Text),
     sa.Column("updated_at", Timestamp, nullable=False),
+    # The lease: one worker scores a monitor; the token fences out a stale leader.
+    sa.Column("lease_owner", sa.String(200)),
+    sa.Column("lease_token", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("lease_expires_at", Timestamp),
 )
 
 anomalies = sa.Table(
@@ -112,6 +116,10 @@ batches = sa.Table(
     sa.Column("started_at", Timestamp, nullable=False),
     sa.Column("duration_seconds", sa.Float, nullable=False),
     sa.Column("newest_timestamp", Timestamp),
+    # "window": rows read after the cursor; "late": rows found in an earlier window's gaps.
+    sa.Column("kind", sa.String(8), nullable=False, server_default="window"),
+    # Id ranges [a, b] inside first_id..last_id that were not visible when read.
+    sa.Column("gaps", Json),
     sa.Index("ix_am_batches_monitor_started_at", "monitor", "started_at"),
 )
 

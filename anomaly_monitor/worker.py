@@ -17,23 +17,26 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 
 import sqlalchemy as sa
 
-from anomaly_monitor.config import MonitorSettings, Settings
+from anomaly_monitor.config import MonitorSettings, Settings, lease_duration
 from anomaly_monitor.db import describe_error
+from anomaly_monitor.lease import Lease, claim, release, worker_identity
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import RegistryError
 from anomaly_monitor.scoring import (
     BatchConflictError,
     BatchResult,
     ModelCache,
+    ReadState,
     check_features,
     read_cursor,
     run_batch,
     set_paused,
+    sweep_late_rows,
 )
 from anomaly_monitor.source import SchemaError, SourceTable, count_after, reflect_source
 from anomaly_monitor.tables import as_utc, batches
@@ -77,6 +80,9 @@ class MonitorState:
     flagged: int = 0
     quarantined: int = 0
     newest_timestamp: dt.datetime | None = None
+    lease: Lease | None = None
+    lease_renewed: float = 0.0
+    read_state: ReadState = field(default_factory=ReadState)
 
 
 class Worker:
@@ -99,6 +105,7 @@ class Worker:
         self.monitors: dict[str, MonitorSettings] = {m.name: m for m in chosen}
         self.states = {name: MonitorState() for name in self.monitors}
         self.stop_event = threading.Event()
+        self.owner = worker_identity()
         metrics.init_monitors(self.monitors)
 
     # -- one monitor ------------------------------------------------------------------
@@ -164,7 +171,9 @@ class Worker:
             except Exception:  # the database may refuse the pause too
                 state.status, state.detail = "paused", reason
             return 0.0
-        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** (state.failures - 1))
+        # Capped at the interval, so that a returning database is used within two intervals.
+        cap = min(BACKOFF_MAX_SECONDS, monitor.interval_seconds)
+        delay = min(cap, BACKOFF_INITIAL_SECONDS * 2 ** (state.failures - 1))
         state.status = "error"
         state.detail = describe_error(exc, self.engine.url)
         state.retry_at = time.monotonic() + delay
@@ -180,12 +189,15 @@ class Worker:
         try:
             if state.status == "paused" and not self._try_resume(monitor):
                 return None
-            result = run_batch(self.engine, monitor, self._source(monitor), self.models)
+            result = run_batch(self.engine, monitor, self._source(monitor), self.models,
+                               lease=state.lease, read_state=state.read_state)
         except (SchemaError, RegistryError) as exc:
             self._pause(monitor, str(exc))
             return None
         except BatchConflictError as exc:
             log.warning("%s", exc)
+            state.lease = None  # claim again (or stand by) at the next poll
+            state.status = "standby"
             return None
         except Exception as exc:  # the daemon never dies on data or the DB
             if not isinstance(exc, sa.exc.SQLAlchemyError):
@@ -218,9 +230,11 @@ class Worker:
             wait = state.retry_at - time.monotonic()
             if wait > 0 and (time.monotonic() + wait > deadline or self.stop_event.wait(wait)):
                 break
+            if not self._hold_lease(monitor):
+                break
             result = self._step(monitor)
             if result is None:
-                if state.status == "paused" or (
+                if state.status in ("paused", "standby") or (
                         max_failures is not None and state.failures >= max_failures):
                     break
                 continue
@@ -228,8 +242,59 @@ class Worker:
             if result.caught_up or time.monotonic() >= deadline:
                 break
         if last is not None and last.status in ("committed", "idle"):
+            self._sweep(monitor)
             self._report_poll(monitor, last)
         return state
+
+    def _hold_lease(self, monitor: MonitorSettings) -> bool:
+        """Claim or renew the monitor's lease (a third of its duration after the last
+        renewal); ``False`` while another worker holds it or the database fails."""
+        state = self.states[monitor.name]
+        seconds = lease_duration(monitor)
+        if state.lease is not None and time.monotonic() - state.lease_renewed < seconds / 3:
+            return True
+        try:
+            with self.engine.begin() as connection:
+                result = claim(connection, monitor.name, self.owner, seconds, state.lease)
+        except Exception as exc:  # a database error: retried with backoff
+            self._failed(monitor, exc)
+            return False
+        if result.lease is None and result.cursor_exists:
+            if state.lease is not None:
+                log.warning("monitor %s: lease lost to %s", monitor.name, result.holder)
+            state.lease, state.status = None, "standby"
+            state.detail = f"another worker ({result.holder}) holds the lease until " \
+                           f"{result.expires_at:%Y-%m-%d %H:%M:%S}Z"
+            return False
+        if result.lease is not None and state.lease is None:
+            log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)
+        state.lease, state.lease_renewed = result.lease, time.monotonic()
+        return True
+
+    def _sweep(self, monitor: MonitorSettings) -> None:
+        state = self.states[monitor.name]
+        try:
+            late = sweep_late_rows(self.engine, monitor, self._source(monitor), self.models,
+                                   lease=state.lease)
+        except Exception as exc:  # the sweep must not kill the job
+            self._failed(monitor, exc)
+            return
+        if late is not None:
+            self._record(monitor, late)
+            self.metrics.late_rows.labels(monitor.name).inc(late.rows)
+
+    def release_leases(self) -> None:
+        """Give up every held lease so that a standby worker takes over at once."""
+        for state in self.states.values():
+            if state.lease is None:
+                continue
+            try:
+                with self.engine.begin() as connection:
+                    release(connection, state.lease)
+            except Exception as exc:  # the lease then simply expires
+                log.warning("could not release the lease on %s: %s", state.lease.monitor,
+                            describe_error(exc, self.engine.url))
+            state.lease = None
 
     def _report_poll(self, monitor: MonitorSettings, last: BatchResult) -> None:
         try:
@@ -267,9 +332,12 @@ class Worker:
 
     def run_once(self) -> dict[str, MonitorState]:
         """Process everything pending on every monitor once (``run --once``)."""
-        for name in self.monitors:
-            if not self.stop_event.is_set():
-                self.poll(name, budget_seconds=float("inf"), max_failures=ONCE_MAX_FAILURES)
+        try:
+            for name in self.monitors:
+                if not self.stop_event.is_set():
+                    self.poll(name, budget_seconds=float("inf"), max_failures=ONCE_MAX_FAILURES)
+        finally:
+            self.release_leases()
         return self.states
 
     def wait_for_database(self, check: Callable[[], None]) -> bool:
@@ -329,6 +397,7 @@ class Worker:
         finally:
             log.info("stopping: letting the current batches finish")
             scheduler.shutdown(wait=True)
+            self.release_leases()
             log.info("stopped")
 
     def stop(self) -> None:

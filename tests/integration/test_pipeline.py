@@ -261,6 +261,7 @@ def test_a_model_for_another_feature_set_pauses_the_monitor_until_fixed(plant, d
     assert worker.poll("plant").status == "paused"
     assert "trained on features" in worker.states["plant"].detail
     assert "anomaly-monitor train plant" in worker.states["plant"].detail
+    worker.release_leases()  # the first process stops cleanly
     fixed = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
                    device="cpu")
     assert fixed.poll("plant").status == "running"
