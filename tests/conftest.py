@@ -98,3 +98,11 @@ def engine(db_url):
     engine = create_engine(db_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A migrated PostgreSQL database (for behaviour only PostgreSQL has)."""
+    name = pg_server.create_database()
+    yield pg_server.url(name)
+    pg_server.drop_database(name)

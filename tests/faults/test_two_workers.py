@@ -1,0 +1,87 @@
+"""One active worker per monitor: a standby takes over from a dead leader, and a leader
+paused past its lease cannot commit when it wakes up."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor.lifecycle import train_monitor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.scoring import BatchConflictError, ModelCache, run_batch
+from anomaly_monitor.source import reflect_source
+from anomaly_monitor.tables import anomalies, batches
+from anomaly_monitor.worker import Worker
+from tests.helpers import (
+    Sensors,
+    bulk_insert,
+    insert_rows,
+    monitor_settings,
+    settings,
+    source_table,
+)
+
+LEASE_SECONDS = 1.0
+
+
+@pytest.fixture
+def two(engine, db_url):
+    table = source_table(engine)
+    sensors = Sensors()
+    bulk_insert(engine, table, sensors.normal(600))
+    monitor = monitor_settings(lease_seconds=LEASE_SECONDS)
+    train_monitor(engine, monitor, device="cpu")
+    workers = [Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                      device="cpu") for _ in range(2)]
+    return engine, table, sensors, monitor, workers
+
+
+def test_a_standby_takes_over_when_the_leader_dies(two):
+    engine, table, sensors, _, (leader, standby) = two
+    insert_rows(engine, table, sensors.normal(10))
+    assert leader.poll("plant").status == "running"
+    assert standby.poll("plant").status == "standby"
+    assert leader.owner in standby.states["plant"].detail
+    insert_rows(engine, table, sensors.normal(10))
+    # The leader dies without releasing its lease: the standby waits for it to expire.
+    started = time.monotonic()
+    while standby.poll("plant").status == "standby":
+        assert time.monotonic() - started < LEASE_SECONDS + 5
+        time.sleep(0.1)
+    assert time.monotonic() - started >= LEASE_SECONDS * 0.5
+    assert standby.states["plant"].rows == 10
+    assert leader.poll("plant").status == "standby"
+
+
+def test_a_clean_stop_hands_over_at_once(two):
+    engine, table, sensors, _, (leader, standby) = two
+    leader.poll("plant")
+    leader.release_leases()
+    insert_rows(engine, table, sensors.normal(5))
+    assert standby.poll("plant").status == "running"
+    assert standby.states["plant"].rows == 5
+
+
+def test_a_paused_leader_cannot_commit_after_its_lease_was_taken(two):
+    engine, table, sensors, monitor, (leader, standby) = two
+    leader.poll("plant")
+    stale_lease = leader.states["plant"].lease
+    insert_rows(engine, table, sensors.anomalous(5))
+    time.sleep(LEASE_SECONDS + 0.2)  # the leader is "paused" (GC, SIGSTOP, a slow disk...)
+    assert standby.poll("plant").status == "running"
+    insert_rows(engine, table, sensors.anomalous(5))
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+        before = connection.execute(sa.select(sa.func.count()).select_from(batches)).scalar()
+    # The old leader wakes up mid-batch with its old token: its commit is fenced out.
+    with pytest.raises(BatchConflictError, match="lease"):
+        run_batch(engine, monitor, source, ModelCache("cpu"), lease=stale_lease)
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(batches)).scalar() \
+            == before
+        flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
+    assert len(flagged) == len(set(flagged)) >= 5
+    assert leader.poll("plant").status == "standby"
