@@ -1,0 +1,169 @@
+"""Shared pieces of the fault tests: a resilient producer, the daemon as a subprocess,
+and the exactly-once oracle."""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+
+from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.registry import load_model
+from anomaly_monitor.scoring import read_cursor
+from anomaly_monitor.source import read_window, reflect_source
+from anomaly_monitor.tables import anomalies, batches, quarantine
+from tests.helpers import FEATURES, Sensors
+
+CONFIG = """
+[database]
+url = "{url}"
+
+[metrics]
+port = 0
+
+[[monitor]]
+name = "plant"
+table = "readings"
+timestamp_column = "ts"
+features = [{features}]
+kind = "dae"
+interval_seconds = {interval}
+batch_size = {batch_size}
+lease_seconds = {lease}
+"""
+
+
+def write_config(path: Path, url: str, *, interval: float = 0.2, batch_size: int = 40,
+                 lease: float = 1.5) -> Path:
+    """A config for the daemon under test."""
+    path.write_text(CONFIG.format(url=url, interval=interval, batch_size=batch_size, lease=lease,
+                                  features=", ".join(f'"{f}"' for f in FEATURES)))
+    return path
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``anomaly-monitor run`` in a subprocess, logging to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "anomaly_monitor", "--config", str(config), "run"],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+class Producer(threading.Thread):
+    """Inserts seeded rows (5% anomalous, 1% with a NULL) until stopped, riding out
+    database outages."""
+
+    def __init__(self, engine: sa.Engine, table: sa.Table, period: float = 0.01,
+                 seed: int = 11) -> None:
+        super().__init__(name="producer", daemon=True)
+        self.engine, self.table, self.period = engine, table, period
+        self.sensors = Sensors(seed)
+        self.stop_event = threading.Event()
+        self.inserted = 0
+        self.errors = 0
+
+    def _row(self) -> dict:
+        draw = self.sensors.rng.random()
+        values = (self.sensors.anomalous(1) if draw < 0.05 else self.sensors.normal(1))[0]
+        row = {"ts": dt.datetime.now(dt.UTC), "label": int(draw < 0.05),
+               **{f: float(v) for f, v in zip(FEATURES, values, strict=True)}}
+        if draw > 0.99:
+            row[FEATURES[int(self.sensors.rng.integers(len(FEATURES)))]] = None
+        return row
+
+    def run(self) -> None:
+        """Insert one row per period."""
+        while not self.stop_event.wait(self.period):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(self.table.insert().values(**self._row()))
+                self.inserted += 1
+            except sa.exc.SQLAlchemyError:
+                self.errors += 1
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop inserting and wait for the thread."""
+        self.stop_event.set()
+        self.join(timeout=30)
+
+
+def batch_count(engine: sa.Engine) -> int:
+    """Committed batches so far (0 when the database is unreachable)."""
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(
+                sa.select(sa.func.count()).select_from(batches)).scalar() or 0)
+    except sa.exc.SQLAlchemyError:
+        return 0
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> float:
+    """Seconds until ``predicate()`` holds; AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+@dataclass
+class Verdict:
+    """What the oracle found."""
+
+    rows: int
+    flagged: int
+    quarantined: int
+    batches: int
+    duplicates: int
+    lost: list[int]
+    extra: list[int]
+    wrong_flags: list[int]
+
+
+def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int) -> Verdict:
+    """Compare the am_ tables with one uninterrupted pass of the same model over the rows."""
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+        window = read_window(connection, source, start, 10**9)
+        model = load_model(connection, monitor.name, 1, device="cpu")
+        cursor = read_cursor(connection, monitor.name)
+        spans = connection.execute(sa.select(batches.c.first_id, batches.c.last_id,
+                                             batches.c.rows, batches.c.kind)
+                                   .where(batches.c.monitor == monitor.name)
+                                   .order_by(batches.c.first_id)).all()
+        flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
+        quarantined = connection.execute(sa.select(quarantine.c.source_id)).scalars().all()
+    assert cursor is not None and cursor.position == window.last_id, "not caught up"
+    scores = model.detector.decision_function(window.values)
+    threshold = model.version.threshold
+    near = np.abs(scores - threshold) <= 1e-5 * max(abs(threshold), 1.0)
+    expected = set(window.ids[(scores > threshold) & ~near].tolist())
+    borderline = set(window.ids[near].tolist())
+    actual = set(flagged)
+    windows = [s for s in spans if s.kind == "window"]
+    overlaps = sum(1 for a, b in itertools.pairwise(windows) if b.first_id <= a.last_id)
+    every = np.array(sorted(set(window.ids.tolist()) | {b.source_id for b in window.bad}))
+    in_span = np.zeros(len(every), dtype=bool)
+    for span in spans:
+        in_span |= (every >= span.first_id) & (every <= span.last_id)
+    counted = sum(s.rows for s in spans)
+    return Verdict(
+        rows=len(every), flagged=len(actual), quarantined=len(quarantined),
+        batches=len(spans),
+        duplicates=(len(flagged) - len(actual)) + (len(quarantined) - len(set(quarantined)))
+        + overlaps + max(0, counted - len(every)),
+        lost=every[~in_span].tolist() + [-1] * max(0, len(every) - counted),
+        extra=sorted(set(quarantined) - {b.source_id for b in window.bad}),
+        wrong_flags=sorted((actual ^ expected) - borderline),
+    )

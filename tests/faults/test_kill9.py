@@ -1,0 +1,74 @@
+"""kill -9 of the daemon at seeded random moments while rows arrive: after the last
+restart the am_ tables equal one uninterrupted run of the same model.
+
+AM_FAULT_KILLS sets the number of kills per database (default 20; e.g. 500 for a long run).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor.lifecycle import train_monitor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.scoring import read_cursor
+from anomaly_monitor.worker import Worker
+from tests.faults.harness import (
+    Producer,
+    batch_count,
+    check_exactly_once,
+    start_daemon,
+    wait_for,
+    write_config,
+)
+from tests.helpers import Sensors, bulk_insert, monitor_settings, settings, source_table
+
+KILLS = int(os.environ.get("AM_FAULT_KILLS", "20"))
+SEED = 20261127
+LEASE_SECONDS = 1.5
+
+
+@pytest.mark.slow
+def test_kill_9_loses_and_duplicates_nothing(engine, db_url, tmp_path):
+    table = source_table(engine)
+    bulk_insert(engine, table, Sensors().normal(600))
+    monitor = monitor_settings(batch_size=40, interval_seconds=0.2, lease_seconds=LEASE_SECONDS)
+    train_monitor(engine, monitor, device="cpu")
+    with engine.connect() as connection:
+        start = read_cursor(connection, "plant").position
+    config = write_config(tmp_path / "am.toml", db_url, lease=LEASE_SECONDS)
+    rng = np.random.default_rng(SEED)
+    producer = Producer(engine, table)
+    producer.start()
+    log = tmp_path / "daemon.log"
+    kills, started = 0, time.monotonic()
+    try:
+        for _ in range(KILLS):
+            before = batch_count(engine)
+            daemon = start_daemon(config, log)
+            try:
+                wait_for(lambda before=before: batch_count(engine) > before, timeout=60)
+                time.sleep(float(rng.uniform(0.0, 0.4)))  # mid-read, mid-score or mid-commit
+            finally:
+                daemon.kill()
+                daemon.wait(timeout=30)
+            kills += 1
+    finally:
+        producer.stop()
+    time.sleep(LEASE_SECONDS + 0.1)  # the last victim's lease expires
+    worker = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                    device="cpu")
+    worker.run_once()
+    verdict = check_exactly_once(engine, monitor, start)
+    print(f"\n{engine.dialect.name}: {kills} kills in {time.monotonic() - started:.0f} s, "
+          f"{verdict.rows} rows checked, {verdict.batches} batches, {verdict.flagged} flagged, "
+          f"{verdict.quarantined} quarantined, duplicates {verdict.duplicates}, "
+          f"lost {len(verdict.lost)}, wrong flags {len(verdict.wrong_flags)}")
+    assert kills == KILLS and producer.inserted > 100
+    assert verdict.duplicates == 0 and verdict.lost == [] and verdict.extra == []
+    assert verdict.wrong_flags == []
+    assert verdict.quarantined > 0 and verdict.flagged > 0
