@@ -122,8 +122,19 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and v != ""
 
 
+#: Characters never allowed in a table, schema or column name from the config: they
+#: have no business in an identifier and are how SQL injection starts.
+FORBIDDEN_IDENTIFIER = re.compile(r"[\"'`;\\\x00-\x1f\x7f]")
+MAX_IDENTIFIER_LENGTH = 128
+
+
+def _identifier(v: Any) -> bool:
+    return (isinstance(v, str) and 0 < len(v) <= MAX_IDENTIFIER_LENGTH
+            and not FORBIDDEN_IDENTIFIER.search(v))
+
+
 def _names(v: Any) -> bool:
-    return isinstance(v, list) and len(v) > 0 and all(_text(x) for x in v)
+    return isinstance(v, list) and len(v) > 0 and all(_identifier(x) for x in v)
 
 
 def _port(v: Any) -> bool:
@@ -136,6 +147,8 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
 
 Check = tuple[Callable[[Any], bool], str]
 _TEXT: Check = (_text, "a non-empty string")
+_IDENTIFIER: Check = (_identifier, "a table or column name without quotes, semicolons, "
+                                   "backslashes or control characters")
 _DATABASE: dict[str, Check] = {"url": _TEXT}
 _METRICS: dict[str, Check] = {"host": _TEXT, "port": (_port, "an integer port 0-65535")}
 _THRESHOLD: dict[str, Check] = {
@@ -147,12 +160,13 @@ _THRESHOLD: dict[str, Check] = {
 _MONITOR: dict[str, Check] = {
     "name": (lambda v: isinstance(v, str) and bool(MONITOR_NAME.match(v)),
              "a name of letters, digits, '_', '.', '-' starting with a letter (max 64)"),
-    "table": _TEXT,
-    "schema": _TEXT,
-    "id_column": _TEXT,
-    "timestamp_column": _TEXT,
-    "features": (_names, "a non-empty list of column names"),
-    "label_column": _TEXT,
+    "table": _IDENTIFIER,
+    "schema": _IDENTIFIER,
+    "id_column": _IDENTIFIER,
+    "timestamp_column": _IDENTIFIER,
+    "features": (_names, "a non-empty list of column names (no quotes, semicolons, "
+                         "backslashes or control characters)"),
+    "label_column": _IDENTIFIER,
     "kind": (_one_of(KINDS), f"one of {', '.join(KINDS)}"),
     "interval_seconds": (_positive, "a positive number of seconds"),
     "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer 1-1000000"),
