@@ -167,6 +167,8 @@ def main(ctx: click.Context, config: str | None, verbose: int) -> None:
     # APScheduler logs every job run at INFO; keep that for -vv.
     for noisy in ("apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    # SQL statements and their parameters only at -vvv.
+    logging.getLogger("sqlalchemy").setLevel(logging.INFO if verbose >= 3 else logging.WARNING)
     ctx.obj = App(config)
 
 
