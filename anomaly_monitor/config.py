@@ -237,7 +237,13 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
     for key in ("interval_seconds", "query_delay_seconds", "lease_seconds"):
         if key in data:
             data[key] = float(data[key])
-    return MonitorSettings(**data)
+    settings = MonitorSettings(**data)
+    if settings.lease_seconds is not None and \
+            settings.lease_seconds < 2 * settings.interval_seconds:
+        raise ConfigError(f"{path}: {where}.lease_seconds must be at least twice "
+                          f"interval_seconds ({2 * settings.interval_seconds:g}), or the lease "
+                          "lapses between polls")
+    return settings
 
 
 def parse_settings(

@@ -75,8 +75,9 @@ def claim(
     taken = connection.execute(
         cursors.update().where(
             cursors.c.monitor == monitor,
-            sa.or_(cursors.c.lease_owner.is_(None), cursors.c.lease_expires_at.is_(None),
-                   cursors.c.lease_expires_at < now))
+            # Our own earlier tenure (after a conflict) is retaken with a new token.
+            sa.or_(cursors.c.lease_owner.is_(None), cursors.c.lease_owner == owner,
+                   cursors.c.lease_expires_at.is_(None), cursors.c.lease_expires_at < now))
         .values(lease_owner=owner, lease_token=cursors.c.lease_token + 1,
                 lease_expires_at=expires)
     )

@@ -40,11 +40,11 @@ from anomaly_monitor.tables import (
 
 #: Feature contributions stored with each flagged row.
 TOP_FEATURES = 3
-#: Id gaps recorded per batch (more are not tracked for late rows).
+#: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
 MAX_GAP_RANGES = 1000
-#: How far back the sweep looks for rows committed into earlier batches' gaps.
-SWEEP_HORIZON_SECONDS = 3600.0
-MAX_SWEEP_RANGES = 2000
+#: Open gaps are swept for this long after their batch (a transaction open longer than
+#: this that commits into a gap is not seen); then they are closed.
+GAP_RETENTION_SECONDS = 3600.0
 #: PostgreSQL: how long an open transaction may hold the read window back before the
 #: worker reads past it (the sweep then scores what that transaction commits).
 HORIZON_MAX_STALL_SECONDS = 60.0
@@ -191,13 +191,11 @@ def _score(
     return rows, severities
 
 
-def gap_ranges(
-    ids: npt.ArrayLike, after: int, last: int, limit: int = MAX_GAP_RANGES
-) -> list[list[int]]:
-    """Inclusive id ranges in ``after+1 .. last`` that are not in ``ids`` (at most ``limit``)."""
+def gap_ranges(ids: npt.ArrayLike, after: int, last: int) -> list[list[int]]:
+    """Inclusive id ranges in ``after+1 .. last`` that are not in ``ids``."""
     seen = np.unique(np.asarray(ids, dtype=np.int64))
     edges = np.concatenate([[after], seen[(seen > after) & (seen <= last)], [last + 1]])
-    holes = np.flatnonzero(np.diff(edges) > 1)[:limit]
+    holes = np.flatnonzero(np.diff(edges) > 1)
     return [[int(edges[i] + 1), int(edges[i + 1] - 1)] for i in holes]
 
 
@@ -213,17 +211,18 @@ def subtract_ids(ranges: list[list[int]], found: npt.ArrayLike) -> list[list[int
 
 @dataclass
 class ReadState:
-    """Per-monitor memory of a read window held back by an open PostgreSQL transaction."""
+    """Per-monitor memory of the open PostgreSQL transaction holding the window back."""
 
-    held_back_id: int | None = None
-    held_since: float = 0.0
+    horizon: int | None = None
+    since: float = 0.0
 
-    def stalled(self, held_back: int | None, now: float) -> bool:
-        """Record where the horizon stopped; whether it has stopped there too long."""
-        if held_back is None or held_back != self.held_back_id:
-            self.held_back_id, self.held_since = held_back, now
+    def stalled(self, horizon: int | None, now: float) -> bool:
+        """Record the blocking horizon; whether that same one has blocked for too long
+        (it then stays "stalled", read past, until the transaction ends)."""
+        if horizon is None or horizon != self.horizon:
+            self.horizon, self.since = horizon, now
             return False
-        return now - self.held_since > HORIZON_MAX_STALL_SECONDS
+        return now - self.since > HORIZON_MAX_STALL_SECONDS
 
 
 def _fence(
@@ -238,9 +237,24 @@ def _fence(
         values["position"] = new_position
     if connection.execute(cursors.update().where(*conditions).values(**values)).rowcount != 1:
         raise BatchConflictError(
-            f"monitor {monitor!r}: the cursor moved, the monitor was paused or this worker's "
-            "lease was taken over during the batch; rolled back"
-        )
+            f"monitor {monitor!r}: {_conflict(connection, monitor, lease, position)}; "
+            "the batch was rolled back")
+
+
+def _conflict(connection: sa.Connection, monitor: str, lease: Lease | None,
+              position: int | None) -> str:
+    """Why the fenced update of the cursor matched nothing."""
+    row = connection.execute(
+        sa.select(cursors.c.position, cursors.c.paused, cursors.c.lease_owner,
+                  cursors.c.lease_token).where(cursors.c.monitor == monitor)).first()
+    if row is None:
+        return "the cursor row is gone"
+    if lease is not None and (row.lease_owner, row.lease_token) != (lease.owner, lease.token):
+        return (f"this worker's lease (token {lease.token}) was taken over by "
+                f"{row.lease_owner} (token {row.lease_token})")
+    if row.paused:
+        return "the monitor was paused"
+    return f"the cursor moved from {position} to {row.position}"
 
 
 def _write_rows(connection: sa.Connection, monitor: str, window: Window,
@@ -271,12 +285,14 @@ def _result(
 
 
 def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
-               gaps: list[list[int]] | None, t0: float) -> dict[str, Any]:
+               gaps: list[list[int]], t0: float) -> dict[str, Any]:
     return {
         "monitor": result.monitor, "first_id": result.first_id, "last_id": result.last_id,
         "rows": result.rows, "flagged": result.flagged, "quarantined": result.quarantined,
         "model_version": result.model_version, "started_at": started,
         "newest_timestamp": result.newest_timestamp, "kind": kind, "gaps": gaps or None,
+        # Only a window's gaps can still fill; a late batch's holes were swept already.
+        "open_gaps": (gaps or None) if kind == "window" else None,
         "duration_seconds": time.perf_counter() - t0,
     }
 
@@ -302,8 +318,9 @@ def _read_next(
         window = read_window(connection, source, cursor.position, monitor.batch_size,
                              features=model.version.features, ready_before=ready_before,
                              horizon=horizon)
-        if (horizon and window.last_id is None and read_state is not None
-                and read_state.stalled(window.held_back, time.monotonic())):
+        held = window.horizon if window.last_id is None else None
+        if (horizon and read_state is not None
+                and read_state.stalled(held, time.monotonic())):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
@@ -341,11 +358,14 @@ def run_batch(
         return BatchResult(monitor.name, status)
     if window.last_id is None:
         return BatchResult(monitor.name, "idle", model_version=model.version.version)
+    full = window.size >= monitor.batch_size
+    gaps = gap_ranges([*window.ids.tolist(), *(b.source_id for b in window.bad)],
+                      cursor.position, window.last_id)
+    if len(gaps) > MAX_GAP_RANGES:  # end the window before the first gap not recorded
+        window.truncate(gaps[MAX_GAP_RANGES][0])
+        gaps, full = gaps[:MAX_GAP_RANGES], True
     flagged, severities = _score(monitor.name, model, window, started)
-    result = _result(monitor, model, window, flagged, severities,
-                     caught_up=window.size < monitor.batch_size)
-    read_ids_ = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
-    gaps = gap_ranges(read_ids_, cursor.position, window.last_id)
+    result = _result(monitor, model, window, flagged, severities, caught_up=not full)
     batch = _batch_row(result, started, "window", gaps, t0)
     now = clock()
     with engine.begin() as connection:
@@ -364,11 +384,13 @@ def sweep_late_rows(
     lease: Lease | None = None,
     clock: Callable[[], dt.datetime] = utcnow,
 ) -> BatchResult | None:
-    """Score rows that became visible inside recent batches' gaps (late commits).
+    """Score rows that became visible inside earlier batches' open gaps (late commits).
 
-    Looks at the gaps of the monitor's batches of the last ``SWEEP_HORIZON_SECONDS``;
-    rows found there are scored like a batch, written with a ``late`` batch record,
-    and removed from the gaps, all in one transaction. ``None`` when nothing is late.
+    Every open gap is read (newest batches first, in chunks); rows found there are
+    scored like a batch and written with a ``late`` batch record, and the gaps they
+    fill are closed, all in one transaction. Gaps of batches older than
+    ``GAP_RETENTION_SECONDS`` are closed after this last look. ``None`` when nothing
+    was found or closed.
     """
     started = clock()
     t0 = time.perf_counter()
@@ -377,30 +399,35 @@ def sweep_late_rows(
         model = models.active(connection, monitor.name) if cursor else None
         if cursor is None or cursor.paused or model is None:
             return None
-        recent = connection.execute(
-            sa.select(batches.c.id, batches.c.gaps).where(
-                batches.c.monitor == monitor.name, batches.c.gaps.is_not(None),
-                batches.c.started_at >= started - dt.timedelta(seconds=SWEEP_HORIZON_SECONDS))
+        pending = connection.execute(
+            sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
+            .where(batches.c.monitor == monitor.name, batches.c.open_gaps.is_not(None))
+            .order_by(batches.c.id.desc())
         ).all()
-        ranges = [tuple(r) for b in recent for r in (b.gaps or [])][:MAX_SWEEP_RANGES]
+        ranges = [(int(a), int(b)) for row in pending for a, b in row.open_gaps]
         window = read_ids(connection, source, ranges, cursor.position,
                           features=model.version.features)
-    if window.size == 0:
+    expired = {row.id for row in pending
+               if as_utc(row.started_at) < started - dt.timedelta(seconds=GAP_RETENTION_SECONDS)}
+    if window.size == 0 and not expired:
         return None
-    flagged, severities = _score(monitor.name, model, window, started)
-    result = _result(monitor, model, window, flagged, severities, caught_up=True)
     found = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
+    flagged, severities = _score(monitor.name, model, window, started)
     now = clock()
     with engine.begin() as connection:
         _fence(connection, monitor.name, lease, now)
+        for row in pending:
+            left = [] if row.id in expired else subtract_ids(row.open_gaps, found)
+            if left != row.open_gaps:
+                connection.execute(batches.update().where(batches.c.id == row.id)
+                                   .values(open_gaps=left or None))
+        if window.size == 0:
+            return None
         _write_rows(connection, monitor.name, window, flagged, now)
-        for batch_id, gaps in recent:
-            left = subtract_ids(gaps or [], found)
-            if left != gaps:
-                connection.execute(batches.update().where(batches.c.id == batch_id)
-                                   .values(gaps=left or None))
+        result = _result(monitor, model, window, flagged, severities, caught_up=True)
+        holes = gap_ranges(found, result.first_id - 1, result.last_id)
         connection.execute(batches.insert().values(
-            **_batch_row(result, started, "late", None, t0)))
+            **_batch_row(result, started, "late", holes, t0)))
     log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
                 monitor.name, result.rows)
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)

@@ -24,6 +24,8 @@ from anomaly_monitor.tables import as_utc
 NUMERIC_TYPES = (sa.Integer, sa.Float, sa.Numeric, sa.Boolean)
 #: Rows per page when streaming training data.
 TRAINING_PAGE_ROWS = 50_000
+#: Id ranges per query when reading gaps.
+RANGES_PER_QUERY = 200
 XID_MODULUS = 2**32
 FIRST_NORMAL_XID = 3
 #: Quarantine reasons (the ``reason`` label of ``rows_quarantined_total``).
@@ -204,6 +206,18 @@ class Window:
     labels: npt.NDArray[np.float64] | None = None
     last_id: int | None = None
     held_back: int | None = None
+    horizon: int | None = None
+
+    def truncate(self, below_id: int) -> None:
+        """Drop the rows with ids at or above ``below_id``."""
+        keep = self.ids < below_id
+        self.timestamps = [t for t, k in zip(self.timestamps, keep, strict=True) if k]
+        self.ids, self.values = self.ids[keep], self.values[keep]
+        if self.labels is not None:
+            self.labels = self.labels[keep]
+        self.bad = [b for b in self.bad if b.source_id < below_id]
+        remaining = [*self.ids.tolist(), *(b.source_id for b in self.bad)]
+        self.last_id = max(remaining) if remaining else None
 
     @property
     def size(self) -> int:
@@ -327,7 +341,7 @@ def read_window(
     rows = connection.execute(query).all()
     rows, held_back = _cut(rows, ready_before, xmin)
     window = _window([r[:-1] for r in rows] if horizon else rows, names, False)
-    window.held_back = held_back
+    window.held_back, window.horizon = held_back, xmin
     return window
 
 
@@ -341,12 +355,15 @@ def read_ids(
 ) -> Window:
     """Rows whose ids fall in the inclusive ``ranges`` and are at most ``up_to``."""
     names = tuple(source.features if features is None else features)
-    if not ranges:
-        return _window([], names, False)
-    within = sa.or_(*(source.id_column.between(a, b) for a, b in ranges))
-    query = (_select(source, names, False)
-             .where(within, source.id_column <= up_to).order_by(source.id_column))
-    return _window(connection.execute(query).all(), names, False)
+    rows: list[Any] = []
+    # Chunks keep the OR expression below SQLite's expression-depth limit (1000).
+    for lo in range(0, len(ranges), RANGES_PER_QUERY):
+        within = sa.or_(*(source.id_column.between(a, b)
+                          for a, b in ranges[lo:lo + RANGES_PER_QUERY]))
+        rows += connection.execute(_select(source, names, False)
+                                   .where(within, source.id_column <= up_to)).all()
+    unique = {r[0]: r for r in rows}  # ranges from different batches never overlap; be sure
+    return _window([unique[i] for i in sorted(unique)], names, False)
 
 
 def newest_id(connection: sa.Connection, source: SourceTable) -> int:

@@ -22,6 +22,9 @@ metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
 
 #: JSON documents: JSONB on PostgreSQL, text on SQLite.
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: JSON whose Python ``None`` is SQL NULL (not the JSON value ``null``), for IS NULL tests.
+NullableJson = sa.JSON(none_as_null=True).with_variant(
+    postgresql.JSONB(none_as_null=True), "postgresql")
 Timestamp = sa.DateTime(timezone=True)
 MONITOR_NAME_LENGTH = 64
 VERSION_STATUSES = ("candidate", "active", "retired")
@@ -118,8 +121,10 @@ batches = sa.Table(
     sa.Column("newest_timestamp", Timestamp),
     # "window": rows read after the cursor; "late": rows found in an earlier window's gaps.
     sa.Column("kind", sa.String(8), nullable=False, server_default="window"),
-    # Id ranges [a, b] inside first_id..last_id that were not visible when read.
-    sa.Column("gaps", Json),
+    # Id ranges [a, b] inside first_id..last_id that this batch did not score (fixed),
+    # and those of them not yet found by the sweep (NULL once none is left or expired).
+    sa.Column("gaps", NullableJson),
+    sa.Column("open_gaps", NullableJson),
     sa.Index("ix_am_batches_monitor_started_at", "monitor", "started_at"),
 )
 

@@ -259,7 +259,11 @@ class Worker:
         except Exception as exc:  # a database error: retried with backoff
             self._failed(monitor, exc)
             return False
-        if result.lease is None and result.cursor_exists:
+        if not result.cursor_exists:  # no model was ever activated: nothing to score
+            state.lease, state.status = None, "no_model"
+            state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
+            return False
+        if result.lease is None:
             if state.lease is not None:
                 log.warning("monitor %s: lease lost to %s", monitor.name, result.holder)
             state.lease, state.status = None, "standby"
@@ -273,6 +277,8 @@ class Worker:
 
     def _sweep(self, monitor: MonitorSettings) -> None:
         state = self.states[monitor.name]
+        if state.lease is None:
+            return
         try:
             late = sweep_late_rows(self.engine, monitor, self._source(monitor), self.models,
                                    lease=state.lease)

@@ -29,10 +29,12 @@ def upgrade() -> None:
         batch.add_column(sa.Column("kind", sa.String(8), nullable=False,
                                    server_default="window"))
         batch.add_column(sa.Column("gaps", JSON))
+        batch.add_column(sa.Column("open_gaps", JSON))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("am_batches") as batch:
+        batch.drop_column("open_gaps")
         batch.drop_column("gaps")
         batch.drop_column("kind")
     with op.batch_alter_table("am_cursors") as batch:

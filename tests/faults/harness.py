@@ -63,9 +63,9 @@ class Producer(threading.Thread):
     database outages."""
 
     def __init__(self, engine: sa.Engine, table: sa.Table, period: float = 0.01,
-                 seed: int = 11) -> None:
+                 seed: int = 11, hold: float = 0.0) -> None:
         super().__init__(name="producer", daemon=True)
-        self.engine, self.table, self.period = engine, table, period
+        self.engine, self.table, self.period, self.hold = engine, table, period, hold
         self.sensors = Sensors(seed)
         self.stop_event = threading.Event()
         self.inserted = 0
@@ -86,6 +86,8 @@ class Producer(threading.Thread):
             try:
                 with self.engine.begin() as connection:
                     connection.execute(self.table.insert().values(**self._row()))
+                    if self.hold:  # commit late: ids then commit out of order
+                        time.sleep(float(self.sensors.rng.uniform(0, self.hold)))
                 self.inserted += 1
             except sa.exc.SQLAlchemyError:
                 self.errors += 1
@@ -139,7 +141,7 @@ def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int) 
         model = load_model(connection, monitor.name, 1, device="cpu")
         cursor = read_cursor(connection, monitor.name)
         spans = connection.execute(sa.select(batches.c.first_id, batches.c.last_id,
-                                             batches.c.rows, batches.c.kind)
+                                             batches.c.rows, batches.c.kind, batches.c.gaps)
                                    .where(batches.c.monitor == monitor.name)
                                    .order_by(batches.c.first_id)).all()
         flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
@@ -154,16 +156,19 @@ def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int) 
     windows = [s for s in spans if s.kind == "window"]
     overlaps = sum(1 for a, b in itertools.pairwise(windows) if b.first_id <= a.last_id)
     every = np.array(sorted(set(window.ids.tolist()) | {b.source_id for b in window.bad}))
-    in_span = np.zeros(len(every), dtype=bool)
-    for span in spans:
-        in_span |= (every >= span.first_id) & (every <= span.last_id)
+    coverage = np.zeros(len(every), dtype=int)
+    for span in spans:  # a batch covers its id range minus the gaps it did not score
+        inside = (every >= span.first_id) & (every <= span.last_id)
+        for a, b in span.gaps or []:
+            inside &= ~((every >= a) & (every <= b))
+        coverage += inside
     counted = sum(s.rows for s in spans)
     return Verdict(
         rows=len(every), flagged=len(actual), quarantined=len(quarantined),
         batches=len(spans),
         duplicates=(len(flagged) - len(actual)) + (len(quarantined) - len(set(quarantined)))
-        + overlaps + max(0, counted - len(every)),
-        lost=every[~in_span].tolist() + [-1] * max(0, len(every) - counted),
+        + overlaps + int((coverage > 1).sum()) + abs(counted - len(every)),
+        lost=every[coverage == 0].tolist(),
         extra=sorted(set(quarantined) - {b.source_id for b in window.bad}),
         wrong_flags=sorted((actual ^ expected) - borderline),
     )

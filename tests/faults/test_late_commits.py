@@ -77,7 +77,7 @@ def test_a_row_committed_behind_the_cursor_is_swept_and_counted(pg_plant, pg_url
     with engine.connect() as connection:
         kinds = dict(connection.execute(sa.select(batches.c.kind, sa.func.sum(batches.c.rows))
                                         .group_by(batches.c.kind)).all())
-        gaps = [g for (g,) in connection.execute(sa.select(batches.c.gaps)) if g]
+        gaps = [g for (g,) in connection.execute(sa.select(batches.c.open_gaps)) if g]
     assert kinds == {"window": 2, "late": 1} and gaps == []
     assert sweep_late_rows(engine, monitor, source, ModelCache("cpu")) is None
 

@@ -1,0 +1,115 @@
+"""Id gaps: every gap a batch leaves is recorded, swept and eventually closed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor import scoring
+from anomaly_monitor.db import create_engine
+from anomaly_monitor.lifecycle import train_monitor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.scoring import ModelCache, gap_ranges, run_batch, subtract_ids, sweep_late_rows
+from anomaly_monitor.source import reflect_source
+from anomaly_monitor.tables import batches
+from anomaly_monitor.worker import Worker
+from tests.helpers import FEATURES, Sensors, bulk_insert, monitor_settings, settings, source_table
+
+
+def test_gap_arithmetic():
+    assert gap_ranges([3, 4, 7], 0, 9) == [[1, 2], [5, 6], [8, 9]]
+    assert gap_ranges([], 5, 7) == [[6, 7]] and gap_ranges([1, 2, 3], 0, 3) == []
+    assert subtract_ids([[1, 5], [8, 8]], [2, 8]) == [[1, 1], [3, 5]]
+
+
+def rows(ids, value=0.1):
+    now = dt.datetime.now(dt.UTC)
+    return [{"id": i, "ts": now, **{f: value for f in FEATURES}} for i in ids]
+
+
+@pytest.fixture
+def sparse(engine):
+    table = source_table(engine)
+    bulk_insert(engine, table, Sensors().normal(600))
+    monitor = monitor_settings(batch_size=5000)
+    train_monitor(engine, monitor, device="cpu")
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    return engine, table, monitor, source
+
+
+def test_a_window_ends_before_a_gap_it_could_not_record(sparse):
+    engine, table, monitor, source = sparse
+    ids = list(range(1000, 1000 + 2 * 2500, 2))  # every other id: 2500 holes
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows(ids))
+    models = ModelCache("cpu")
+    first = run_batch(engine, monitor, source, models)
+    assert not first.caught_up and first.rows == 1000  # the first gap is 601..999
+    while not run_batch(engine, monitor, source, models).caught_up:
+        pass
+    with engine.connect() as connection:
+        spans = connection.execute(sa.select(batches.c.rows, batches.c.gaps)).all()
+    assert sum(s.rows for s in spans) == 2500
+    assert max(len(s.gaps) for s in spans) <= scoring.MAX_GAP_RANGES
+    # Fill every hole: the sweep reads them all (in chunks: fine on SQLite too).
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows(range(1001, 1000 + 2 * 2500, 2)))
+    late = sweep_late_rows(engine, monitor, source, models)
+    assert late is not None and late.rows == 2499
+    with engine.connect() as connection:
+        still_open = connection.execute(sa.select(sa.func.count()).select_from(batches)
+                                        .where(batches.c.open_gaps.is_not(None))).scalar()
+    assert still_open == 1  # the hole between the training rows and id 1000 stays empty
+    assert sweep_late_rows(engine, monitor, source, models) is None
+
+
+def test_old_gaps_are_closed_after_a_last_look(sparse, monkeypatch):
+    engine, table, monitor, source = sparse
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows([2000, 2002]))
+    models = ModelCache("cpu")
+    run_batch(engine, monitor, source, models)
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows([2001]))
+    monkeypatch.setattr(scoring, "GAP_RETENTION_SECONDS", 0.0)
+    late = sweep_late_rows(engine, monitor, source, models)
+    assert late is not None and late.rows == 1  # found in the last look...
+    with engine.connect() as connection:  # ...and every gap closed afterwards
+        assert connection.execute(sa.select(sa.func.count()).select_from(batches)
+                                  .where(batches.c.open_gaps.is_not(None))).scalar() == 0
+
+
+def test_a_long_open_transaction_is_read_past_once_and_its_rows_swept(pg_url, monkeypatch):
+    monkeypatch.setattr(scoring, "HORIZON_MAX_STALL_SECONDS", 0.3)
+    engine = create_engine(pg_url)
+    table = source_table(engine)
+    bulk_insert(engine, table, Sensors().normal(600))
+    monitor = monitor_settings()
+    train_monitor(engine, monitor, device="cpu")
+    registry = CollectorRegistry()
+    worker = Worker(settings(pg_url, monitor), engine, Metrics(registry), device="cpu")
+    long = engine.connect()
+    long_tx = long.begin()
+    long.execute(table.insert().values(ts=dt.datetime.now(dt.UTC), **{f: 0.1 for f in FEATURES}))
+    with engine.begin() as connection:
+        connection.execute(table.insert(), [{k: v for k, v in r.items() if k != "id"}
+                                            for r in rows(range(3))])
+    assert worker.poll("plant").rows == 0  # held back behind the open transaction
+    time.sleep(0.4)
+    assert worker.poll("plant").rows == 3  # the same blocker for too long: read past it
+    with engine.begin() as connection:
+        connection.execute(table.insert(), [{k: v for k, v in r.items() if k != "id"}
+                                            for r in rows(range(2))])
+    assert worker.poll("plant").rows == 5  # and no new wait while it stays open
+    long_tx.commit()
+    long.close()
+    worker.poll("plant")
+    assert registry.get_sample_value("anomaly_monitor_late_rows_total",
+                                     {"monitor": "plant"}) == 1
+    assert worker.states["plant"].rows == 6
+    engine.dispose()
