@@ -25,6 +25,7 @@ from anomaly_monitor.config import (
     MonitorSettings,
     Settings,
     ThresholdSettings,
+    check_model_params,
     config_path,
     load_settings,
 )
@@ -255,6 +256,7 @@ def check(app: App) -> None:
     click.echo("am_ tables: up to date")
     with app.engine.connect() as connection:
         for monitor in settings.monitors:
+            check_model_params(settings, monitor)
             source = reflect_source(connection, monitor)
             click.echo(f"monitor {monitor.name}: table {monitor.table} ok, "
                        f"{len(source.features)} features ({', '.join(source.features)})")
@@ -264,7 +266,7 @@ def check(app: App) -> None:
                            f"(run: anomaly-monitor train {monitor.name})")
                 continue
             model = load_model(connection, monitor.name, number, device="cpu")
-            check_features(monitor, model)
+            check_features(monitor, model.version)
             source.feature_columns(model.version.features)
             click.echo(f"monitor {monitor.name}: model version {number} verified "
                        f"(sha256 {model.version.artifact_sha256[:12]})")
@@ -289,6 +291,7 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     from anomaly_monitor.lifecycle import train_monitor
 
     settings = app.settings.monitor(monitor)
+    check_model_params(app.settings, settings)
     _require_schema(app)
     report = train_monitor(
         app.engine, settings, since=_utc(since), until=_utc(until), limit=limit, epochs=epochs,

@@ -26,8 +26,6 @@ DEFAULT_DATABASE_URL = "sqlite:///anomaly_monitor.db"
 MONITOR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 KINDS = ("vae", "dae", "sae")
 THRESHOLD_METHODS = ("quantile", "pot", "labels", "fixed")
-#: Detector hyperparameters that a config may not set (they belong to the monitor or the CLI).
-RESERVED_MODEL_KEYS = ("kind", "device", "verbose")
 
 
 class ConfigError(ValueError):
@@ -203,21 +201,34 @@ def _threshold(data: dict[str, Any], where: str, path: Path | None) -> Threshold
     return settings
 
 
-def _model_params(data: dict[str, Any], where: str, path: Path | None) -> dict[str, Any]:
-    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+#: The detector hyperparameters a ``[monitor.model]`` table may set (checked against
+#: ``AutoencoderDetector`` by a test; kept here so reading a config never imports torch).
+MODEL_PARAMETERS = (
+    "hidden_dims", "latent_dim", "activation", "n_estimators", "epochs", "batch_size",
+    "learning_rate", "weight_decay", "validation_fraction", "patience", "trim_fraction",
+    "scaling", "normalize_errors", "noise", "noise_level", "beta", "sparsity_target",
+    "sparsity_weight", "score", "mc_samples", "latent_weight", "random_state",
+)
 
-    known = set(AutoencoderDetector().get_params()) - set(RESERVED_MODEL_KEYS)
+
+def _model_params(data: dict[str, Any], where: str, path: Path | None) -> dict[str, Any]:
     for key in data:
-        if key not in known:
+        if key not in MODEL_PARAMETERS:
             raise ConfigError(
                 f"{path}: unknown key {where}.{key} (detector hyperparameters: "
-                f"{', '.join(sorted(known))})"
+                f"{', '.join(sorted(MODEL_PARAMETERS))})"
             )
-    try:
-        AutoencoderDetector(**data)._validate_params()
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: {where}: {exc}") from None
     return dict(data)
+
+
+def check_model_params(settings: Settings, monitor: MonitorSettings) -> None:
+    """Validate the values of the monitor's ``[monitor.model]`` table (imports torch)."""
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
+
+    try:
+        AutoencoderDetector(monitor.kind, **monitor.model)._validate_params()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{settings.path}: monitor {monitor.name!r}.model: {exc}") from None
 
 
 def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:

@@ -259,7 +259,7 @@ def activate_checked(
                 f"{', '.join(missing)}"
             )
         source.feature_columns(loaded.version.features)
-        check_features(monitor, loaded)
+        check_features(monitor, loaded.version)
 
     return activate(connection, monitor.name, version,
                     initial_position=lambda: newest_id(connection, source), verify=verify)

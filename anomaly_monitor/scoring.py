@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.db import is_postgresql
 from anomaly_monitor.lease import Lease, fenced
-from anomaly_monitor.registry import LoadedModel, load_model
+from anomaly_monitor.registry import LoadedModel, ModelVersion, get_version, load_model
 from anomaly_monitor.source import SchemaError, SourceTable, Window, read_ids, read_window
 from anomaly_monitor.tables import (
     anomalies,
@@ -115,40 +115,56 @@ def set_paused(connection: sa.Connection, monitor: str, reason: str | None) -> N
 
 
 class ModelCache:
-    """The loaded active model of each monitor, reloaded when the active version or
-    its threshold changes (so activation and calibration need no restart)."""
+    """The active version of each monitor and its loaded model. The version (and its
+    threshold) is re-read every batch, so activation and calibration need no restart;
+    the model is loaded only when there are rows to score, so an idle start is fast."""
 
     def __init__(self, device: str = "auto") -> None:
         self.device = device
+        self._versions: dict[str, ModelVersion] = {}
         self._models: dict[str, LoadedModel] = {}
 
-    def active(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
-        """The active model of ``monitor``, or ``None`` when no version is active."""
+    def active_version(self, connection: sa.Connection, monitor: str) -> ModelVersion | None:
+        """The active version's metadata, ``None`` when no version is active."""
         row = connection.execute(
             sa.select(model_versions.c.version, model_versions.c.threshold,
                       model_versions.c.threshold_method)
             .where(model_versions.c.monitor == monitor, model_versions.c.status == "active")
         ).first()
         if row is None:
-            self._models.pop(monitor, None)
+            self._versions.pop(monitor, None)
             return None
-        cached = self._models.get(monitor)
-        if cached is None or cached.version.version != row.version:
-            cached = load_model(connection, monitor, row.version, device=self.device)
-        elif cached.version.threshold != row.threshold:
-            meta = dataclasses.replace(cached.version, threshold=float(row.threshold),
+        meta = self._versions.get(monitor)
+        if meta is None or meta.version != row.version:
+            meta = get_version(connection, monitor, row.version)
+        elif meta.threshold != row.threshold:
+            meta = dataclasses.replace(meta, threshold=float(row.threshold),
                                        threshold_method=row.threshold_method)
-            cached = LoadedModel(meta, cached.detector, cached.severity)
-        self._models[monitor] = cached
-        return cached
+        self._versions[monitor] = meta
+        return meta
+
+    def model(self, connection: sa.Connection, version: ModelVersion) -> LoadedModel:
+        """The loaded (and verified) model of ``version``, cached."""
+        loaded = self._models.get(version.monitor)
+        if loaded is None or loaded.version.version != version.version:
+            loaded = load_model(connection, version.monitor, version.version, device=self.device)
+        if loaded.version != version:  # a new threshold on the same weights
+            loaded = LoadedModel(version, loaded.detector, loaded.severity)
+        self._models[version.monitor] = loaded
+        return loaded
+
+    def active(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
+        """The active model of ``monitor``, loaded; ``None`` when no version is active."""
+        version = self.active_version(connection, monitor)
+        return None if version is None else self.model(connection, version)
 
 
-def check_features(monitor: MonitorSettings, model: LoadedModel) -> None:
+def check_features(monitor: MonitorSettings, version: ModelVersion) -> None:
     """Refuse a model trained on other features than the monitor's configured list."""
-    if monitor.features is not None and list(monitor.features) != list(model.version.features):
+    if monitor.features is not None and list(monitor.features) != list(version.features):
         raise SchemaError(
-            f"monitor {monitor.name!r}: active model version {model.version.version} was "
-            f"trained on features {model.version.features}, but the config lists "
+            f"monitor {monitor.name!r}: active model version {version.version} was "
+            f"trained on features {version.features}, but the config lists "
             f"{list(monitor.features)}; retrain with: anomaly-monitor train {monitor.name}"
         )
 
@@ -308,15 +324,15 @@ def _read_next(
             return None, None, None, "no_model"
         if cursor.paused:
             return cursor, None, None, "paused"
-        model = models.active(connection, monitor.name)
-        if model is None:
+        version = models.active_version(connection, monitor.name)
+        if version is None:
             return cursor, None, None, "no_model"
-        check_features(monitor, model)
+        check_features(monitor, version)
         ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
                         if monitor.query_delay_seconds > 0 else None)
         horizon = is_postgresql(engine)
         window = read_window(connection, source, cursor.position, monitor.batch_size,
-                             features=model.version.features, ready_before=ready_before,
+                             features=version.features, ready_before=ready_before,
                              horizon=horizon)
         held = window.horizon if window.last_id is None else None
         if (horizon and read_state is not None
@@ -325,7 +341,8 @@ def _read_next(
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
             window = read_window(connection, source, cursor.position, monitor.batch_size,
-                                 features=model.version.features, ready_before=ready_before)
+                                 features=version.features, ready_before=ready_before)
+        model = models.model(connection, version) if window.size else None
     return cursor, model, window, "read"
 
 
@@ -354,10 +371,10 @@ def run_batch(
     t0 = time.perf_counter()
     cursor, model, window, status = _read_next(engine, monitor, source, models, started,
                                                read_state)
-    if cursor is None or model is None or window is None:
+    if cursor is None or window is None:
         return BatchResult(monitor.name, status)
-    if window.last_id is None:
-        return BatchResult(monitor.name, "idle", model_version=model.version.version)
+    if model is None or window.last_id is None:
+        return BatchResult(monitor.name, "idle")
     full = window.size >= monitor.batch_size
     gaps = gap_ranges([*window.ids.tolist(), *(b.source_id for b in window.bad)],
                       cursor.position, window.last_id)
@@ -396,8 +413,8 @@ def sweep_late_rows(
     t0 = time.perf_counter()
     with engine.connect() as connection:
         cursor = read_cursor(connection, monitor.name)
-        model = models.active(connection, monitor.name) if cursor else None
-        if cursor is None or cursor.paused or model is None:
+        version = models.active_version(connection, monitor.name) if cursor else None
+        if cursor is None or cursor.paused or version is None:
             return None
         pending = connection.execute(
             sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
@@ -406,13 +423,14 @@ def sweep_late_rows(
         ).all()
         ranges = [(int(a), int(b)) for row in pending for a, b in row.open_gaps]
         window = read_ids(connection, source, ranges, cursor.position,
-                          features=model.version.features)
+                          features=version.features)
+        model = models.model(connection, version) if window.size else None
     expired = {row.id for row in pending
                if as_utc(row.started_at) < started - dt.timedelta(seconds=GAP_RETENTION_SECONDS)}
     if window.size == 0 and not expired:
         return None
     found = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
-    flagged, severities = _score(monitor.name, model, window, started)
+    flagged, severities = _score(monitor.name, model, window, started) if model else ([], None)
     now = clock()
     with engine.begin() as connection:
         _fence(connection, monitor.name, lease, now)
@@ -421,7 +439,7 @@ def sweep_late_rows(
             if left != row.open_gaps:
                 connection.execute(batches.update().where(batches.c.id == row.id)
                                    .values(open_gaps=left or None))
-        if window.size == 0:
+        if model is None or severities is None:
             return None
         _write_rows(connection, monitor.name, window, flagged, now)
         result = _result(monitor, model, window, flagged, severities, caught_up=True)

@@ -131,7 +131,7 @@ class Worker:
         with self.engine.connect() as connection:
             model = self.models.active(connection, monitor.name)
         if model is not None:
-            check_features(monitor, model)
+            check_features(monitor, model.version)
             source.feature_columns(model.version.features)
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, None)
@@ -308,7 +308,7 @@ class Worker:
                 cursor = read_cursor(connection, monitor.name)
                 backlog = (count_after(connection, self._source(monitor), cursor.position)
                            if cursor else None)
-                model = self.models.active(connection, monitor.name)
+                model = self.models.active_version(connection, monitor.name)
         except Exception as exc:  # metrics must not kill the job
             self._failed(monitor, exc)
             return
@@ -322,8 +322,8 @@ class Worker:
                                   newest_timestamp=newest)
         self.metrics.paused.labels(monitor.name).set(0)
         if model is not None:
-            self.metrics.set_model(monitor.name, str(model.version.version),
-                                   model.version.kind, model.version.threshold)
+            self.metrics.set_model(monitor.name, str(model.version), model.kind,
+                                   model.threshold)
 
     def _newest_scored(self, monitor: MonitorSettings) -> dt.datetime | None:
         """The newest source timestamp of the monitor's last batch (after a restart)."""

@@ -123,8 +123,8 @@ def test_a_moved_cursor_rolls_the_whole_batch_back(plant):
     insert_rows(engine, table, sensors.anomalous(5))
 
     class MovingCache(ModelCache):
-        def active(self, connection, name):
-            model = super().active(connection, name)
+        def model(self, connection, version):
+            model = super().model(connection, version)
             with engine.begin() as other:
                 other.execute(sa.text("UPDATE am_cursors SET position = position + 1"))
             return model

@@ -82,7 +82,6 @@ def test_config_path_from_the_environment(tmp_path, monkeypatch):
     (("host = ", "hots = "), r"unknown key metrics\.hots"),
     (("table = \"readings\"", ""), r"monitor\[0\]\.table is required"),
     (("target_fpr = 0.001", "target_fpr = 2"), r"target_fpr must be a number between 0 and 1"),
-    (("epochs = 7", "epochs = 0"), r"monitor 'plant'\.model: epochs"),
     (("epochs = 7", "kind = \"vae\""), r"unknown key monitor 'plant'\.model\.kind"),
     (("name = \"plant\"", "name = \"pl ant; drop\""), r"name must be a name of letters"),
     (("port = 9200", "port = 70000"), r"metrics\.port must be an integer port"),
@@ -121,3 +120,15 @@ def test_passwords_are_redacted():
     url = "postgresql+psycopg://user:s3cr3t@db:5432/app"
     assert "s3cr3t" not in redact(url) and "***" in redact(url)
     assert "s3cr3t" not in describe_error(RuntimeError("login for s3cr3t failed"), url)
+
+
+def test_model_values_are_checked_on_demand_and_names_match_the_detector(tmp_path):
+    from anomaly_monitor import AutoencoderDetector
+    from anomaly_monitor.config import MODEL_PARAMETERS, check_model_params
+
+    assert set(MODEL_PARAMETERS) == set(AutoencoderDetector().get_params()) - {
+        "kind", "device", "verbose"}
+    settings = load_settings(write(tmp_path, VALID.replace("epochs = 7", "epochs = 0")),
+                             environ={})
+    with pytest.raises(ConfigError, match=r"monitor 'plant'\.model: epochs"):
+        check_model_params(settings, settings.monitor("plant"))
