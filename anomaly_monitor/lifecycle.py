@@ -94,7 +94,7 @@ def collect_training(
         if page.labels is not None:
             labels.append(page.labels)
         skipped += len(page.bad)
-        stamps = [t for t in page.timestamps if t is not None]
+        stamps = [t for t in page.span() if t is not None]  # rows are in id order
         if stamps:
             first = min(stamps) if first is None else min(first, *stamps)
             last = max(stamps) if last is None else max(last, *stamps)

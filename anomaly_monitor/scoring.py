@@ -198,7 +198,7 @@ def _score(
     tops = _contributions(model, window.values[flagged], scores[flagged])
     rows = [
         {"monitor": monitor, "source_id": int(window.ids[i]),
-         "source_timestamp": window.timestamps[i], "score": float(scores[i]),
+         "source_timestamp": window.timestamp(i), "score": float(scores[i]),
          "threshold": threshold, "severity": float(severities[k]),
          "model_version": model.version.version, "contributions": tops[k],
          "scored_at": scored_at}
@@ -289,12 +289,11 @@ def _result(
     monitor: MonitorSettings, model: LoadedModel, window: Window,
     flagged: list[dict[str, Any]], severities: npt.NDArray[np.float64], caught_up: bool,
 ) -> BatchResult:
-    stamps = [t for t in window.timestamps if t is not None]
     ids = list(window.ids) + [b.source_id for b in window.bad]
     return BatchResult(
         monitor.name, "committed", scored=len(window.ids), flagged=len(flagged),
         quarantined=len(window.bad), first_id=int(min(ids)), last_id=int(max(ids)),
-        model_version=model.version.version, newest_timestamp=max(stamps) if stamps else None,
+        model_version=model.version.version, newest_timestamp=window.newest_timestamp(),
         caught_up=caught_up,
         quarantine_reasons=dict(Counter(b.reason for b in window.bad)), severities=severities,
     )

@@ -200,7 +200,9 @@ class Window:
     """Rows read after a cursor: scorable rows as a matrix, the others as :class:`BadRow`."""
 
     ids: npt.NDArray[np.int64]
-    timestamps: list[dt.datetime | None]
+    #: The driver's timestamp values of the scorable rows, parsed on demand (parsing
+    #: every row's text timestamp would cost more than scoring it).
+    raw_timestamps: list[Any]
     values: npt.NDArray[np.float64]
     bad: list[BadRow] = field(default_factory=list)
     labels: npt.NDArray[np.float64] | None = None
@@ -211,13 +213,26 @@ class Window:
     def truncate(self, below_id: int) -> None:
         """Drop the rows with ids at or above ``below_id``."""
         keep = self.ids < below_id
-        self.timestamps = [t for t, k in zip(self.timestamps, keep, strict=True) if k]
+        self.raw_timestamps = [t for t, k in zip(self.raw_timestamps, keep, strict=True) if k]
         self.ids, self.values = self.ids[keep], self.values[keep]
         if self.labels is not None:
             self.labels = self.labels[keep]
         self.bad = [b for b in self.bad if b.source_id < below_id]
         remaining = [*self.ids.tolist(), *(b.source_id for b in self.bad)]
         self.last_id = max(remaining) if remaining else None
+
+    def timestamp(self, index: int) -> dt.datetime | None:
+        """The timestamp of scorable row ``index`` as aware UTC (``None`` if unreadable)."""
+        return to_timestamp(self.raw_timestamps[index])
+
+    def newest_timestamp(self) -> dt.datetime | None:
+        """The timestamp of the scorable row with the highest id."""
+        return self.timestamp(len(self.raw_timestamps) - 1) if self.raw_timestamps else None
+
+    def span(self) -> tuple[dt.datetime | None, dt.datetime | None]:
+        """The timestamps of the first and last scorable rows (by id)."""
+        return (self.timestamp(0), self.newest_timestamp()) if self.raw_timestamps \
+            else (None, None)
 
     @property
     def size(self) -> int:
@@ -263,8 +278,8 @@ def _window(
         labels = np.array([float(r[2]) if _classify(r[2]) is None else np.nan for r in rows])
         labels = labels[keep]
     bad = [BadRow(int(ids[i]), *reasons[k]) for k, i in enumerate(bad_index)]
-    timestamps = [to_timestamp(r[1]) for r, k in zip(rows, keep, strict=True) if k]
-    return Window(ids[keep], timestamps, matrix[keep], bad, labels,
+    stamps = [r[1] for r, k in zip(rows, keep, strict=True) if k]
+    return Window(ids[keep], stamps, matrix[keep], bad, labels,
                   int(ids[-1]) if len(ids) else None)
 
 
