@@ -36,6 +36,7 @@ from anomaly_monitor.db import (
     describe_error,
     redact,
 )
+from anomaly_monitor.tables import as_utc
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -148,10 +149,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:
             click.echo("  ".join("-" * w for w in widths))
-
-
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    return value.replace(tzinfo=dt.UTC) if value is not None and value.tzinfo is None else value
 
 
 @click.group(cls=Group)
@@ -294,7 +291,7 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     check_model_params(app.settings, settings)
     _require_schema(app)
     report = train_monitor(
-        app.engine, settings, since=_utc(since), until=_utc(until), limit=limit, epochs=epochs,
+        app.engine, settings, since=as_utc(since), until=as_utc(until), limit=limit, epochs=epochs,
         device=device, activate_version=activate, verbose=sys.stderr.isatty(),
     )
     v = report.version
@@ -556,7 +553,7 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None, limit: int,
 
     app.settings.monitor(monitor)
     with app.engine.connect() as connection:
-        rows = list_anomalies(connection, monitor, since=_utc(since), limit=limit)
+        rows = list_anomalies(connection, monitor, since=as_utc(since), limit=limit)
     if as_json:
         _echo_json(rows)
         return

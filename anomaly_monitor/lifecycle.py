@@ -31,7 +31,6 @@ from anomaly_monitor.registry import (
     activate,
     active_version,
     calibration_scores,
-    get_version,
     load_model,
     rollback_target,
     set_threshold,
@@ -107,11 +106,12 @@ def collect_training(
     )
 
 
-def _rows_per_day(data: TrainingData) -> float | None:
-    if data.first_timestamp is None or data.last_timestamp is None:
+def rows_per_day(rows: int, first: dt.datetime | None, last: dt.datetime | None) -> float | None:
+    """The row rate of a training window, ``None`` without a time span."""
+    if first is None or last is None:
         return None
-    span = (data.last_timestamp - data.first_timestamp).total_seconds()
-    return len(data.ids) / span * SECONDS_PER_DAY if span > 0 else None
+    span = (last - first).total_seconds()
+    return rows / span * SECONDS_PER_DAY if span > 0 else None
 
 
 def choose_threshold(
@@ -214,7 +214,8 @@ def train_monitor(
     scores = detector.decision_function(held_out)
     labels = data.labels[n_fit:] if data.labels is not None else None
     threshold = choose_threshold(scores, monitor.threshold, labels=labels,
-                                 rows_per_day=_rows_per_day(data))
+                                 rows_per_day=rows_per_day(len(data.ids), data.first_timestamp,
+                                                           data.last_timestamp))
     training = {
         "rows": n_fit, "holdout_rows": len(scores), "skipped_rows": data.skipped,
         "first_id": int(data.ids[0]), "last_id": int(data.ids[-1]),
@@ -241,6 +242,10 @@ def train_monitor(
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _parse_iso(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value) if value else None
 
 
 def activate_checked(
@@ -352,23 +357,19 @@ def plan_calibration(
                 f"monitor {monitor.name!r} has no active model; run: "
                 f"anomaly-monitor train {monitor.name}"
             )
-        version = get_version(connection, monitor.name, number)
         holdout = calibration_scores(connection, monitor.name, number)
         model = load_model(connection, monitor.name, number, device="cpu")
         recent = _recent_scores(connection, monitor, model, recent_rows)
         labelled = (_holdout_labels(connection, monitor, model)
                     if settings.method == "labels" else None)
-    rows_per_day = None
-    training = version.training
-    if training.get("first_timestamp") and training.get("last_timestamp"):
-        span = (dt.datetime.fromisoformat(training["last_timestamp"])
-                - dt.datetime.fromisoformat(training["first_timestamp"])).total_seconds()
-        total = training["rows"] + training["holdout_rows"]
-        rows_per_day = total / span * SECONDS_PER_DAY if span > 0 else None
+    version, training = model.version, model.version.training
+    rate = rows_per_day(training["rows"] + training["holdout_rows"],
+                        _parse_iso(training.get("first_timestamp")),
+                        _parse_iso(training.get("last_timestamp")))
     if labelled is not None:
         chosen = choose_threshold(labelled[0], settings, labels=labelled[1])
     else:
-        chosen = choose_threshold(holdout, settings, rows_per_day=rows_per_day)
+        chosen = choose_threshold(holdout, settings, rows_per_day=rate)
     candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method),
                             0.0, 0)]
     for method in ("quantile", "pot"):
