@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings, Settings, ThresholdSettings
+from anomaly_monitor.source import SourceTable, reflect_source
+
+if TYPE_CHECKING:
+    from anomaly_monitor.lifecycle import TrainReport
 
 FEATURES = ("f0", "f1", "f2", "f3", "f4", "f5")
 #: Small, fast models for tests.
@@ -95,3 +100,29 @@ def settings(url: str, *monitors: MonitorSettings, port: int = 0) -> Settings:
     """Whole settings for ``url`` with the given monitors (default: ``plant``)."""
     return Settings(path=None, database_url=url, metrics_port=port,
                     monitors=monitors or (monitor_settings(),))
+
+
+def trained_plant(
+    engine: sa.Engine, monitor: MonitorSettings | None = None, *,
+    sensors: Sensors | None = None, rows: int = 600,
+) -> tuple[sa.Table, MonitorSettings, SourceTable, TrainReport]:
+    """A source table with ``rows`` normal rows of history and a trained, active model."""
+    from anomaly_monitor.lifecycle import train_monitor
+
+    table = source_table(engine)
+    bulk_insert(engine, table, (sensors or Sensors()).normal(rows))
+    monitor = monitor or monitor_settings()
+    report = train_monitor(engine, monitor, device="cpu")
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    return table, monitor, source, report
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05) -> float:
+    """Seconds until ``predicate()`` holds; AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - start

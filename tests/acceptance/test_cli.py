@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
@@ -18,7 +17,7 @@ from click.testing import CliRunner
 from anomaly_monitor import migrate
 from anomaly_monitor.cli import main
 from anomaly_monitor.db import create_engine
-from tests.helpers import FEATURES, Sensors, bulk_insert, insert_rows, source_table
+from tests.helpers import FEATURES, Sensors, bulk_insert, insert_rows, source_table, wait_for
 from tests.pgserver import free_port
 
 CONFIG = """
@@ -178,16 +177,6 @@ def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):
     assert "revision base" in cli("db", "downgrade", "base")
 
 
-def wait_for(predicate, timeout, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 def scrape(port):
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
@@ -210,9 +199,9 @@ def test_daemon_scores_new_rows_serves_metrics_and_stops_on_sigterm(workspace):
                                "run"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env)
     try:
-        wait_for(lambda: rows_scored(port) == 0, timeout=60)
+        wait_for(lambda: rows_scored(port) == 0, timeout=60, interval=0.2)
         insert_rows(engine, table, Sensors(seed=9).normal(50))
-        wait_for(lambda: rows_scored(port) == 50, timeout=30)
+        wait_for(lambda: rows_scored(port) == 50, timeout=30, interval=0.2)
         body = scrape(port)
         assert 'anomaly_monitor_model_info{kind="dae",monitor="plant",version="1"} 1.0' in body
         assert 'anomaly_monitor_backlog_rows{monitor="plant"} 0.0' in body

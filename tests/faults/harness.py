@@ -109,16 +109,6 @@ def batch_count(engine: sa.Engine) -> int:
         return 0
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.05) -> float:
-    """Seconds until ``predicate()`` holds; AssertionError after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
-    return time.monotonic() - start
-
-
 @dataclass
 class Verdict:
     """What the oracle found."""

@@ -15,17 +15,19 @@ import sqlalchemy as sa
 
 from anomaly_monitor import migrate
 from anomaly_monitor.db import create_engine
-from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.scoring import read_cursor
 from tests.faults.harness import (
     Producer,
     batch_count,
     check_exactly_once,
     start_daemon,
-    wait_for,
     write_config,
 )
-from tests.helpers import Sensors, bulk_insert, monitor_settings, source_table
+from tests.helpers import (
+    monitor_settings,
+    trained_plant,
+    wait_for,
+)
 from tests.pgserver import find_bin, running_server
 
 INTERVAL = 0.5
@@ -60,10 +62,8 @@ def test_crash_and_freeze_of_postgresql(tmp_path):
         url = server.url(name)
         engine = create_engine(url)
         migrate.upgrade(engine)
-        table = source_table(engine)
-        bulk_insert(engine, table, Sensors().normal(600))
-        monitor = monitor_settings(batch_size=50, interval_seconds=INTERVAL)
-        train_monitor(engine, monitor, device="cpu")
+        table, monitor, _, _ = trained_plant(
+            engine, monitor_settings(batch_size=50, interval_seconds=INTERVAL))
         with engine.connect() as connection:
             start = read_cursor(connection, "plant").position
         config = write_config(tmp_path / "am.toml", url, interval=INTERVAL, batch_size=50,

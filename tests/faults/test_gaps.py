@@ -11,13 +11,16 @@ from prometheus_client import CollectorRegistry
 
 from anomaly_monitor import scoring
 from anomaly_monitor.db import create_engine
-from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.scoring import ModelCache, gap_ranges, run_batch, subtract_ids, sweep_late_rows
-from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import batches
 from anomaly_monitor.worker import Worker
-from tests.helpers import FEATURES, Sensors, bulk_insert, monitor_settings, settings, source_table
+from tests.helpers import (
+    FEATURES,
+    monitor_settings,
+    settings,
+    trained_plant,
+)
 
 
 def test_gap_arithmetic():
@@ -33,12 +36,7 @@ def rows(ids, value=0.1):
 
 @pytest.fixture
 def sparse(engine):
-    table = source_table(engine)
-    bulk_insert(engine, table, Sensors().normal(600))
-    monitor = monitor_settings(batch_size=5000)
-    train_monitor(engine, monitor, device="cpu")
-    with engine.connect() as connection:
-        source = reflect_source(connection, monitor)
+    table, monitor, source, _ = trained_plant(engine, monitor_settings(batch_size=5000))
     return engine, table, monitor, source
 
 
@@ -87,10 +85,7 @@ def test_old_gaps_are_closed_after_a_last_look(sparse, monkeypatch):
 def test_a_long_open_transaction_is_read_past_once_and_its_rows_swept(pg_url, monkeypatch):
     monkeypatch.setattr(scoring, "HORIZON_MAX_STALL_SECONDS", 0.3)
     engine = create_engine(pg_url)
-    table = source_table(engine)
-    bulk_insert(engine, table, Sensors().normal(600))
-    monitor = monitor_settings()
-    train_monitor(engine, monitor, device="cpu")
+    table, monitor, _, _ = trained_plant(engine)
     registry = CollectorRegistry()
     worker = Worker(settings(pg_url, monitor), engine, Metrics(registry), device="cpu")
     long = engine.connect()

@@ -24,11 +24,9 @@ from anomaly_monitor.tables import anomalies, batches, model_versions
 from anomaly_monitor.worker import Worker
 from tests.helpers import (
     Sensors,
-    bulk_insert,
     insert_rows,
-    monitor_settings,
     settings,
-    source_table,
+    trained_plant,
 )
 
 
@@ -44,10 +42,7 @@ class Exploit:
 
 @pytest.fixture
 def registry_db(engine):
-    table = source_table(engine)
-    bulk_insert(engine, table, Sensors().normal(600))
-    monitor = monitor_settings()
-    train_monitor(engine, monitor, device="cpu")
+    table, monitor, _, _ = trained_plant(engine)
     with engine.connect() as connection:
         original = connection.execute(sa.select(model_versions)).mappings().one()
     return engine, table, monitor, dict(original)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.scoring import read_cursor
 from anomaly_monitor.worker import Worker
@@ -22,10 +21,14 @@ from tests.faults.harness import (
     batch_count,
     check_exactly_once,
     start_daemon,
-    wait_for,
     write_config,
 )
-from tests.helpers import Sensors, bulk_insert, monitor_settings, settings, source_table
+from tests.helpers import (
+    monitor_settings,
+    settings,
+    trained_plant,
+    wait_for,
+)
 
 KILLS = int(os.environ.get("AM_FAULT_KILLS", "20"))
 SEED = 20261127
@@ -34,10 +37,8 @@ LEASE_SECONDS = 1.5
 
 @pytest.mark.slow
 def test_kill_9_loses_and_duplicates_nothing(engine, db_url, tmp_path):
-    table = source_table(engine)
-    bulk_insert(engine, table, Sensors().normal(600))
-    monitor = monitor_settings(batch_size=40, interval_seconds=0.2, lease_seconds=LEASE_SECONDS)
-    train_monitor(engine, monitor, device="cpu")
+    table, monitor, _, _ = trained_plant(engine, monitor_settings(
+        batch_size=40, interval_seconds=0.2, lease_seconds=LEASE_SECONDS))
     with engine.connect() as connection:
         start = read_cursor(connection, "plant").position
     config = write_config(tmp_path / "am.toml", db_url, lease=LEASE_SECONDS)

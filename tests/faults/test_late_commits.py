@@ -9,24 +9,22 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.db import create_engine
-from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.scoring import ModelCache, read_cursor, run_batch, sweep_late_rows
-from anomaly_monitor.source import committed_before, reflect_source
+from anomaly_monitor.source import committed_before
 from anomaly_monitor.tables import batches
 from anomaly_monitor.worker import Worker
-from tests.helpers import FEATURES, Sensors, bulk_insert, monitor_settings, settings, source_table
+from tests.helpers import (
+    FEATURES,
+    settings,
+    trained_plant,
+)
 
 
 @pytest.fixture
 def pg_plant(pg_url):
     engine = create_engine(pg_url)
-    table = source_table(engine)
-    bulk_insert(engine, table, Sensors().normal(600))
-    monitor = monitor_settings()
-    train_monitor(engine, monitor, device="cpu")
-    with engine.connect() as connection:
-        source = reflect_source(connection, monitor)
+    table, monitor, source, _ = trained_plant(engine)
     yield engine, table, monitor, source
     engine.dispose()
 

@@ -10,11 +10,14 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.scoring import ModelCache, read_cursor, run_batch
-from anomaly_monitor.source import REASONS, reflect_source
+from anomaly_monitor.source import REASONS
 from anomaly_monitor.tables import anomalies, batches, quarantine
-from tests.helpers import FEATURES, Sensors, bulk_insert, monitor_settings, source_table
+from tests.helpers import (
+    FEATURES,
+    monitor_settings,
+    trained_plant,
+)
 
 NUMBERS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -35,12 +38,7 @@ def _numeric(text: str) -> bool:
 
 @pytest.fixture
 def poisoned(engine):
-    table = source_table(engine)
-    bulk_insert(engine, table, Sensors().normal(600))
-    monitor = monitor_settings(batch_size=7)
-    train_monitor(engine, monitor, device="cpu")
-    with engine.connect() as connection:
-        source = reflect_source(connection, monitor)
+    table, monitor, source, _ = trained_plant(engine, monitor_settings(batch_size=7))
     return engine, table, monitor, source, ModelCache("cpu")
 
 

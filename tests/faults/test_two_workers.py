@@ -9,7 +9,6 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
-from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.scoring import BatchConflictError, ModelCache, run_batch
 from anomaly_monitor.source import reflect_source
@@ -17,11 +16,10 @@ from anomaly_monitor.tables import anomalies, batches
 from anomaly_monitor.worker import Worker
 from tests.helpers import (
     Sensors,
-    bulk_insert,
     insert_rows,
     monitor_settings,
     settings,
-    source_table,
+    trained_plant,
 )
 
 LEASE_SECONDS = 1.0
@@ -29,11 +27,9 @@ LEASE_SECONDS = 1.0
 
 @pytest.fixture
 def two(engine, db_url):
-    table = source_table(engine)
     sensors = Sensors()
-    bulk_insert(engine, table, sensors.normal(600))
-    monitor = monitor_settings(lease_seconds=LEASE_SECONDS)
-    train_monitor(engine, monitor, device="cpu")
+    table, monitor, _, _ = trained_plant(engine, monitor_settings(lease_seconds=LEASE_SECONDS),
+                                         sensors=sensors)
     workers = [Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
                       device="cpu") for _ in range(2)]
     return engine, table, sensors, monitor, workers

@@ -31,6 +31,7 @@ from tests.helpers import (
     monitor_settings,
     settings,
     source_table,
+    trained_plant,
 )
 
 TRAINING_ROWS = 1500
@@ -39,11 +40,8 @@ TRAINING_ROWS = 1500
 @pytest.fixture
 def plant(engine):
     """A source table with history, a trained and activated model, and the simulator."""
-    table = source_table(engine)
     sensors = Sensors()
-    bulk_insert(engine, table, sensors.normal(TRAINING_ROWS))
-    monitor = monitor_settings()
-    report = train_monitor(engine, monitor, device="cpu")
+    table, monitor, _, report = trained_plant(engine, sensors=sensors, rows=TRAINING_ROWS)
     return engine, table, monitor, sensors, report
 
 
