@@ -29,6 +29,13 @@ Timestamp = sa.DateTime(timezone=True)
 MONITOR_NAME_LENGTH = 64
 VERSION_STATUSES = ("candidate", "active", "retired")
 
+
+def _row_id() -> sa.Column[int]:
+    """A 64-bit surrogate key (INTEGER on SQLite, where only that type autoincrements)."""
+    return sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+                     primary_key=True, autoincrement=True)
+
+
 model_versions = sa.Table(
     "am_model_versions", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -77,8 +84,7 @@ cursors = sa.Table(
 
 anomalies = sa.Table(
     "am_anomalies", metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    _row_id(),
     sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
     sa.Column("source_id", sa.BigInteger, nullable=False),
     sa.Column("source_timestamp", Timestamp),
@@ -94,8 +100,7 @@ anomalies = sa.Table(
 
 quarantine = sa.Table(
     "am_quarantine", metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    _row_id(),
     sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
     sa.Column("source_id", sa.BigInteger, nullable=False),
     sa.Column("reason", sa.String(32), nullable=False),
@@ -107,8 +112,7 @@ quarantine = sa.Table(
 
 batches = sa.Table(
     "am_batches", metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
+    _row_id(),
     sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
     sa.Column("first_id", sa.BigInteger, nullable=False),
     sa.Column("last_id", sa.BigInteger, nullable=False),
