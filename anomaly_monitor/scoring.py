@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 
+from anomaly_monitor.arrow_reader import ArrowReader
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.db import is_postgresql
 from anomaly_monitor.lease import Lease, fenced
@@ -45,6 +46,9 @@ MAX_GAP_RANGES = 1000
 #: Open gaps are swept for this long after their batch (a transaction open longer than
 #: this that commits into a gap is not seen); then they are closed.
 GAP_RETENTION_SECONDS = 3600.0
+#: A window is read through the Arrow reader when the previous one had this many rows
+#: (or was full).
+ARROW_MIN_ROWS = 2_000
 #: PostgreSQL: how long an open transaction may hold the read window back before the
 #: worker reads past it (the sweep then scores what that transaction commits).
 HORIZON_MAX_STALL_SECONDS = 60.0
@@ -227,10 +231,33 @@ def subtract_ids(ranges: list[list[int]], found: npt.ArrayLike) -> list[list[int
 
 @dataclass
 class ReadState:
-    """Per-monitor memory of the open PostgreSQL transaction holding the window back."""
+    """Per-monitor memory of the read path: its Arrow reader (one ADBC connection) and
+    the open PostgreSQL transaction holding the window back."""
 
     horizon: int | None = None
     since: float = 0.0
+    arrow: ArrowReader | None = None
+    #: Rows in the last window read (it predicts the size of the next one).
+    last_rows: int = 0
+
+    def use_arrow(self, engine: sa.Engine, batch_size: int) -> ArrowReader | None:
+        """The Arrow reader when the last window was large, else ``None``: for a few
+        rows the plain path is cheaper than a round trip to the Arrow reader."""
+        if self.last_rows < min(ARROW_MIN_ROWS, batch_size):
+            return None
+        return self.reader(engine)
+
+    def reader(self, engine: sa.Engine) -> ArrowReader:
+        """The Arrow reader for ``engine``, created on first use."""
+        if self.arrow is None or self.arrow.engine is not engine:
+            self.close()
+            self.arrow = ArrowReader(engine)
+        return self.arrow
+
+    def close(self) -> None:
+        """Close the Arrow reader's connection."""
+        if self.arrow is not None:
+            self.arrow.close()
 
     def stalled(self, horizon: int | None, now: float) -> bool:
         """Record the blocking horizon; whether that same one has blocked for too long
@@ -314,7 +341,7 @@ def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
 
 def _read_next(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
-    started: dt.datetime, read_state: ReadState | None,
+    started: dt.datetime, read_state: ReadState,
 ) -> tuple[CursorState | None, LoadedModel | None, Window | None, str]:
     """The cursor, the model and the next window; or a reason why there is none."""
     with engine.connect() as connection:
@@ -330,18 +357,20 @@ def _read_next(
         ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
                         if monitor.query_delay_seconds > 0 else None)
         horizon = is_postgresql(engine)
+        arrow = read_state.use_arrow(engine, monitor.batch_size)
         window = read_window(connection, source, cursor.position, monitor.batch_size,
                              features=version.features, ready_before=ready_before,
-                             horizon=horizon)
+                             horizon=horizon, arrow=arrow)
         held = window.horizon if window.last_id is None else None
-        if (horizon and read_state is not None
-                and read_state.stalled(held, time.monotonic())):
+        if horizon and read_state.stalled(held, time.monotonic()):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
             window = read_window(connection, source, cursor.position, monitor.batch_size,
-                                 features=version.features, ready_before=ready_before)
+                                 features=version.features, ready_before=ready_before,
+                                 arrow=arrow)
         model = models.model(connection, version) if window.size else None
+    read_state.last_rows = window.size
     return cursor, model, window, "read"
 
 
@@ -366,6 +395,13 @@ def run_batch(
     :func:`sweep_late_rows`. Raises :class:`BatchConflictError` when the cursor
     moved or ``lease`` was taken over meanwhile.
     """
+    if read_state is None:  # a one-off batch: its reader lives for this call only
+        once = ReadState()
+        try:
+            return run_batch(engine, monitor, source, models, lease=lease, read_state=once,
+                             clock=clock)
+        finally:
+            once.close()
     started = clock()
     t0 = time.perf_counter()
     cursor, model, window, status = _read_next(engine, monitor, source, models, started,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -18,6 +18,12 @@ import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 
+from anomaly_monitor.arrow_reader import (
+    ArrowReader,
+    ArrowUnavailableError,
+    ArrowValues,
+    ArrowWindow,
+)
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.tables import as_utc
 
@@ -202,7 +208,7 @@ class Window:
     ids: npt.NDArray[np.int64]
     #: The driver's timestamp values of the scorable rows, parsed on demand (parsing
     #: every row's text timestamp would cost more than scoring it).
-    raw_timestamps: list[Any]
+    raw_timestamps: Sequence[Any]
     values: npt.NDArray[np.float64]
     bad: list[BadRow] = field(default_factory=list)
     labels: npt.NDArray[np.float64] | None = None
@@ -240,16 +246,12 @@ class Window:
         return len(self.ids) + len(self.bad)
 
 
-def _to_matrix(
-    rows: Sequence[Sequence[Any]], names: Sequence[str]
-) -> tuple[npt.NDArray[np.float64], list[int], list[tuple[str, str, dict[str, Any]]]]:
-    """Convert raw feature tuples; returns the matrix, bad row indices and their reasons."""
-    try:
-        matrix = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
-        suspects = np.flatnonzero(~np.isfinite(matrix).all(axis=1)).tolist()
-    except (TypeError, ValueError):
-        matrix = np.full((len(rows), len(names)), np.nan)
-        suspects = list(range(len(rows)))
+def _describe(
+    rows: Sequence[Sequence[Any]], names: Sequence[str], suspects: Sequence[int],
+    matrix: npt.NDArray[np.float64],
+) -> tuple[list[int], list[tuple[str, str, dict[str, Any]]]]:
+    """Which ``suspects`` cannot be scored, and why; a suspect that turns out to hold
+    numbers after all gets them written into ``matrix``."""
     bad, reasons = [], []
     for i in suspects:
         problems = [(name, _classify(v)) for name, v in zip(names, rows[i], strict=True)]
@@ -262,7 +264,20 @@ def _to_matrix(
         raw = {name: json_value(v) for name, v in zip(names, rows[i], strict=True)}
         bad.append(i)
         reasons.append((reason, detail, raw))
-    return matrix, bad, reasons
+    return bad, reasons
+
+
+def _to_matrix(
+    rows: Sequence[Sequence[Any]], names: Sequence[str]
+) -> tuple[npt.NDArray[np.float64], list[int], list[tuple[str, str, dict[str, Any]]]]:
+    """Convert raw feature tuples; returns the matrix, bad row indices and their reasons."""
+    try:
+        matrix = np.array(rows, dtype=np.float64).reshape(len(rows), len(names))
+        suspects = np.flatnonzero(~np.isfinite(matrix).all(axis=1)).tolist()
+    except (TypeError, ValueError):
+        matrix = np.full((len(rows), len(names)), np.nan)
+        suspects = list(range(len(rows)))
+    return matrix, *_describe(rows, names, suspects, matrix)
 
 
 def _window(
@@ -283,6 +298,22 @@ def _window(
                   int(ids[-1]) if len(ids) else None)
 
 
+def _from_arrow(batch: ArrowWindow, features: Sequence[str]) -> Window:
+    """A window from Arrow columns: NULL, NaN and infinite values are quarantined as
+    on the plain path."""
+    suspects = np.flatnonzero(~np.isfinite(batch.values).all(axis=1) | batch.nulls.any(axis=1))
+    raw = [[None if null else value for value, null in zip(batch.values[i], batch.nulls[i],
+                                                            strict=True)]
+           for i in suspects]
+    bad_index, reasons = _describe(raw, features, range(len(raw)), batch.values[suspects])
+    keep = np.ones(len(batch.ids), dtype=bool)
+    keep[suspects[bad_index]] = False
+    bad = [BadRow(int(batch.ids[suspects[k]]), *reasons[n]) for n, k in enumerate(bad_index)]
+    stamps = batch.timestamps if keep.all() else batch.timestamps.filter(keep)
+    return Window(batch.ids[keep], ArrowValues(stamps), batch.values[keep], bad, None,
+                  int(batch.ids[-1]) if len(batch.ids) else None)
+
+
 def _raw(column: sa.Column[Any]) -> sa.ColumnElement[Any]:
     # NullType: the driver's value as is, so that a malformed value reaches the
     # quarantine (or a None timestamp) instead of failing in a result processor.
@@ -299,30 +330,80 @@ def _select(source: SourceTable, features: Sequence[str], with_label: bool) -> s
     return sa.select(*columns)
 
 
-def snapshot_horizon(connection: sa.Connection) -> int:
-    """PostgreSQL: the oldest transaction id still running (``pg_snapshot_xmin``)."""
-    return int(connection.execute(
-        sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")).scalar_one())
+def _bigint(expression: str) -> sa.ColumnElement[int]:
+    # xid8 and xid have no cast to bigint; their text form does.
+    return sa.cast(sa.cast(sa.literal_column(expression), sa.Text), sa.BigInteger)
+
+
+def horizon_columns() -> list[sa.ColumnElement[int]]:
+    """PostgreSQL: each row's ``xmin``, and the statement snapshot's horizon (the oldest
+    transaction still running, ``pg_snapshot_xmin``), as the last two columns."""
+    return [_bigint("xmin").label("_xmin"),
+            _bigint("pg_snapshot_xmin(pg_current_snapshot())").label("_horizon")]
+
+
+def committed_mask(xids: npt.ArrayLike, horizon: int) -> npt.NDArray[np.bool_]:
+    """Which 32-bit transaction ids precede the 64-bit ``horizon`` (mod 2**32); frozen
+    and bootstrap ids always do."""
+    xids = np.asarray(xids, dtype=np.int64)
+    distance = (horizon - xids) % XID_MODULUS
+    return (xids < FIRST_NORMAL_XID) | ((distance > 0) & (distance < XID_MODULUS // 2))
 
 
 def committed_before(xid: int, horizon: int) -> bool:
     """Whether 32-bit transaction id ``xid`` precedes the 64-bit ``horizon`` (mod 2**32)."""
-    if xid < FIRST_NORMAL_XID:  # frozen or bootstrap rows
-        return True
-    return 0 < (horizon - xid) % XID_MODULUS < XID_MODULUS // 2
+    return bool(committed_mask([xid], horizon)[0])
 
 
-def _cut(rows: Sequence[Any], ready_before: dt.datetime | None,
-         horizon: int | None) -> tuple[Sequence[Any], int | None]:
-    """The rows before the first one too young or possibly overtaking an open transaction,
-    and that row's id."""
-    for i, row in enumerate(rows):
-        stamp = to_timestamp(row[1]) if ready_before is not None else None
-        if stamp is not None and ready_before is not None and stamp >= ready_before:
-            return rows[:i], None
-        if horizon is not None and not committed_before(int(row[-1]), horizon):
-            return rows[:i], int(row[0])
-    return rows, None
+def _first_held(xmins: npt.ArrayLike, horizon: int) -> int:
+    """The index of the first row written by a transaction not committed before
+    ``horizon`` (the number of rows when there is none)."""
+    held = np.flatnonzero(~committed_mask(xmins, horizon))
+    return int(held[0]) if held.size else len(np.asarray(xmins))
+
+
+def _first_young(stamps: Sequence[Any], ready_before: dt.datetime | None, stop: int) -> int:
+    """The index of the first of ``stamps[:stop]`` not older than ``ready_before``
+    (``len(stamps)`` when there is none)."""
+    if ready_before is not None:
+        for i in range(stop):
+            stamp = to_timestamp(stamps[i])
+            if stamp is not None and stamp >= ready_before:
+                return i
+    return len(stamps)
+
+
+def _cut_at(ids: Sequence[int], young: int, held: int) -> tuple[int, int | None]:
+    """Where the window ends, and the id the horizon held back (``None`` when a young
+    row, not the horizon, ends it)."""
+    return (held, int(ids[held])) if held < young else (young, None)
+
+
+def _read_arrow(
+    arrow: ArrowReader, build: Callable[[int], sa.Select[Any]], after_id: int,
+    shape: Hashable, names: Sequence[str], limit: int,
+    ready_before: dt.datetime | None, horizon: bool,
+) -> tuple[Window, int | None, int | None] | None:
+    """The window through the Arrow path, the id the horizon held back and the
+    horizon; ``None`` when the plain path must read it."""
+    try:
+        table = arrow.fetch(shape, build, after_id, expected_rows=limit)
+        batch = ArrowWindow.from_table(table, len(names), with_xmin=horizon,
+                                       numeric_text=arrow.dialect.name == "postgresql")
+    except ArrowUnavailableError:
+        return None
+    except Exception as exc:  # e.g. a column Arrow cannot convert to float
+        arrow.stand_aside(exc)
+        return None
+    xmin = batch.horizon
+    held = len(batch.ids) if batch.xmins is None or xmin is None \
+        else _first_held(batch.xmins, xmin)
+    n = len(batch.ids)
+    young = n if ready_before is None else batch.first_young(ready_before)
+    if young is None:  # timestamps held as text or numbers: parse them up to the horizon
+        young = _first_young(ArrowValues(batch.timestamps), ready_before, min(held + 1, n))
+    stop, held_back = _cut_at(batch.ids, young, held)
+    return _from_arrow(batch.head(stop), names), held_back, xmin
 
 
 def read_window(
@@ -334,6 +415,7 @@ def read_window(
     features: Sequence[str] | None = None,
     ready_before: dt.datetime | None = None,
     horizon: bool = False,
+    arrow: ArrowReader | None = None,
 ) -> Window:
     """Up to ``limit`` rows with id above ``after_id``, in id order.
 
@@ -342,20 +424,29 @@ def read_window(
     row written by a transaction at or after the oldest one still open: a row
     with a lower id may still be in flight in that transaction, and reading past
     it would skip that row. ``Window.held_back`` is the id where the horizon stopped.
+    With ``arrow``, the rows are read through its ADBC connection when it can.
     """
     names = tuple(source.features if features is None else features)
-    query = (_select(source, names, False)
-             .where(source.id_column > after_id)
-             .order_by(source.id_column)
-             .limit(limit))
-    xmin = None
-    if horizon:
-        xmin = snapshot_horizon(connection)
-        query = query.add_columns(
-            sa.cast(sa.cast(sa.literal_column("xmin"), sa.Text), sa.BigInteger).label("_xmin"))
-    rows = connection.execute(query).all()
-    rows, held_back = _cut(rows, ready_before, xmin)
-    window = _window([r[:-1] for r in rows] if horizon else rows, names, False)
+
+    def build(after: int) -> sa.Select[Any]:
+        query = (_select(source, names, False).where(source.id_column > after)
+                 .order_by(source.id_column).limit(limit))
+        return query.add_columns(*horizon_columns()) if horizon else query
+
+    shape = (source.table.fullname, source.id_column.name, source.timestamp_column.name,
+             names, limit, horizon)
+    fast = None if arrow is None else _read_arrow(arrow, build, after_id, shape, names, limit,
+                                                  ready_before, horizon)
+    if fast is not None:
+        window, held_back, xmin = fast
+    else:
+        rows = connection.execute(build(after_id)).all()
+        xmin = int(rows[0][-1]) if horizon and rows else None
+        held = len(rows) if xmin is None else _first_held([r[-2] for r in rows], xmin)
+        young = _first_young([r[1] for r in rows], ready_before, min(held + 1, len(rows)))
+        stop, held_back = _cut_at([r[0] for r in rows], young, held)
+        rows = rows[:stop]
+        window = _window([r[:-2] for r in rows] if horizon else rows, names, False)
     window.held_back, window.horizon = held_back, xmin
     return window
 

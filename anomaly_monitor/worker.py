@@ -290,8 +290,10 @@ class Worker:
             self.metrics.late_rows.labels(monitor.name).inc(late.rows)
 
     def release_leases(self) -> None:
-        """Give up every held lease so that a standby worker takes over at once."""
+        """Give up every held lease so that a standby worker takes over at once (and
+        close the monitors' Arrow readers)."""
         for state in self.states.values():
+            state.read_state.close()
             if state.lease is None:
                 continue
             try:

@@ -1,0 +1,288 @@
+"""Arrow-native reads of the source table through ADBC drivers (SQLite files, PostgreSQL).
+
+The plain path (SQLAlchemy over sqlite3 or psycopg) builds a Python tuple per row
+and a Python object per value; converting those to numpy costs more than scoring
+them. The ADBC drivers read a result straight into Arrow columns (PostgreSQL
+through binary ``COPY``), which numpy takes over without per-row objects.
+
+The query is the same SQLAlchemy ``Select`` the plain path runs, compiled with its
+parameters inline: they are only integers this package produced (ids, a limit);
+identifiers come from the reflected table, quoted by SQLAlchemy. Any failure here
+(a driver not installed, a value the driver cannot type, a lost connection) makes
+the caller fall back to the plain path, which reads every value as it is and
+quarantines what cannot be scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import logging
+import operator
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+from sqlalchemy.engine import URL
+
+from anomaly_monitor.arrow_backends import Backend, ChildBackend, Pending, ThreadBackend
+from anomaly_monitor.db import (
+    CONNECT_TIMEOUT_SECONDS,
+    IDLE_IN_TRANSACTION_TIMEOUT_MS,
+    LOCK_TIMEOUT_MS,
+    STATEMENT_TIMEOUT_MS,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+#: After a failed Arrow read, use the plain path for this long before trying again,
+#: so that a table the driver cannot type (or a database outage) is not read twice
+#: every batch.
+RETRY_AFTER_SECONDS = 300.0
+
+#: A cached query's integer parameter is compiled as this literal, then replaced.
+PLACEHOLDER = -7_361_492_058_217_603_391
+#: Compiled query shapes kept per reader.
+MAX_TEMPLATES = 64
+
+log = logging.getLogger(__name__)
+
+
+class ArrowUnavailableError(RuntimeError):
+    """The Arrow path cannot serve this read; the caller uses the plain path."""
+
+
+def _sqlite_target(url: URL) -> str | None:
+    if url.database in (None, "", ":memory:") or url.database.startswith("file:"):
+        return None  # an in-memory database is private to its own connection
+    return url.database
+
+
+def _postgresql_target(url: URL) -> str:
+    # A libpq keyword/value string (quoted by psycopg), with the engine's timeouts.
+    from psycopg.conninfo import make_conninfo
+
+    keywords: dict[str, Any] = {
+        "host": url.host, "port": url.port, "dbname": url.database, "user": url.username,
+        "password": url.password, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "application_name": "anomaly-monitor",
+        "options": " ".join((
+            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+        )),
+    }
+    keywords.update(url.query)  # e.g. sslmode, or host=/run/postgresql for a socket
+    return make_conninfo("", **{k: v for k, v in keywords.items() if v is not None})
+
+
+class ArrowReader:
+    """Reads keyset pages of the source table as Arrow through ADBC, one page ahead.
+
+    ``fetch`` runs a query and returns an Arrow table, or raises
+    :class:`ArrowUnavailableError`; after a failure the reader stands aside for
+    ``RETRY_AFTER_SECONDS``. When a page comes back full, the next page (after its
+    last id) is requested at once, so that it is read while this one is scored; a
+    different next request discards it. Not thread-safe: use one per monitor.
+    """
+
+    def __init__(self, engine: sa.Engine, *, clock: Any = time.monotonic) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self._clock = clock
+        self._backend: Backend | None = None
+        self._resume_at = 0.0
+        self._templates: dict[Hashable, str] = {}
+        self._ahead: tuple[str, Pending] | None = None
+        #: Reads served by the Arrow path, and how many of them had been read ahead.
+        self.fetches = 0
+        self.read_ahead_hits = 0
+        url = engine.url
+        backend = url.get_backend_name()
+        self._target = (_sqlite_target(url) if backend == "sqlite"
+                        else _postgresql_target(url) if backend == "postgresql" else None)
+
+    @property
+    def usable(self) -> bool:
+        """Whether the next :meth:`fetch` will try the Arrow path."""
+        return self._target is not None and self._clock() >= self._resume_at
+
+    def _open(self) -> Backend:
+        if self._backend is None:
+            target = self._target
+            assert target is not None
+            driver = ("adbc_driver_sqlite" if self.dialect.name == "sqlite"
+                      else "adbc_driver_postgresql")
+            if importlib.util.find_spec(driver) is None or \
+                    importlib.util.find_spec("pyarrow") is None:
+                self._target = None
+                raise ArrowUnavailableError(f"{driver} or pyarrow is not installed")
+            self._backend = (ChildBackend(target) if self.dialect.name == "sqlite"
+                             else ThreadBackend(target))
+        return self._backend
+
+    def _sql(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int) -> str:
+        # Compiling a wide select costs milliseconds, a good part of a batch: compile
+        # each shape once with a placeholder integer inline, then put the value there.
+        template = self._templates.get(key)
+        if template is None:
+            template = str(build(PLACEHOLDER).compile(
+                dialect=self.dialect, compile_kwargs={"literal_binds": True}))
+            if template.count(str(PLACEHOLDER)) != 1:
+                raise ArrowUnavailableError("the query does not take exactly one integer")
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[key] = template
+        return template.replace(str(PLACEHOLDER), str(operator.index(value)))
+
+    def _take(self, sql: str, batch_rows: int) -> pa.Table:
+        """The page for ``sql``: the one read ahead if it matches, else read now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead_sql, pending = ahead
+            if ahead_sql == sql:
+                table = pending.result()
+                self.read_ahead_hits += 1
+                return table
+            with contextlib.suppress(Exception):  # not wanted; only wait for it
+                pending.result()
+        return self._open().submit(sql, batch_rows).result()
+
+    def fetch(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int, *,
+              expected_rows: int = 0) -> pa.Table:
+        """The result of ``build(value)`` as an Arrow table; ``key`` names the query's
+        shape (everything ``build`` depends on besides ``value``, an integer that the
+        query pages by: the next page starts after the largest id of this one, the
+        table's first column)."""
+        if not self.usable:
+            raise ArrowUnavailableError("the Arrow path is standing aside")
+        try:
+            table = self._take(self._sql(key, build, value), expected_rows)
+            self.fetches += 1
+            if expected_rows and table.num_rows >= expected_rows:
+                last = table.column(0)[table.num_rows - 1].as_py()
+                sql = self._sql(key, build, last)
+                self._ahead = (sql, self._open().submit(sql, expected_rows))
+            return table
+        except ArrowUnavailableError:
+            raise
+        except Exception as exc:
+            self.stand_aside(exc)
+            raise ArrowUnavailableError(str(exc)) from None
+
+    def stand_aside(self, exc: BaseException) -> None:
+        """Log ``exc`` and use the plain path for ``RETRY_AFTER_SECONDS``."""
+        log.info("Arrow read failed (%s: %s); using the plain reader for %.0f s",
+                 type(exc).__name__, self._redacted(str(exc).splitlines()[0] if str(exc)
+                                                    else ""), RETRY_AFTER_SECONDS)
+        self._resume_at = self._clock() + RETRY_AFTER_SECONDS
+        self.close()
+
+    def _redacted(self, message: str) -> str:
+        password = self.engine.url.password
+        return message.replace(str(password), "***") if password else message
+
+    def close(self) -> None:
+        """Close the ADBC connection or reader process (reopened on the next use)."""
+        backend, self._backend = self._backend, None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            with contextlib.suppress(Exception):
+                ahead[1].result()
+        if backend is not None:
+            try:
+                backend.close()
+            except Exception as exc:  # a broken connection may refuse to close cleanly
+                log.debug("closing the Arrow backend: %s", type(exc).__name__)
+
+
+class ArrowValues(Sequence[Any]):
+    """A read-only sequence over an Arrow array that converts an item only when asked
+    (timestamps are parsed for flagged rows, not for every row)."""
+
+    def __init__(self, array: pa.Array | pa.ChunkedArray) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @overload
+    def __getitem__(self, index: int) -> Any: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Any]: ...
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self.array[index].to_pylist()
+        if index < 0:
+            index += len(self.array)
+        return self.array[index].as_py()
+
+
+@dataclass
+class ArrowWindow:
+    """A window read as Arrow, as numpy: ids, feature values (NaN where NULL) with their
+    NULL mask, the timestamps left in Arrow, and on PostgreSQL each row's ``xmin`` and
+    the snapshot's horizon."""
+
+    ids: npt.NDArray[np.int64]
+    timestamps: pa.ChunkedArray
+    values: npt.NDArray[np.float64]
+    nulls: npt.NDArray[np.bool_]
+    xmins: npt.NDArray[np.int64] | None
+    horizon: int | None = None
+
+    @classmethod
+    def from_table(cls, table: pa.Table, n_features: int, *, with_xmin: bool,
+                   numeric_text: bool) -> ArrowWindow:
+        """Columns: id, timestamp, the features, then ``xmin`` and the horizon when
+        ``with_xmin``.
+        Raises ``pyarrow.ArrowInvalid`` / ``ArrowNotImplementedError`` for a feature
+        column that is not numeric; text columns are parsed only with ``numeric_text``
+        (PostgreSQL's exact NUMERIC text; SQLite renders a REAL in a mixed column as
+        text with 15 digits, so the plain path must read it)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = table.num_rows
+        values = np.empty((n, n_features), dtype=np.float64)
+        nulls = np.zeros((n, n_features), dtype=bool)
+        for j in range(n_features):
+            column = table.column(2 + j)
+            if not numeric_text and (pa.types.is_string(column.type)
+                                     or pa.types.is_large_string(column.type)):
+                raise pa.ArrowInvalid(f"feature column {j} holds text")
+            values[:, j] = pc.cast(column, pa.float64(), safe=False).to_numpy()
+            if column.null_count:
+                nulls[:, j] = column.is_null().to_numpy()
+        xmins = (table.column(2 + n_features).cast(pa.int64()).to_numpy()
+                 if with_xmin else None)
+        horizon = (int(table.column(3 + n_features)[0].as_py())
+                   if with_xmin and n else None)
+        return cls(table.column(0).cast(pa.int64()).to_numpy(), table.column(1),
+                   values, nulls, xmins, horizon)
+
+    def first_young(self, ready_before: dt.datetime) -> int | None:
+        """The index of the first row whose timestamp is not older than ``ready_before``;
+        ``None`` when the timestamps are not an Arrow timestamp type (parse them)."""
+        import pyarrow as pa
+
+        kind = self.timestamps.type
+        if not pa.types.is_timestamp(kind):
+            return None
+        # A naive timestamp column holds UTC wall time, as the plain path assumes.
+        stamps = self.timestamps.cast(pa.timestamp("us", kind.tz)).to_numpy()
+        limit = np.datetime64(ready_before.astimezone(dt.UTC).replace(tzinfo=None), "us")
+        young = np.flatnonzero(stamps >= limit)  # NaT (NULL) is never young
+        return int(young[0]) if young.size else len(self.ids)
+
+    def head(self, stop: int) -> ArrowWindow:
+        """The first ``stop`` rows."""
+        return ArrowWindow(self.ids[:stop], self.timestamps.slice(0, stop),
+                           self.values[:stop], self.nulls[:stop],
+                           None if self.xmins is None else self.xmins[:stop], self.horizon)
