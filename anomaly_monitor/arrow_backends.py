@@ -22,18 +22,17 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
-from anomaly_monitor.db import SQLITE_BUSY_TIMEOUT_SECONDS
-
 if TYPE_CHECKING:
     import pyarrow as pa
 
-#: A reply from the SQLite reader process must start within this many seconds (its
-#: busy timeout plus a margin); else the process is killed and the read fails.
-CHILD_REPLY_TIMEOUT_SECONDS = SQLITE_BUSY_TIMEOUT_SECONDS + 30.0
+#: A reply from the SQLite reader process must start within its busy timeout plus this
+#: many seconds; else the process is killed and the read fails.
+CHILD_REPLY_MARGIN_SECONDS = 30.0
 #: The reader process is given this long to exit after its input is closed.
 CHILD_EXIT_SECONDS = 5.0
 LENGTH_BYTES = 8
@@ -65,35 +64,61 @@ class Backend(Protocol):
 
 
 def _run(connection: Any, sql: str, batch_rows: int | None) -> pa.Table:
-    cursor = connection.cursor()
+    # The driver manager's own API: its DB-API layer would import pandas (a second).
+    import adbc_driver_manager
+    import pyarrow as pa
+
+    statement = adbc_driver_manager.AdbcStatement(connection)
     try:
         if batch_rows is not None:
             # The SQLite driver types each column from its first batch of rows; one
             # batch for the whole result lets it see every value first.
-            cursor.adbc_statement.set_options(
+            statement.set_options(
                 **{"adbc.sqlite.query.batch_rows": str(max(batch_rows, 1024))})
-        cursor.execute(sql)
-        return cursor.fetch_arrow_table()
+        statement.set_sql_query(sql)
+        stream, _ = statement.execute_query()
+        return pa.RecordBatchReader.from_stream(stream).read_all()
     finally:
-        cursor.close()
+        statement.close()
 
 
-def connect_postgresql(conninfo: str) -> Any:
-    """An autocommit ADBC connection to PostgreSQL (an open read transaction would
-    pin an old snapshot)."""
-    import adbc_driver_postgresql.dbapi as driver
+class Connection:
+    """An ADBC database handle and one autocommit connection to it (an open read
+    transaction would pin an old snapshot)."""
 
-    return driver.connect(conninfo, autocommit=True)
+    def __init__(self, database: Any) -> None:
+        import adbc_driver_manager
+
+        self.database = database
+        self.connection = adbc_driver_manager.AdbcConnection(database)
+        self.connection.set_autocommit(True)
+
+    def query(self, sql: str, batch_rows: int | None = None) -> pa.Table:
+        """The result of ``sql``."""
+        return _run(self.connection, sql, batch_rows)
+
+    def close(self) -> None:
+        """Close the connection and the database handle."""
+        try:
+            self.connection.close()
+        finally:
+            self.database.close()
 
 
-def connect_sqlite(path: str) -> Any:
-    """An autocommit ADBC connection to the SQLite file ``path`` (only in a process
-    that does not also open it through Python's sqlite3: see the module docstring)."""
-    import adbc_driver_sqlite.dbapi as driver
+def connect_postgresql(conninfo: str) -> Connection:
+    """An ADBC connection to PostgreSQL."""
+    import adbc_driver_postgresql
 
-    connection = driver.connect(path, autocommit=True)
-    with connection.cursor() as cursor:
-        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_SECONDS * 1000:d}")
+    return Connection(adbc_driver_postgresql.connect(conninfo))
+
+
+def connect_sqlite(path: str, busy_timeout_ms: int) -> Connection:
+    """An ADBC connection to the SQLite file ``path`` (only in a process that does
+    not also open it through Python's sqlite3: see the module docstring)."""
+    import adbc_driver_sqlite
+
+    connection = Connection(adbc_driver_sqlite.connect(path))
+    connection.query(f"PRAGMA busy_timeout = {int(busy_timeout_ms):d}")
     return connection
 
 
@@ -102,14 +127,14 @@ class ThreadBackend:
 
     def __init__(self, conninfo: str) -> None:
         self._conninfo = conninfo
-        self._connection: Any = None
+        self._connection: Connection | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="arrow-read")
 
     def _query(self, sql: str) -> pa.Table:
         if self._connection is None:
             self._connection = connect_postgresql(self._conninfo)
         try:
-            return _run(self._connection, sql, None)
+            return self._connection.query(sql)
         except Exception:
             self._drop()  # a failed connection is not reused
             raise
@@ -154,14 +179,16 @@ class _ChildReply:
 class ChildBackend:
     """ADBC SQLite in a child process; see the module docstring."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
         self._path = path
+        self._busy_timeout_ms = busy_timeout_ms
         self._process: subprocess.Popen[bytes] | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._process is None or self._process.poll() is not None:
             self._process = subprocess.Popen(  # noqa: S603 (our own module, no shell)
-                [sys.executable, "-m", "anomaly_monitor.arrow_backends", self._path],
+                [sys.executable, "-m", "anomaly_monitor.arrow_backends", self._path,
+                 str(self._busy_timeout_ms)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         return self._process
@@ -186,7 +213,7 @@ class ChildBackend:
             raise BackendError("the SQLite reader process is not running")
         try:
             header = _read_exactly(process.stdout, 1 + LENGTH_BYTES,
-                                   CHILD_REPLY_TIMEOUT_SECONDS)
+                                   self._busy_timeout_ms / 1000 + CHILD_REPLY_MARGIN_SECONDS)
             payload = _read_exactly(process.stdout, int.from_bytes(header[1:], "big"), None)
         except (OSError, EOFError, TimeoutError) as exc:
             self.close()
@@ -217,18 +244,18 @@ def _reply(out: BinaryIO, kind: bytes, payload: Any) -> None:
     out.flush()
 
 
-def serve(path: str, requests: BinaryIO, replies: BinaryIO) -> None:
+def serve(path: str, busy_timeout_ms: int, requests: BinaryIO, replies: BinaryIO) -> None:
     """The reader process: answer requests on ``requests`` until it closes."""
     import pyarrow as pa
 
-    connection = connect_sqlite(path)
+    connection = connect_sqlite(path, busy_timeout_ms)
     while True:
         header = requests.read(LENGTH_BYTES)
         if len(header) < LENGTH_BYTES:
             break
         request = json.loads(requests.read(int.from_bytes(header, "big")))
         try:
-            table = _run(connection, request["sql"], int(request["batch_rows"]))
+            table = connection.query(request["sql"], int(request["batch_rows"]))
         except Exception as exc:  # reported to the parent, which falls back
             _reply(replies, b"E", f"{type(exc).__name__}: {exc}".encode())
             continue
@@ -236,11 +263,16 @@ def serve(path: str, requests: BinaryIO, replies: BinaryIO) -> None:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         _reply(replies, b"T", sink.getvalue())
+        del table, sink
     connection.close()
 
 
 if __name__ == "__main__":
+    # The parent decides when this process ends (by closing its input, or by dying):
+    # a Ctrl-C or SIGTERM sent to the whole process group is the parent's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Frames only on the pipe: anything a library prints goes to stderr instead.
     _replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    serve(sys.argv[1], sys.stdin.buffer, _replies)
+    serve(sys.argv[1], int(sys.argv[2]), sys.stdin.buffer, _replies)

@@ -213,7 +213,11 @@ def _score(
 
 def gap_ranges(ids: npt.ArrayLike, after: int, last: int) -> list[list[int]]:
     """Inclusive id ranges in ``after+1 .. last`` that are not in ``ids``."""
-    seen = np.unique(np.asarray(ids, dtype=np.int64))
+    seen = np.asarray(ids, dtype=np.int64)
+    if len(seen) == last - after and len(seen) and seen[0] == after + 1 and \
+            seen[-1] == last and bool((np.diff(seen) == 1).all()):
+        return []  # the common case, a contiguous window: no sort needed
+    seen = np.unique(seen)
     edges = np.concatenate([[after], seen[(seen > after) & (seen <= last)], [last + 1]])
     holes = np.flatnonzero(np.diff(edges) > 1)
     return [[int(edges[i] + 1), int(edges[i + 1] - 1)] for i in holes]
@@ -240,12 +244,10 @@ class ReadState:
     #: Rows in the last window read (it predicts the size of the next one).
     last_rows: int = 0
 
-    def use_arrow(self, engine: sa.Engine, batch_size: int) -> ArrowReader | None:
-        """The Arrow reader when the last window was large, else ``None``: for a few
-        rows the plain path is cheaper than a round trip to the Arrow reader."""
-        if self.last_rows < min(ARROW_MIN_ROWS, batch_size):
-            return None
-        return self.reader(engine)
+    def plain(self, batch_size: int) -> bool:
+        """Whether to read the next window by the plain path: after a small window, for
+        a few rows are cheaper to read plainly than through the Arrow reader."""
+        return self.last_rows < min(ARROW_MIN_ROWS, batch_size)
 
     def reader(self, engine: sa.Engine) -> ArrowReader:
         """The Arrow reader for ``engine``, created on first use."""
@@ -357,10 +359,11 @@ def _read_next(
         ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
                         if monitor.query_delay_seconds > 0 else None)
         horizon = is_postgresql(engine)
-        arrow = read_state.use_arrow(engine, monitor.batch_size)
+        arrow = read_state.reader(engine)
         window = read_window(connection, source, cursor.position, monitor.batch_size,
                              features=version.features, ready_before=ready_before,
-                             horizon=horizon, arrow=arrow)
+                             horizon=horizon, arrow=arrow,
+                             plain=read_state.plain(monitor.batch_size))
         held = window.horizon if window.last_id is None else None
         if horizon and read_state.stalled(held, time.monotonic()):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
@@ -411,7 +414,8 @@ def run_batch(
     if model is None or window.last_id is None:
         return BatchResult(monitor.name, "idle")
     full = window.size >= monitor.batch_size
-    gaps = gap_ranges([*window.ids.tolist(), *(b.source_id for b in window.bad)],
+    gaps = gap_ranges(np.concatenate([window.ids, [b.source_id for b in window.bad]])
+                      if window.bad else window.ids,
                       cursor.position, window.last_id)
     if len(gaps) > MAX_GAP_RANGES:  # end the window before the first gap not recorded
         window.truncate(gaps[MAX_GAP_RANGES][0])

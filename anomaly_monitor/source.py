@@ -416,6 +416,7 @@ def read_window(
     ready_before: dt.datetime | None = None,
     horizon: bool = False,
     arrow: ArrowReader | None = None,
+    plain: bool = False,
 ) -> Window:
     """Up to ``limit`` rows with id above ``after_id``, in id order.
 
@@ -424,7 +425,9 @@ def read_window(
     row written by a transaction at or after the oldest one still open: a row
     with a lower id may still be in flight in that transaction, and reading past
     it would skip that row. ``Window.held_back`` is the id where the horizon stopped.
-    With ``arrow``, the rows are read through its ADBC connection when it can.
+    With ``arrow``, the rows are read through its ADBC connection when it can; with
+    ``plain`` too, this window is read by the plain path (it is expected to be small)
+    and, if it comes back full, the next one is read ahead through ``arrow``.
     """
     names = tuple(source.features if features is None else features)
 
@@ -435,12 +438,14 @@ def read_window(
 
     shape = (source.table.fullname, source.id_column.name, source.timestamp_column.name,
              names, limit, horizon)
-    fast = None if arrow is None else _read_arrow(arrow, build, after_id, shape, names, limit,
-                                                  ready_before, horizon)
+    fast = None if arrow is None or plain else _read_arrow(
+        arrow, build, after_id, shape, names, limit, ready_before, horizon)
     if fast is not None:
         window, held_back, xmin = fast
     else:
         rows = connection.execute(build(after_id)).all()
+        if arrow is not None and len(rows) == limit:  # a backlog: read the next page now
+            arrow.read_ahead(shape, build, rows[-1][0], limit)
         xmin = int(rows[0][-1]) if horizon and rows else None
         held = len(rows) if xmin is None else _first_held([r[-2] for r in rows], xmin)
         young = _first_young([r[1] for r in rows], ready_before, min(held + 1, len(rows)))

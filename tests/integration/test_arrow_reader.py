@@ -126,11 +126,19 @@ def test_run_batch_reads_a_backlog_through_arrow_one_page_ahead(engine):
     state, models = ReadState(), ModelCache("cpu")
     results = [run_batch(engine, monitor, source, models, read_state=state) for _ in range(4)]
     assert [r.rows for r in results] == [1000, 1000, 500, 0]
+    assert state.arrow is not None and state.arrow.usable  # no read failed, not even empty
     assert [r.first_id for r in results[:3]] == [ids[0], ids[1000], ids[2000]]
-    # The first window (no backlog seen yet) is read plainly, the next two through
-    # Arrow, the third one read ahead while the second was scored.
+    # The first window (no backlog seen yet) is read plainly; it is full, so the next
+    # one is read ahead through Arrow while it is scored, and so on.
     assert state.arrow is not None
-    assert (state.arrow.fetches, state.arrow.read_ahead_hits) == (2, 1)
+    assert (state.arrow.fetches, state.arrow.read_ahead_hits) == (2, 2)
+    # After a small window the next is read plainly again; an empty one through Arrow
+    # is a valid window too.
+    arrow = ArrowReader(engine)
+    with engine.connect() as connection:
+        empty = read_window(connection, source, ids[-1], 1000, arrow=arrow)
+    assert (empty.size, arrow.fetches, arrow.usable) == (0, 1, True)
+    arrow.close()
     state.close()
     assert sum(r.flagged for r in results) >= 0.95 * len(ids)
 
