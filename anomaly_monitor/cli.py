@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from anomaly_monitor import __version__
 from anomaly_monitor.config import (
     EXAMPLE,
+    SCORING_THREADS,
     THRESHOLD_METHODS,
     ConfigError,
     MonitorSettings,
@@ -453,8 +454,13 @@ def models_rollback(app: App, monitor_name: str | None) -> None:
               help="Only these monitors (repeatable).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
               show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=SCORING_THREADS,
+              show_default=True,
+              help="CPU threads per scoring operation (batches are small: spare cores "
+                   "serve other monitors and the readers).")
 @pass_app
-def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str) -> None:
+def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
+        threads: int) -> None:
     """Score new rows: the daemon, or a single pass with --once."""
     from prometheus_client import CollectorRegistry
 
@@ -468,7 +474,7 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str) -> No
         logging.getLogger().setLevel(logging.INFO)
     registry = CollectorRegistry()
     worker = Worker(settings, app.engine, Metrics(registry), device=device,
-                    monitors=list(monitor_names) or None)
+                    monitors=list(monitor_names) or None, threads=threads)
     restore_signals = worker.install_signal_handlers()
     try:
         if once:

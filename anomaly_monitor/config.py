@@ -26,6 +26,10 @@ DEFAULT_DATABASE_URL = "sqlite:///anomaly_monitor.db"
 MONITOR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 KINDS = ("vae", "dae", "sae")
 THRESHOLD_METHODS = ("quantile", "pot", "labels", "fixed")
+#: torch threads per scoring operation in the daemon (``run --threads``). A batch is
+#: small (one thread scores about two million rows a second); more threads per
+#: operation only contend with the reader of the next window and other monitors' jobs.
+SCORING_THREADS = 1
 
 
 class ConfigError(ValueError):

@@ -123,8 +123,10 @@ class ModelCache:
     threshold) is re-read every batch, so activation and calibration need no restart;
     the model is loaded only when there are rows to score, so an idle start is fast."""
 
-    def __init__(self, device: str = "auto") -> None:
+    def __init__(self, device: str = "auto", *, threads: int | None = None) -> None:
         self.device = device
+        #: torch's CPU threads, set when the first model is loaded (``None``: as is).
+        self.threads = threads
         self._versions: dict[str, ModelVersion] = {}
         self._models: dict[str, LoadedModel] = {}
 
@@ -151,6 +153,10 @@ class ModelCache:
         """The loaded (and verified) model of ``version``, cached."""
         loaded = self._models.get(version.monitor)
         if loaded is None or loaded.version.version != version.version:
+            if self.threads is not None:
+                import torch  # loaded with the model anyway
+
+                torch.set_num_threads(self.threads)
             loaded = load_model(connection, version.monitor, version.version, device=self.device)
         if loaded.version != version:  # a new threshold on the same weights
             loaded = LoadedModel(version, loaded.detector, loaded.severity)

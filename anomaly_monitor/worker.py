@@ -96,11 +96,12 @@ class Worker:
         *,
         device: str = "auto",
         monitors: list[str] | None = None,
+        threads: int | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
-        self.models = ModelCache(device)
+        self.models = ModelCache(device, threads=threads)
         chosen = [settings.monitor(name) for name in monitors] if monitors else settings.monitors
         self.monitors: dict[str, MonitorSettings] = {m.name: m for m in chosen}
         self.states = {name: MonitorState() for name in self.monitors}
@@ -388,6 +389,7 @@ class Worker:
 
         if install_signals:
             self.install_signal_handlers()
+        self.preload_models()
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max(1, min(len(self.monitors), 8)))},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
@@ -407,6 +409,18 @@ class Worker:
             scheduler.shutdown(wait=True)
             self.release_leases()
             log.info("stopped")
+
+    def preload_models(self) -> None:
+        """Load each monitor's active model now, so that the first rows to arrive are
+        not held up by loading it (and the deep-learning runtime, over a second). A
+        failure here is left to the first batch to report."""
+        for name in self.monitors:
+            try:
+                with self.engine.connect() as connection:
+                    self.models.active(connection, name)
+            except Exception as exc:
+                log.debug("monitor %s: model not preloaded: %s", name,
+                          describe_error(exc, self.engine.url))
 
     def stop(self) -> None:
         """Ask the daemon to stop after the current batches."""
