@@ -177,18 +177,23 @@ def timed_process(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB, the process and its children) of ``command``."""
     import psutil
 
-    start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    peak = 0
-    while process.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            rss = process.memory_info().rss + sum(
-                c.memory_info().rss for c in process.children(recursive=True))
-            peak = max(peak, rss)
-        time.sleep(0.05)
-    seconds = time.perf_counter() - start
+    # The log goes to a file: a pipe nobody reads until the end would fill up and
+    # block the process (a 10M-row catch-up logs a line per batch).
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        peak = 0
+        while process.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                rss = process.memory_info().rss + sum(
+                    c.memory_info().rss for c in process.children(recursive=True))
+                peak = max(peak, rss)
+            time.sleep(0.05)
+        seconds = time.perf_counter() - start
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()}")
+        raise RuntimeError(f"{' '.join(command)} failed: {output[-4000:]}")
     return seconds, peak / 2**20
 
 
