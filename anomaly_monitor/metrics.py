@@ -8,7 +8,7 @@ absent()-style alerts work before the first anomaly. Tests build a fresh
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -56,6 +56,13 @@ class Metrics:
                              registry=registry)
         self.threshold = Gauge(f"{PREFIX}_threshold", "The active threshold.", labels,
                                registry=registry)
+        self.expected_ratio = Gauge(
+            f"{PREFIX}_expected_anomaly_ratio",
+            "Share of rows the active threshold flags on the held-out calibration rows "
+            "(what the anomaly rate is compared with).", labels, registry=registry)
+        self.interval = Gauge(f"{PREFIX}_interval_seconds",
+                              "The monitor's configured polling interval.", labels,
+                              registry=registry)
         self.model_info = Gauge(
             f"{PREFIX}_model_info", "The active model version (value 1).",
             ["monitor", "version", "kind"], registry=registry)
@@ -71,21 +78,24 @@ class Metrics:
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
-    def init_monitors(self, monitors: Iterable[str]) -> None:
-        """Create every series of each monitor at 0."""
-        for monitor in monitors:
+    def init_monitors(self, monitors: Mapping[str, float]) -> None:
+        """Create every series of each monitor (name: interval in seconds) at 0."""
+        for monitor, interval in monitors.items():
             for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
-                           self.severity, self.late_rows, self.paused):
+                           self.expected_ratio, self.severity, self.late_rows, self.paused):
                 metric.labels(monitor)
+            self.interval.labels(monitor).set(interval)
             for reason in REASONS:
                 self.rows_quarantined.labels(monitor, reason)
             for outcome in OUTCOMES:
                 self.batches.labels(monitor, outcome)
             self.set_model(monitor, "none", "none", None)
 
-    def set_model(self, monitor: str, version: str, kind: str, threshold: float | None) -> None:
-        """Point ``model_info`` at the active version and set the threshold gauge."""
+    def set_model(self, monitor: str, version: str, kind: str, threshold: float | None,
+                  expected_ratio: float | None = None) -> None:
+        """Point ``model_info`` at the active version; set the threshold and the expected
+        anomaly ratio gauges."""
         with self._lock:
             old = self._model_labels.get(monitor)
             if old is not None and old != (version, kind):
@@ -94,6 +104,8 @@ class Metrics:
             self.model_info.labels(monitor, version, kind).set(0 if version == "none" else 1)
         if threshold is not None:
             self.threshold.labels(monitor).set(threshold)
+        if expected_ratio is not None:
+            self.expected_ratio.labels(monitor).set(expected_ratio)
 
     def observe_batch(self, result: BatchResult) -> None:
         """Count a committed batch."""

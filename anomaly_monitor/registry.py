@@ -62,6 +62,12 @@ class ModelVersion:
         data["activated_at"] = as_utc(data["activated_at"])
         return cls(**data)
 
+    def expected_ratio(self) -> float:
+        """The share of rows the threshold flags under the version's held-out
+        calibration scores (the anomaly rate a healthy source should show)."""
+        scale = SeverityScale.from_dict(self.severity_scale)
+        return float(scale.tail_probability([self.threshold])[0])
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form (times as ISO 8601)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}

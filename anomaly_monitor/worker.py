@@ -107,7 +107,7 @@ class Worker:
         self.states = {name: MonitorState() for name in self.monitors}
         self.stop_event = threading.Event()
         self.owner = worker_identity()
-        metrics.init_monitors(self.monitors)
+        metrics.init_monitors({m.name: m.interval_seconds for m in chosen})
 
     # -- one monitor ------------------------------------------------------------------
 
@@ -326,7 +326,7 @@ class Worker:
         self.metrics.paused.labels(monitor.name).set(0)
         if model is not None:
             self.metrics.set_model(monitor.name, str(model.version), model.kind,
-                                   model.threshold)
+                                   model.threshold, model.expected_ratio())
 
     def _newest_scored(self, monitor: MonitorSettings) -> dt.datetime | None:
         """The newest source timestamp of the monitor's last batch (after a restart)."""

@@ -71,6 +71,8 @@ def test_train_stores_and_activates_a_version(plant):
     assert version.training["holdout_rows"] == pytest.approx(0.2 * TRAINING_ROWS, abs=1)
     assert version.features == list(monitor.features)
     assert 0.0 < version.validation["holdout_flag_rate"] <= 0.02
+    # What the anomaly-rate alert compares with: about the calibrated 1%.
+    assert version.expected_ratio() == pytest.approx(0.01, abs=0.006)
     with engine.connect() as connection:
         assert read_cursor(connection, "plant").position == TRAINING_ROWS
         assert [v.version for v in list_versions(connection, "plant")] == [1]
@@ -231,8 +233,11 @@ def test_metrics_series_exist_at_zero_before_any_batch(engine, db_url):
         ("anomaly_monitor_severity_count", {}),
         ("anomaly_monitor_late_rows_total", {}),
         ("anomaly_monitor_backlog_rows", {}),
+        ("anomaly_monitor_expected_anomaly_ratio", {}),
     ]:
         assert registry.get_sample_value(name, {"monitor": "plant", **labels}) == 0
+    assert registry.get_sample_value("anomaly_monitor_interval_seconds",
+                                     {"monitor": "plant"}) == 1.0
 
 
 def test_a_database_error_is_counted_and_backed_off_not_raised(plant, db_url):

@@ -14,7 +14,7 @@ from tests.pgserver import free_port
 def test_metrics_are_scraped_over_http():
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.init_monitors(["plant"])
+    metrics.init_monitors({"plant": 60.0})
     metrics.set_model("plant", "3", "vae", 1.5)
     port = free_port()
     server, thread = serve(registry, "127.0.0.1", port)
