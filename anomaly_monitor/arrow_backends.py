@@ -185,7 +185,9 @@ class ChildBackend:
         self._process: subprocess.Popen[bytes] | None = None
 
     def _start(self) -> subprocess.Popen[bytes]:
-        if self._process is None or self._process.poll() is not None:
+        if self._process is not None and self._process.poll() is not None:
+            self.close()  # reap the dead one and close its pipes
+        if self._process is None:
             self._process = subprocess.Popen(  # noqa: S603 (our own module, no shell)
                 [sys.executable, "-m", "anomaly_monitor.arrow_backends", self._path,
                  str(self._busy_timeout_ms)],

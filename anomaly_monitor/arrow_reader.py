@@ -31,13 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL
 
 from anomaly_monitor.arrow_backends import Backend, ChildBackend, Pending, ThreadBackend
-from anomaly_monitor.db import (
-    CONNECT_TIMEOUT_SECONDS,
-    IDLE_IN_TRANSACTION_TIMEOUT_MS,
-    LOCK_TIMEOUT_MS,
-    SQLITE_BUSY_TIMEOUT_SECONDS,
-    STATEMENT_TIMEOUT_MS,
-)
+from anomaly_monitor.db import SQLITE_BUSY_TIMEOUT_SECONDS, postgresql_connect_args
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -49,6 +43,9 @@ RETRY_AFTER_SECONDS = 300.0
 
 #: A cached query's integer parameter is compiled as this literal, then replaced.
 PLACEHOLDER = -7_361_492_058_217_603_391
+#: A page read ahead is used only this soon after its read started (a catch-up uses
+#: it within milliseconds; one left over from an earlier poll is read again).
+READ_AHEAD_MAX_AGE_SECONDS = 5.0
 #: Compiled query shapes kept per reader.
 MAX_TEMPLATES = 64
 
@@ -65,22 +62,22 @@ def _sqlite_target(url: URL) -> str | None:
     return url.database
 
 
-def _postgresql_target(url: URL) -> str:
-    # A libpq keyword/value string (quoted by psycopg), with the engine's timeouts.
-    from psycopg.conninfo import make_conninfo
+def _postgresql_target(engine: sa.Engine) -> str | None:
+    """A libpq connection string with the same parameters as the engine's connections
+    (the URL's, then this package's timeouts on top), libpq's keywords only; ``None``
+    when it cannot be built (the plain path is used)."""
+    try:
+        from psycopg import pq
+        from psycopg.conninfo import make_conninfo
 
-    keywords: dict[str, Any] = {
-        "host": url.host, "port": url.port, "dbname": url.database, "user": url.username,
-        "password": url.password, "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-        "application_name": "anomaly-monitor",
-        "options": " ".join((
-            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
-            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
-        )),
-    }
-    keywords.update(url.query)  # e.g. sslmode, or host=/run/postgresql for a socket
-    return make_conninfo("", **{k: v for k, v in keywords.items() if v is not None})
+        _, params = engine.dialect.create_connect_args(engine.url)
+        params = {**params, **postgresql_connect_args()}
+        known = {option.keyword.decode() for option in pq.Conninfo.get_defaults()}
+        return make_conninfo("", **{k: v for k, v in params.items()
+                                    if k in known and v is not None})
+    except Exception as exc:  # e.g. a URL parameter libpq does not understand
+        log.info("Arrow reads are off for this database: %s", type(exc).__name__)
+        return None
 
 
 class ArrowReader:
@@ -88,9 +85,9 @@ class ArrowReader:
 
     ``fetch`` runs a query and returns an Arrow table, or raises
     :class:`ArrowUnavailableError`; after a failure the reader stands aside for
-    ``RETRY_AFTER_SECONDS``. When a page comes back full, the next page (after its
-    last id) is requested at once, so that it is read while this one is scored; a
-    different next request discards it. Not thread-safe: use one per monitor.
+    ``RETRY_AFTER_SECONDS``. ``read_ahead`` starts the next page's read so that it
+    runs while the current page is scored; a different next request discards it.
+    Not thread-safe: use one per monitor.
     """
 
     def __init__(self, engine: sa.Engine, *, clock: Any = time.monotonic) -> None:
@@ -100,14 +97,15 @@ class ArrowReader:
         self._backend: Backend | None = None
         self._resume_at = 0.0
         self._templates: dict[Hashable, str] = {}
-        self._ahead: tuple[str, Pending] | None = None
+        self._ahead: tuple[str, Pending, float] | None = None
         #: Reads served by the Arrow path, and how many of them had been read ahead.
         self.fetches = 0
         self.read_ahead_hits = 0
-        url = engine.url
-        backend = url.get_backend_name()
-        self._target = (_sqlite_target(url) if backend == "sqlite"
-                        else _postgresql_target(url) if backend == "postgresql" else None)
+        #: Seconds between the start of the last page's read and its use.
+        self.page_age_seconds = 0.0
+        backend = engine.url.get_backend_name()
+        self._target = (_sqlite_target(engine.url) if backend == "sqlite"
+                        else _postgresql_target(engine) if backend == "postgresql" else None)
 
     @property
     def usable(self) -> bool:
@@ -144,32 +142,33 @@ class ArrowReader:
         return template.replace(str(PLACEHOLDER), str(operator.index(value)))
 
     def _take(self, sql: str, batch_rows: int) -> pa.Table:
-        """The page for ``sql``: the one read ahead if it matches, else read now."""
+        """The page for ``sql``: the one read ahead if it matches and is recent, else
+        one read now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            ahead_sql, pending = ahead
-            if ahead_sql == sql:
+            ahead_sql, pending, started = ahead
+            age = self._clock() - started
+            if ahead_sql == sql and age <= READ_AHEAD_MAX_AGE_SECONDS:
                 table = pending.result()
                 self.read_ahead_hits += 1
+                self.page_age_seconds = self._clock() - started
                 return table
             with contextlib.suppress(Exception):  # not wanted; only wait for it
                 pending.result()
+        self.page_age_seconds = 0.0
         return self._open().submit(sql, batch_rows).result()
 
     def fetch(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int, *,
               expected_rows: int = 0) -> pa.Table:
         """The result of ``build(value)`` as an Arrow table; ``key`` names the query's
-        shape (everything ``build`` depends on besides ``value``, an integer that the
-        query pages by: the next page starts after the largest id of this one, the
-        table's first column). A full page has the next one read ahead."""
+        shape (everything ``build`` depends on besides ``value``, an integer). A page
+        read ahead for the same query is used if it is at most
+        ``READ_AHEAD_MAX_AGE_SECONDS`` old (``page_age_seconds`` says how old)."""
         if not self.usable:
             raise ArrowUnavailableError("the Arrow path is standing aside")
         try:
             table = self._take(self._sql(key, build, value), expected_rows)
             self.fetches += 1
-            if expected_rows and table.num_rows >= expected_rows:
-                last = table.column(0)[table.num_rows - 1].as_py()
-                self._submit_ahead(key, build, last, expected_rows)
             return table
         except ArrowUnavailableError:
             raise
@@ -179,21 +178,18 @@ class ArrowReader:
 
     def read_ahead(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int,
                    expected_rows: int) -> None:
-        """Start reading the page ``build(value)`` now, for a :meth:`fetch` soon (e.g.
-        after a page read by the plain path came back full)."""
+        """Start reading the page ``build(value)`` now, for a :meth:`fetch` soon: the
+        caller found the last page full, so that the next one is read while this one
+        is scored."""
         if not self.usable or self._ahead is not None:
             return
         try:
-            self._submit_ahead(key, build, value, expected_rows)
+            sql = self._sql(key, build, value)
+            self._ahead = (sql, self._open().submit(sql, expected_rows), self._clock())
         except ArrowUnavailableError:
             return
         except Exception as exc:
             self.stand_aside(exc)
-
-    def _submit_ahead(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int,
-                      expected_rows: int) -> None:
-        sql = self._sql(key, build, value)
-        self._ahead = (sql, self._open().submit(sql, expected_rows))
 
     def stand_aside(self, exc: BaseException) -> None:
         """Log ``exc`` and use the plain path for ``RETRY_AFTER_SECONDS``."""
@@ -213,7 +209,7 @@ class ArrowReader:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             with contextlib.suppress(Exception):
-                ahead[1].result()
+                ahead[1].result()  # the SQLite reader answers in order: take the reply
         if backend is not None:
             try:
                 backend.close()
@@ -262,17 +258,34 @@ def _primitive(column: pa.ChunkedArray) -> npt.NDArray[Any] | None:
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+def _check_numeric(kind: pa.DataType, numeric_text: bool, what: str) -> None:
+    import pyarrow as pa
+
+    types = pa.types
+    if not (types.is_integer(kind) or types.is_floating(kind) or types.is_boolean(kind)
+            or types.is_decimal(kind) or types.is_null(kind)
+            or (numeric_text and (types.is_string(kind) or types.is_large_string(kind)))):
+        raise pa.ArrowInvalid(f"{what} came back as {kind}: read by the plain path")
+
+
 def _floats(column: pa.ChunkedArray) -> npt.NDArray[np.float64]:
     """A numeric column as float64, NULL as NaN (decimals and numeric text through
     Arrow's compute kernels)."""
     import pyarrow as pa
 
     plain = _primitive(column)
-    if plain is not None:
-        return plain.astype(np.float64, copy=False)
-    import pyarrow.compute as pc
+    if plain is None:
+        import pyarrow.compute as pc
 
-    return np.asarray(pc.cast(column, pa.float64(), safe=False).to_numpy(), dtype=np.float64)
+        if not pa.types.is_floating(column.type):  # decimals, numeric text, NULLs
+            return np.asarray(pc.cast(column, pa.float64(), safe=False).to_numpy(),
+                              dtype=np.float64)
+        plain = pc.fill_null(column, float("nan")).to_numpy()
+    if plain.dtype == np.float32:
+        # The plain drivers give a REAL as the double of its shortest decimal form
+        # (0.1, not 0.100000001490116); so do the same here.
+        return plain.astype(str).astype(np.float64)
+    return plain.astype(np.float64, copy=False)
 
 
 def _integers(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
@@ -295,23 +308,23 @@ class ArrowWindow:
 
     @classmethod
     def from_table(cls, table: pa.Table, n_features: int, *, with_xmin: bool,
-                   numeric_text: bool) -> ArrowWindow:
+                   numeric_text: bool, numeric_timestamps: bool) -> ArrowWindow:
         """Columns: id, timestamp, the features, then ``xmin`` and the horizon when
-        ``with_xmin``.
-        Raises ``pyarrow.ArrowInvalid`` / ``ArrowNotImplementedError`` for a feature
-        column that is not numeric; text columns are parsed only with ``numeric_text``
-        (PostgreSQL's exact NUMERIC text; SQLite renders a REAL in a mixed column as
-        text with 15 digits, so the plain path must read it)."""
-        import pyarrow as pa
+        ``with_xmin``. Raises ``pyarrow.ArrowInvalid`` for a column the plain path must
+        read: a feature that is not a number, a boolean or a decimal (text only with
+        ``numeric_text``: PostgreSQL's exact NUMERIC text, whereas SQLite renders the
+        REALs of a column that also holds text or BLOBs with 7 digits), or, with
+        ``numeric_timestamps`` (an epoch column), timestamps that came back as text."""
 
+        for j in range(n_features):
+            _check_numeric(table.column(2 + j).type, numeric_text, f"feature column {j}")
+        if numeric_timestamps:
+            _check_numeric(table.column(1).type, numeric_text, "the timestamp column")
         n = table.num_rows
         values = np.empty((n, n_features), dtype=np.float64)
         nulls = np.zeros((n, n_features), dtype=bool)
         for j in range(n_features):
             column = table.column(2 + j)
-            if not numeric_text and (pa.types.is_string(column.type)
-                                     or pa.types.is_large_string(column.type)):
-                raise pa.ArrowInvalid(f"feature column {j} holds text")
             values[:, j] = _floats(column)
             if column.null_count:
                 nulls[:, j] = column.is_null().to_numpy()

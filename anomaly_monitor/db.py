@@ -51,6 +51,20 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def postgresql_connect_args() -> dict[str, Any]:
+    """The libpq parameters every PostgreSQL connection of this package uses (they
+    take precedence over the same parameters in the URL)."""
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "options": " ".join((
+            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
+            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
+            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
+        )),
+        "application_name": "anomaly-monitor",
+    }
+
+
 def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     """An engine with pre-ping, connect and statement timeouts for ``url``."""
     try:
@@ -61,16 +75,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     if parsed.get_backend_name() == "sqlite":
         options.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
     elif parsed.get_backend_name() == "postgresql":
-        server_options = " ".join((
-            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
-            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
-        ))
-        options.setdefault("connect_args", {
-            "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-            "options": server_options,
-            "application_name": "anomaly-monitor",
-        })
+        options.setdefault("connect_args", postgresql_connect_args())
     try:
         engine = sa.create_engine(parsed, **options)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:

@@ -249,14 +249,18 @@ class ReadState:
     arrow: ArrowReader | None = None
     #: Rows in the last window read (it predicts the size of the next one).
     last_rows: int = 0
+    #: Whether windows may be read through Arrow (a one-off batch does not bother).
+    use_arrow: bool = True
 
     def plain(self, batch_size: int) -> bool:
         """Whether to read the next window by the plain path: after a small window, for
         a few rows are cheaper to read plainly than through the Arrow reader."""
         return self.last_rows < min(ARROW_MIN_ROWS, batch_size)
 
-    def reader(self, engine: sa.Engine) -> ArrowReader:
+    def reader(self, engine: sa.Engine) -> ArrowReader | None:
         """The Arrow reader for ``engine``, created on first use."""
+        if not self.use_arrow:
+            return None
         if self.arrow is None or self.arrow.engine is not engine:
             self.close()
             self.arrow = ArrowReader(engine)
@@ -404,8 +408,8 @@ def run_batch(
     :func:`sweep_late_rows`. Raises :class:`BatchConflictError` when the cursor
     moved or ``lease`` was taken over meanwhile.
     """
-    if read_state is None:  # a one-off batch: its reader lives for this call only
-        once = ReadState()
+    if read_state is None:  # a one-off batch: plain reads
+        once = ReadState(use_arrow=False)
         try:
             return run_batch(engine, monitor, source, models, lease=lease, read_state=once,
                              clock=clock)

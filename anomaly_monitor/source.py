@@ -153,6 +153,10 @@ def to_timestamp(value: Any) -> dt.datetime | None:
         try:
             return as_utc(dt.datetime.fromisoformat(value))
         except ValueError:
+            pass
+        try:  # numeric text (e.g. a NUMERIC epoch column read as text): epoch seconds
+            return to_timestamp(float(value))
+        except ValueError:
             return None
     return None
 
@@ -381,28 +385,34 @@ def _cut_at(ids: Sequence[int], young: int, held: int) -> tuple[int, int | None]
 
 def _read_arrow(
     arrow: ArrowReader, build: Callable[[int], sa.Select[Any]], after_id: int,
-    shape: Hashable, names: Sequence[str], limit: int,
+    shape: Hashable, source: SourceTable, names: Sequence[str], limit: int,
     ready_before: dt.datetime | None, horizon: bool,
 ) -> tuple[Window, int | None, int | None] | None:
     """The window through the Arrow path, the id the horizon held back and the
-    horizon; ``None`` when the plain path must read it."""
+    horizon; ``None`` when the plain path must read it. A full window that nothing
+    cut has the next one read ahead."""
     try:
         table = arrow.fetch(shape, build, after_id, expected_rows=limit)
-        batch = ArrowWindow.from_table(table, len(names), with_xmin=horizon,
-                                       numeric_text=arrow.dialect.name == "postgresql")
+        batch = ArrowWindow.from_table(
+            table, len(names), with_xmin=horizon,
+            numeric_text=arrow.dialect.name == "postgresql",
+            numeric_timestamps=isinstance(source.timestamp_column.type, NUMERIC_TYPES))
     except ArrowUnavailableError:
         return None
     except Exception as exc:  # e.g. a column Arrow cannot convert to float
         arrow.stand_aside(exc)
         return None
+    if ready_before is not None:  # a page read ahead was read that much earlier
+        ready_before -= dt.timedelta(seconds=arrow.page_age_seconds)
     xmin = batch.horizon
-    held = len(batch.ids) if batch.xmins is None or xmin is None \
-        else _first_held(batch.xmins, xmin)
     n = len(batch.ids)
+    held = n if batch.xmins is None or xmin is None else _first_held(batch.xmins, xmin)
     young = n if ready_before is None else batch.first_young(ready_before)
     if young is None:  # timestamps held as text or numbers: parse them up to the horizon
         young = _first_young(ArrowValues(batch.timestamps), ready_before, min(held + 1, n))
     stop, held_back = _cut_at(batch.ids, young, held)
+    if stop == n == limit:  # a backlog: read the next page while this one is scored
+        arrow.read_ahead(shape, build, int(batch.ids[-1]), limit)
     return _from_arrow(batch.head(stop), names), held_back, xmin
 
 
@@ -439,17 +449,17 @@ def read_window(
     shape = (source.table.fullname, source.id_column.name, source.timestamp_column.name,
              names, limit, horizon)
     fast = None if arrow is None or plain else _read_arrow(
-        arrow, build, after_id, shape, names, limit, ready_before, horizon)
+        arrow, build, after_id, shape, source, names, limit, ready_before, horizon)
     if fast is not None:
         window, held_back, xmin = fast
     else:
         rows = connection.execute(build(after_id)).all()
-        if arrow is not None and len(rows) == limit:  # a backlog: read the next page now
-            arrow.read_ahead(shape, build, rows[-1][0], limit)
         xmin = int(rows[0][-1]) if horizon and rows else None
         held = len(rows) if xmin is None else _first_held([r[-2] for r in rows], xmin)
         young = _first_young([r[1] for r in rows], ready_before, min(held + 1, len(rows)))
         stop, held_back = _cut_at([r[0] for r in rows], young, held)
+        if arrow is not None and stop == len(rows) == limit:  # a backlog: read ahead
+            arrow.read_ahead(shape, build, rows[-1][0], limit)
         rows = rows[:stop]
         window = _window([r[:-2] for r in rows] if horizon else rows, names, False)
     window.held_back, window.horizon = held_back, xmin

@@ -121,6 +121,7 @@ class Worker:
     def _pause(self, monitor: MonitorSettings, reason: str) -> None:
         state = self.states[monitor.name]
         state.status, state.detail, state.source = "paused", reason, None
+        state.read_state.close()
         log.error("monitor %s paused: %s", monitor.name, reason)
         self.metrics.paused.labels(monitor.name).set(1)
         with self.engine.begin() as connection:
@@ -199,6 +200,7 @@ class Worker:
             log.warning("%s", exc)
             state.lease = None  # claim again (or stand by) at the next poll
             state.status = "standby"
+            state.read_state.close()
             return None
         except Exception as exc:  # the daemon never dies on data or the DB
             if not isinstance(exc, sa.exc.SQLAlchemyError):
@@ -267,6 +269,7 @@ class Worker:
         if result.lease is None:
             if state.lease is not None:
                 log.warning("monitor %s: lease lost to %s", monitor.name, result.holder)
+                state.read_state.close()
             state.lease, state.status = None, "standby"
             state.detail = f"another worker ({result.holder}) holds the lease until " \
                            f"{result.expires_at:%Y-%m-%d %H:%M:%S}Z"

@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     output = args.output or (RESULTS if args.rows == 1_000_000 else None)
     if output is not None:
-        output.write_text("# Pipeline benchmark (python -m benchmarks.pipeline)\n\n" + table)
+        command = " ".join(["python -m benchmarks.pipeline", *(argv if argv is not None
+                                                                else sys.argv[1:])])
+        output.write_text(f"# Pipeline benchmark (`{command}`)\n\n{table}")
 
 
 if __name__ == "__main__":

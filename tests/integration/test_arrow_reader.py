@@ -100,23 +100,84 @@ def test_integer_numeric_and_boolean_features(engine):
     table = sa.Table("typed", metadata, sa.Column("id", sa.Integer, primary_key=True),
                      sa.Column("ts", sa.DateTime(timezone=True)),
                      sa.Column("count", sa.BigInteger), sa.Column("price", sa.Numeric(12, 3)),
-                     sa.Column("open", sa.Boolean), sa.Column("ratio", sa.Float))
+                     sa.Column("open", sa.Boolean), sa.Column("ratio", sa.Float),
+                     sa.Column("level", sa.REAL))  # float4 on PostgreSQL
     metadata.create_all(engine)
-    values = [(3, "1.250", True, 0.5), (None, "2.000", False, 1.5), (7, None, True, 2.5),
-              (2**40, "-3.125", None, -0.5), (1, "4.5", False, None)]
+    values = [(3, "1.250", True, 0.5, 0.1), (None, "2.000", False, 1.5, 0.2),
+              (7, None, True, 2.5, 0.3), (2**40, "-3.125", None, -0.5, 1e-7),
+              (1, "4.5", False, None, 3.3)]
     with engine.begin() as connection:
         connection.execute(table.insert(), [
             {"id": i + 1, "ts": BASE + dt.timedelta(minutes=i), "count": c,
              "price": None if p is None else sa.literal(p, sa.Numeric(12, 3)).value,
-             "open": o, "ratio": r} for i, (c, p, o, r) in enumerate(values)])
-    monitor = monitor_settings(table="typed", features=("count", "price", "open", "ratio"))
+             "open": o, "ratio": r, "level": v}
+            for i, (c, p, o, r, v) in enumerate(values)])
+    monitor = monitor_settings(table="typed",
+                               features=("count", "price", "open", "ratio", "level"))
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
     plain, fast, arrow = _both(engine, source, 0, 100)
     assert arrow.fetches == 1
     _same(plain, fast)
     assert fast.ids.tolist() == [1]
+    assert fast.values[0].tolist() == [3.0, 1.25, 1.0, 0.5, 0.1]  # a REAL reads as 0.1
     assert sorted(b.source_id for b in fast.bad) == [2, 3, 4, 5]
+
+
+def test_epoch_timestamps_and_the_young_row_cut(engine):
+    metadata = sa.MetaData()
+    table = sa.Table("epochs", metadata, sa.Column("id", sa.Integer, primary_key=True),
+                     sa.Column("ts", sa.Numeric(16, 3)), sa.Column("x", sa.Float))
+    metadata.create_all(engine)
+    start = BASE.timestamp()
+    with engine.begin() as connection:
+        connection.execute(table.insert(), [
+            {"id": i + 1, "ts": sa.literal(f"{start + 60 * i:.3f}", sa.Numeric(16, 3)).value,
+             "x": float(i)} for i in range(20)])
+    monitor = monitor_settings(table="epochs", features=("x",))
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    ready_before = BASE + dt.timedelta(minutes=9, seconds=30)
+    plain, fast, arrow = _both(engine, source, 0, 100, ready_before=ready_before)
+    assert arrow.fetches == 1 and arrow.usable
+    _same(plain, fast)
+    assert fast.last_id == 10 and fast.timestamp(0) == BASE
+
+
+def test_a_blob_feature_is_read_by_the_plain_path(tmp_path):
+    from anomaly_monitor.db import create_engine
+    from tests.helpers import source_table
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'blob.db'}")
+    table = source_table(engine)
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor_settings())
+    ids = insert_rows(engine, table, Sensors().normal(4), start=BASE)
+    with engine.begin() as connection:
+        connection.execute(table.update().where(table.c.id == ids[1])
+                           .values(f2=sa.literal_column("x'322e35'")))  # the bytes b"2.5"
+    plain, fast, arrow = _both(engine, source, 0, 100)
+    # The driver would type the column as binary and render its REALs with 7 digits.
+    assert not arrow.usable
+    _same(plain, fast)
+    assert fast.values[1, 2] == 2.5  # numeric bytes read as the number, as numpy does
+    engine.dispose()
+
+
+def test_a_page_read_ahead_long_ago_is_read_again(engine, table):
+    table, source = table
+    insert_rows(engine, table, Sensors().normal(30), start=BASE)
+    now = [0.0]
+    arrow = ArrowReader(engine, clock=lambda: now[0])
+    with engine.connect() as connection:
+        read_window(connection, source, 0, 10, arrow=arrow)  # full: the next is read ahead
+        now[0] += 1.0
+        read_window(connection, source, 10, 10, arrow=arrow)  # used; the next read ahead
+        now[0] += 60.0
+        window = read_window(connection, source, 20, 10, arrow=arrow)  # too old: read again
+    arrow.close()
+    assert (arrow.fetches, arrow.read_ahead_hits) == (3, 1)
+    assert window.ids.tolist() == list(range(21, 31))
 
 
 def test_run_batch_reads_a_backlog_through_arrow_one_page_ahead(engine):

@@ -62,3 +62,15 @@ def test_a_reader_process_dying_mid_query_is_an_error_and_is_restarted(database)
     finally:
         backend.close()
     assert backend._process is None
+
+
+def test_the_postgresql_connection_string_keeps_the_engines_timeouts():
+    from anomaly_monitor.arrow_reader import _postgresql_target
+    from anomaly_monitor.db import create_engine
+
+    engine = create_engine("postgresql://u:pw@db.example:5433/monitor"
+                           "?options=-csearch_path%3Dother&prepare_threshold=0&sslmode=require")
+    conninfo = _postgresql_target(engine)
+    assert "statement_timeout=60000" in conninfo and "search_path" not in conninfo
+    assert "prepare_threshold" not in conninfo  # psycopg's, not libpq's
+    assert "sslmode=require" in conninfo and "port=5433" in conninfo
