@@ -258,6 +258,17 @@ def _primitive(column: pa.ChunkedArray) -> npt.NDArray[Any] | None:
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+def _storage(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``column`` without an extension type (PostgreSQL's NUMERIC arrives as an opaque
+    extension over its exact text)."""
+    import pyarrow as pa
+
+    if isinstance(column.type, pa.BaseExtensionType):
+        return pa.chunked_array([chunk.storage for chunk in column.chunks],
+                                type=column.type.storage_type)
+    return column
+
+
 def _check_numeric(kind: pa.DataType, numeric_text: bool, what: str) -> None:
     import pyarrow as pa
 
@@ -316,22 +327,23 @@ class ArrowWindow:
         REALs of a column that also holds text or BLOBs with 7 digits), or, with
         ``numeric_timestamps`` (an epoch column), timestamps that came back as text."""
 
+        columns = [_storage(table.column(i)) for i in range(2 + n_features)]
         for j in range(n_features):
-            _check_numeric(table.column(2 + j).type, numeric_text, f"feature column {j}")
+            _check_numeric(columns[2 + j].type, numeric_text, f"feature column {j}")
         if numeric_timestamps:
-            _check_numeric(table.column(1).type, numeric_text, "the timestamp column")
+            _check_numeric(columns[1].type, numeric_text, "the timestamp column")
         n = table.num_rows
         values = np.empty((n, n_features), dtype=np.float64)
         nulls = np.zeros((n, n_features), dtype=bool)
         for j in range(n_features):
-            column = table.column(2 + j)
+            column = columns[2 + j]
             values[:, j] = _floats(column)
             if column.null_count:
                 nulls[:, j] = column.is_null().to_numpy()
         xmins = _integers(table.column(2 + n_features)) if with_xmin else None
         horizon = (int(table.column(3 + n_features)[0].as_py())
                    if with_xmin and n else None)
-        return cls(_integers(table.column(0)), table.column(1), values, nulls, xmins, horizon)
+        return cls(_integers(table.column(0)), columns[1], values, nulls, xmins, horizon)
 
     def first_young(self, ready_before: dt.datetime) -> int | None:
         """The index of the first row whose timestamp is not older than ``ready_before``;

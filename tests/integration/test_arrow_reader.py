@@ -117,7 +117,7 @@ def test_integer_numeric_and_boolean_features(engine):
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
     plain, fast, arrow = _both(engine, source, 0, 100)
-    assert arrow.fetches == 1
+    assert arrow.fetches == 1 and arrow.usable
     _same(plain, fast)
     assert fast.ids.tolist() == [1]
     assert fast.values[0].tolist() == [3.0, 1.25, 1.0, 0.5, 0.1]  # a REAL reads as 0.1
