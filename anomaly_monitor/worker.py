@@ -273,6 +273,9 @@ class Worker:
             state.lease, state.status = None, "standby"
             state.detail = f"another worker ({result.holder}) holds the lease until " \
                            f"{result.expires_at:%Y-%m-%d %H:%M:%S}Z"
+            # Standing by is this worker's success: without it a standby replica would
+            # look stalled to the AnomalyMonitorStalled alert.
+            self.metrics.last_success.labels(monitor.name).set(time.time())
             return False
         if result.lease is not None and state.lease is None:
             log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)

@@ -41,6 +41,10 @@ def test_a_standby_takes_over_when_the_leader_dies(two):
     assert leader.poll("plant").status == "running"
     assert standby.poll("plant").status == "standby"
     assert leader.owner in standby.states["plant"].detail
+    # Standing by is healthy: the standby's series must not look stalled.
+    last = standby.metrics.registry.get_sample_value(
+        "anomaly_monitor_last_success_timestamp_seconds", {"monitor": "plant"})
+    assert time.time() - last < 5
     insert_rows(engine, table, sensors.normal(10))
     # The leader dies without releasing its lease: the standby waits for it to expire.
     started = time.monotonic()
