@@ -11,6 +11,15 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 VERSION_TABLE = "am_alembic_version"
+#: PostgreSQL advisory lock key held while migrating, so that replicas starting at
+#: once (e.g. Kubernetes init containers) migrate one after the other.
+MIGRATION_LOCK_KEY = 0x616D6D6967  # "ammig"
+
+
+def _lock(connection: sa.Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                           {"key": MIGRATION_LOCK_KEY})
 
 
 def alembic_config(connection: sa.Connection | None = None) -> Config:
@@ -28,6 +37,7 @@ def upgrade(engine: sa.Engine, revision: str = "head") -> None:
     from alembic import command
 
     with engine.begin() as connection:
+        _lock(connection)
         command.upgrade(alembic_config(connection), revision)
 
 
@@ -36,6 +46,7 @@ def downgrade(engine: sa.Engine, revision: str = "-1") -> None:
     from alembic import command
 
     with engine.begin() as connection:
+        _lock(connection)
         command.downgrade(alembic_config(connection), revision)
 
 

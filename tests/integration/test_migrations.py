@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -53,4 +54,24 @@ def test_user_tables_are_left_alone(bare_db_url):
     with engine.connect() as connection:
         assert connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() \
             == "users_own"
+    engine.dispose()
+
+
+def test_replicas_migrating_at_once_all_succeed(bare_db_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if not bare_db_url.startswith("postgresql"):
+        pytest.skip("replicas share PostgreSQL; a SQLite file is served by one worker")
+    config = tmp_path / "monitor.toml"
+    config.write_text(f'[database]\nurl = "{bare_db_url}"\n')
+    processes = [subprocess.Popen([sys.executable, "-m", "anomaly_monitor", "--config",
+                                   str(config), "db", "upgrade"], env=dict(os.environ),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], outputs
+    engine = create_engine(bare_db_url)
+    assert migrate.current_revision(engine) == migrate.head_revision()
     engine.dispose()
