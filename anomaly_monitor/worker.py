@@ -265,6 +265,8 @@ class Worker:
         if not result.cursor_exists:  # no model was ever activated: nothing to score
             state.lease, state.status = None, "no_model"
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
+            # Polled fine: AnomalyMonitorNoModel, not Stalled, tells the operator.
+            self.metrics.last_success.labels(monitor.name).set(time.time())
             return False
         if result.lease is None:
             if state.lease is not None:
