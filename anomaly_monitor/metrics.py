@@ -126,7 +126,8 @@ class Metrics:
     def observe_poll(
         self, monitor: str, *, now: float, backlog: int | None, newest_timestamp: float | None
     ) -> None:
-        """Record a successful poll: success time, backlog, lag."""
+        """Record a successful poll: success time, and backlog and lag when known (a
+        standby worker knows neither)."""
         self.last_success.labels(monitor).set(now)
         if backlog is not None:
             self.backlog.labels(monitor).set(backlog)

@@ -266,7 +266,8 @@ class Worker:
             state.lease, state.status = None, "no_model"
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
             # Polled fine: AnomalyMonitorNoModel, not Stalled, tells the operator.
-            self.metrics.last_success.labels(monitor.name).set(time.time())
+            self.metrics.observe_poll(monitor.name, now=time.time(), backlog=None,
+                                      newest_timestamp=None)
             return False
         if result.lease is None:
             if state.lease is not None:
@@ -277,7 +278,8 @@ class Worker:
                            f"{result.expires_at:%Y-%m-%d %H:%M:%S}Z"
             # Standing by is this worker's success: without it a standby replica would
             # look stalled to the AnomalyMonitorStalled alert.
-            self.metrics.last_success.labels(monitor.name).set(time.time())
+            self.metrics.observe_poll(monitor.name, now=time.time(), backlog=None,
+                                      newest_timestamp=None)
             return False
         if result.lease is not None and state.lease is None:
             log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)

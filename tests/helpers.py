@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.config import MonitorSettings, Settings, ThresholdSettings
 from anomaly_monitor.source import SourceTable, reflect_source
@@ -126,3 +128,18 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> float:
             raise AssertionError(f"condition not met within {timeout} s")
         time.sleep(interval)
     return time.monotonic() - start
+
+
+def scrape(registry: CollectorRegistry) -> str:
+    """``registry`` served by the exporter and fetched over HTTP, as text."""
+    from anomaly_monitor.metrics import serve
+    from tests.pgserver import free_port
+
+    port = free_port()
+    server, thread = serve(registry, "127.0.0.1", port)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            return response.read().decode()
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)

@@ -76,18 +76,25 @@ def test_arrow_window_stops_at_young_rows_like_the_plain_one(engine, table):
     assert fast.last_id == ids[12]
 
 
-def test_a_value_the_driver_cannot_type_falls_back_and_is_quarantined(tmp_path):
+def _sqlite_with_raw_value(tmp_path, rows: int, row: int, column: str, literal: str):
+    """A SQLite source table of ``rows`` rows where ``column`` of row ``row`` holds
+    the SQL ``literal`` (SQLite keeps any type in any column)."""
     from anomaly_monitor.db import create_engine
     from tests.helpers import source_table
 
-    engine = create_engine(f"sqlite:///{tmp_path / 'typed.db'}")  # SQLite keeps any type
+    engine = create_engine(f"sqlite:///{tmp_path / 'raw.db'}")
     table = source_table(engine)
     with engine.connect() as connection:
         source = reflect_source(connection, monitor_settings())
-    ids = insert_rows(engine, table, Sensors().normal(5), start=BASE)
+    ids = insert_rows(engine, table, Sensors().normal(rows), start=BASE)
     with engine.begin() as connection:
-        connection.execute(table.update().where(table.c.id == ids[2])
-                           .values(f1=sa.literal_column("'broken'")))
+        connection.execute(table.update().where(table.c.id == ids[row])
+                           .values({column: sa.literal_column(literal)}))
+    return engine, source, ids
+
+
+def test_a_value_the_driver_cannot_type_falls_back_and_is_quarantined(tmp_path):
+    engine, source, ids = _sqlite_with_raw_value(tmp_path, 5, 2, "f1", "'broken'")
     plain, fast, arrow = _both(engine, source, 0, 100)
     assert not arrow.usable  # it stands aside for a while
     _same(plain, fast)
@@ -145,17 +152,7 @@ def test_epoch_timestamps_and_the_young_row_cut(engine):
 
 
 def test_a_blob_feature_is_read_by_the_plain_path(tmp_path):
-    from anomaly_monitor.db import create_engine
-    from tests.helpers import source_table
-
-    engine = create_engine(f"sqlite:///{tmp_path / 'blob.db'}")
-    table = source_table(engine)
-    with engine.connect() as connection:
-        source = reflect_source(connection, monitor_settings())
-    ids = insert_rows(engine, table, Sensors().normal(4), start=BASE)
-    with engine.begin() as connection:
-        connection.execute(table.update().where(table.c.id == ids[1])
-                           .values(f2=sa.literal_column("x'322e35'")))  # the bytes b"2.5"
+    engine, source, _ = _sqlite_with_raw_value(tmp_path, 4, 1, "f2", "x'322e35'")  # b"2.5"
     plain, fast, arrow = _both(engine, source, 0, 100)
     # The driver would type the column as binary and render its REALs with 7 digits.
     assert not arrow.usable

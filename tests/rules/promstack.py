@@ -110,13 +110,18 @@ def shortened_rules(path: Path) -> Path:
     return path
 
 
-def _process(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+@contextlib.contextmanager
+def _running(command: list[str], log: Path, port: int, name: str) -> Iterator[str]:
+    """``command`` running (output to ``log``) until its ``/-/ready`` on ``port``
+    answers; yields its URL and stops it afterwards."""
     with log.open("ab") as out:
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200,
+                   START_TIMEOUT_SECONDS, f"{name} did not become ready")
+        yield url
+    finally:
         process.terminate()
         try:
             process.wait(10)
@@ -137,17 +142,11 @@ def alertmanager(workdir: Path, webhook: Webhook) -> Iterator[str]:
         "receivers": [{"name": "webhook",
                        "webhook_configs": [{"url": webhook.url, "send_resolved": True}]}],
     }))
-    process = _process([command, f"--config.file={config}",
-                        f"--storage.path={workdir / 'alertmanager-data'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                        "--cluster.listen-address="], workdir / "alertmanager.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200,
-                   START_TIMEOUT_SECONDS, "Alertmanager did not become ready")
+    with _running([command, f"--config.file={config}",
+                   f"--storage.path={workdir / 'alertmanager-data'}",
+                   f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+                  workdir / "alertmanager.log", port, "Alertmanager") as url:
         yield url
-    finally:
-        _stop(process)
 
 
 @contextlib.contextmanager
@@ -166,17 +165,11 @@ def prometheus(workdir: Path, target: str, alertmanager_url: str) -> Iterator[st
         "scrape_configs": [{"job_name": "anomaly-monitor", "scrape_timeout": "900ms",
                             "static_configs": [{"targets": [target]}]}],
     }))
-    process = _process([command, f"--config.file={config}",
-                        f"--storage.tsdb.path={workdir / 'prometheus-data'}",
-                        f"--web.listen-address=127.0.0.1:{port}"],
-                       workdir / "prometheus.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200,
-                   START_TIMEOUT_SECONDS, "Prometheus did not become ready")
+    with _running([command, f"--config.file={config}",
+                   f"--storage.tsdb.path={workdir / 'prometheus-data'}",
+                   f"--web.listen-address=127.0.0.1:{port}"],
+                  workdir / "prometheus.log", port, "Prometheus") as url:
         yield url
-    finally:
-        _stop(process)
 
 
 def query(prometheus_url: str, expr: str) -> list[dict[str, Any]]:

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tomllib
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from anomaly_monitor import __version__
 from anomaly_monitor.config import load_settings
-from anomaly_monitor.metrics import Metrics, serve
-from tests.pgserver import free_port
+from anomaly_monitor.metrics import Metrics
+from tests.helpers import scrape
 from tests.rules.promstack import DEPLOY, RULES, binary
 
 ROOT = DEPLOY.parent
@@ -71,14 +70,7 @@ def test_the_exporter_passes_promtool_check_metrics_without_warnings():
     metrics = Metrics(registry)
     metrics.init_monitors({"orders": 30.0})
     metrics.set_model("orders", "2", "dae", 1.25, 0.01)
-    port = free_port()
-    server, thread = serve(registry, "127.0.0.1", port)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            body = response.read().decode()
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+    body = scrape(registry)
     checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
                              text=True, timeout=60, check=False)
     assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), \

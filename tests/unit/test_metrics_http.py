@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import urllib.request
-
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from anomaly_monitor.metrics import Metrics, serve
-from tests.pgserver import free_port
+from anomaly_monitor.metrics import Metrics
+from tests.helpers import scrape
 
 
 def test_metrics_are_scraped_over_http():
@@ -16,14 +14,7 @@ def test_metrics_are_scraped_over_http():
     metrics = Metrics(registry)
     metrics.init_monitors({"plant": 60.0})
     metrics.set_model("plant", "3", "vae", 1.5)
-    port = free_port()
-    server, thread = serve(registry, "127.0.0.1", port)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            body = response.read().decode()
-    finally:
-        server.shutdown()
-        thread.join(timeout=5)
+    body = scrape(registry)
     families = {f.name: f for f in text_string_to_metric_families(body)}
     assert {"anomaly_monitor_rows_scored", "anomaly_monitor_batch_duration_seconds",
             "anomaly_monitor_model_info", "anomaly_monitor_threshold"} <= set(families)
