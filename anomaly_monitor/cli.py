@@ -12,12 +12,13 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import sqlalchemy as sa
 
 from anomaly_monitor import __version__
+from anomaly_monitor.calibration import DEFAULT_METHOD
 from anomaly_monitor.config import (
     EXAMPLE,
     SCORING_THREADS,
@@ -38,6 +39,9 @@ from anomaly_monitor.db import (
     redact,
 )
 from anomaly_monitor.tables import as_utc
+
+if TYPE_CHECKING:
+    from anomaly_monitor.lifecycle import CalibrationPlan
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -311,7 +315,9 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
 
 @main.command()
 @click.argument("monitor")
-@click.option("--method", type=click.Choice(THRESHOLD_METHODS), help="Default: from config.")
+@click.option("--method", type=click.Choice(THRESHOLD_METHODS),
+              help=f"Default: from config ({DEFAULT_METHOD} unless set there; robust fits the "
+                   "bulk of the held-out scores, so anomalies among them do not move it).")
 @click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--alerts-per-day", type=click.FloatRange(0, min_open=True))
 @click.option("--value", type=float, help="The threshold for --method fixed.")
@@ -343,20 +349,10 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     plan = plan_calibration(app.engine, settings, threshold_settings)
     if plot:
         plot_calibration(plan, plot)
-    rows = [(c.label, f"{c.threshold.value:.6g}", f"{c.holdout_rate:.4%}", c.recent_flagged)
-            for c in plan.candidates]
     if as_json:
-        _echo_json({"version": plan.version.version, "chosen": plan.chosen.to_dict(),
-                    "dry_run": dry_run, "recent_rows": int(plan.recent_scores.size),
-                    "candidates": [{"label": c.label, "threshold": c.threshold.value,
-                                    "holdout_flag_rate": c.holdout_rate,
-                                    "recent_flagged": c.recent_flagged}
-                                   for c in plan.candidates]})
+        _echo_json(_calibration_json(plan, dry_run))
     else:
-        click.echo(f"monitor {monitor}, version {plan.version.version}: "
-                   f"{plan.holdout_scores.size} held-out rows, "
-                   f"{plan.recent_scores.size} recent rows")
-        _table(["threshold", "value", "held-out flagged", "recent flagged"], rows)
+        _print_calibration(monitor, plan)
     if plot:
         click.echo(f"wrote {plot}", err=as_json)
     if "fallback" in plan.chosen.params:
@@ -367,6 +363,42 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     apply_calibration(app.engine, settings, plan)
     click.echo(f"threshold of version {plan.version.version} set to {plan.chosen.value:.6g} "
                f"({plan.chosen.method})", err=as_json)
+
+
+def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
+    """The ``calibrate --json`` document."""
+    return {
+        "version": plan.version.version, "chosen": plan.chosen.to_dict(), "dry_run": dry_run,
+        "holdout_rows": int(plan.holdout_scores.size),
+        "recent_rows": int(plan.recent_scores.size),
+        "labelled_rows": plan.labelled_rows, "labelled_anomalies": plan.labelled_anomalies,
+        "estimated_contamination": plan.contamination,
+        "candidates": [{"label": c.label, "method": c.threshold.method,
+                        "threshold": c.threshold.value, "holdout_flag_rate": c.holdout_rate,
+                        "recent_flagged": c.recent_flagged, "precision": c.precision,
+                        "recall": c.recall, "f1": c.f1}
+                       for c in plan.candidates],
+    }
+
+
+def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
+    """The ``calibrate`` table: each candidate's flags, and its precision/recall given labels."""
+    labelled = f", {plan.labelled_rows} labelled ({plan.labelled_anomalies} anomalies)" \
+        if plan.labelled_rows else ""
+    click.echo(f"monitor {monitor}, version {plan.version.version}: "
+               f"{plan.holdout_scores.size} held-out rows{labelled}, "
+               f"{plan.recent_scores.size} recent rows")
+    if plan.contamination is not None:
+        click.echo(f"robust fit: {plan.contamination:.2%} of held-out rows score above the "
+                   "bulk of normal scores")
+    headers = ["threshold", "value", "held-out flagged", "recent flagged"]
+    rows: list[list[Any]] = [[c.label, f"{c.threshold.value:.6g}", f"{c.holdout_rate:.4%}",
+                              c.recent_flagged] for c in plan.candidates]
+    if plan.labelled_rows:
+        headers += ["precision", "recall", "F1"]
+        for row, c in zip(rows, plan.candidates, strict=True):
+            row += ["-" if v is None else f"{v:.3f}" for v in (c.precision, c.recall, c.f1)]
+    _table(headers, rows)
 
 
 # -- models -----------------------------------------------------------------------------

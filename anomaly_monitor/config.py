@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from anomaly_monitor.calibration import DEFAULT_METHOD, METHODS
+
 DEFAULT_PATH = Path("anomaly-monitor.toml")
 ENV_CONFIG = "ANOMALY_MONITOR_CONFIG"
 ENV_DATABASE_URL = "ANOMALY_MONITOR_DATABASE_URL"
@@ -25,7 +27,8 @@ DEFAULT_DATABASE_URL = "sqlite:///anomaly_monitor.db"
 #: Monitor names appear in metric labels, file names and SQL values: keep them plain.
 MONITOR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 KINDS = ("vae", "dae", "sae")
-THRESHOLD_METHODS = ("quantile", "pot", "labels", "fixed")
+#: Threshold methods (``anomaly_monitor.calibration`` documents their assumptions).
+THRESHOLD_METHODS = METHODS
 #: torch threads per scoring operation in the daemon (``run --threads``). A batch is
 #: small (one thread scores about two million rows a second); more threads per
 #: operation only contend with the reader of the next window and other monitors' jobs.
@@ -40,7 +43,7 @@ class ConfigError(ValueError):
 class ThresholdSettings:
     """How ``calibrate`` (and ``train``) set a monitor's threshold."""
 
-    method: str = "quantile"
+    method: str = DEFAULT_METHOD
     target_fpr: float = 0.01
     alerts_per_day: float | None = None
     value: float | None = None
@@ -352,8 +355,10 @@ query_delay_seconds = 0         # only score rows older than this (late writers)
                                 # dies (default: 3 intervals, at least 30 s)
 
 [monitor.threshold]
-method = "quantile"             # quantile | pot | labels | fixed
-target_fpr = 0.01               # share of normal rows flagged (quantile, pot)
+method = "robust"               # robust | quantile | pot | labels | fixed; robust fits the
+                                # bulk of the held-out scores, so anomalies in the history
+                                # do not move the threshold
+target_fpr = 0.01               # share of normal rows flagged (robust, quantile, pot)
 # alerts_per_day = 20           # instead of target_fpr: from the observed row rate
 # value = 3.5                   # for method = "fixed"
 

@@ -18,9 +18,11 @@ import numpy.typing as npt
 import sqlalchemy as sa
 
 from anomaly_monitor.calibration import (
+    RATE_METHODS,
     CalibrationWarning,
     Threshold,
     calibrate,
+    fit_robust,
     fpr_for_alerts_per_day,
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
@@ -55,6 +57,8 @@ MIN_TRAINING_ROWS = 50
 DEFAULT_TRAINING_LIMIT = 1_000_000
 #: Rows before the cursor scored by ``calibrate --dry-run``.
 DRY_RUN_RECENT_ROWS = 10_000
+#: Target false-positive rates of the dry run's candidates, beside the configured one.
+DRY_RUN_RATES = (0.01, 0.001, 0.0001)
 SECONDS_PER_DAY = 86_400.0
 
 
@@ -123,7 +127,7 @@ def choose_threshold(
 ) -> Threshold:
     """The threshold that ``settings`` asks for over held-out ``scores``."""
     target = settings.target_fpr
-    if settings.alerts_per_day is not None and settings.method in ("quantile", "pot"):
+    if settings.alerts_per_day is not None and settings.method in RATE_METHODS:
         if rows_per_day is None:
             raise TrainingError("alerts_per_day needs timestamps spanning more than an instant")
         target = fpr_for_alerts_per_day(settings.alerts_per_day, rows_per_day)
@@ -142,7 +146,8 @@ def choose_threshold(
 def _calibrate_noting_fallback(
     scores: npt.NDArray[np.float64], method: str, target_fpr: float, value: float | None
 ) -> Threshold:
-    """``calibrate`` with a POT fallback recorded in ``params["fallback"]``, not warned."""
+    """``calibrate`` with a fallback (POT, robust) recorded in ``params["fallback"]``, not
+    warned."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         threshold = calibrate(scores, method, target_fpr=target_fpr, value=value)
@@ -277,14 +282,26 @@ def rollback(connection: sa.Connection, monitor: MonitorSettings) -> ModelVersio
 
 # -- calibration ---------------------------------------------------------------------------
 
+#: Scores and 0/1 labels (NaN: unknown) of the held-out rows.
+Labelled = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
+
+
 @dataclass
 class Candidate:
-    """A threshold and what it would flag."""
+    """A threshold and what it would flag.
+
+    ``precision``, ``recall`` and ``f1`` are measured on the labelled held-out rows
+    when the monitor has a label column; ``None`` without labels, and precision
+    (recall, F1) also when the threshold flags no row (no row is labelled anomalous).
+    """
 
     label: str
     threshold: Threshold
-    holdout_rate: float
-    recent_flagged: int
+    holdout_rate: float = 0.0
+    recent_flagged: int = 0
+    precision: float | None = None
+    recall: float | None = None
+    f1: float | None = None
 
 
 @dataclass
@@ -296,6 +313,11 @@ class CalibrationPlan:
     candidates: list[Candidate]
     holdout_scores: npt.NDArray[np.float64]
     recent_scores: npt.NDArray[np.float64]
+    #: Held-out rows with a known label, and how many of them are labelled anomalies.
+    labelled_rows: int = 0
+    labelled_anomalies: int = 0
+    #: The share of held-out rows the ``robust`` fit puts above the bulk of normal scores.
+    contamination: float | None = None
 
 
 def _recent_scores(
@@ -325,8 +347,8 @@ def _recent_scores(
 
 def _holdout_labels(
     connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None:
-    """Scores and labels of the held-out rows, re-read (only for the labels method)."""
+) -> Labelled | None:
+    """Scores and labels of the held-out rows, re-read; ``None`` without a label column."""
     if monitor.label_column is None:
         return None
     source = reflect_source(connection, monitor)
@@ -349,7 +371,11 @@ def plan_calibration(
     *,
     recent_rows: int = DRY_RUN_RECENT_ROWS,
 ) -> CalibrationPlan:
-    """The threshold ``settings`` gives for the active version, and the alternatives."""
+    """The threshold ``settings`` gives for the active version, and the alternatives.
+
+    Each candidate is measured on the held-out rows (flag rate; precision, recall
+    and F1 when the monitor has a label column) and on the recent rows.
+    """
     with engine.connect() as connection:
         number = active_version(connection, monitor.name)
         if number is None:
@@ -360,30 +386,76 @@ def plan_calibration(
         holdout = calibration_scores(connection, monitor.name, number)
         model = load_model(connection, monitor.name, number, device="cpu")
         recent = _recent_scores(connection, monitor, model, recent_rows)
-        labelled = (_holdout_labels(connection, monitor, model)
-                    if settings.method == "labels" else None)
-    version, training = model.version, model.version.training
+        labelled = _holdout_labels(connection, monitor, model)
+    version = model.version
+    chosen = _chosen_threshold(version, holdout, labelled, settings)
+    candidates = [*_candidates(version, holdout, labelled, settings.target_fpr),
+                  Candidate(f"chosen ({chosen.method})", chosen)]
+    for candidate in candidates:
+        _measure(candidate, holdout, recent, labelled)
+    known = None if labelled is None else labelled[1][~np.isnan(labelled[1])]
+    fit = fit_robust(holdout) if holdout.size else None
+    return CalibrationPlan(
+        version, chosen, candidates, holdout, recent,
+        labelled_rows=0 if known is None else int(known.size),
+        labelled_anomalies=0 if known is None else int((known > 0.5).sum()),
+        contamination=None if fit is None else fit.contamination,
+    )
+
+
+def _chosen_threshold(
+    version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
+    settings: ThresholdSettings,
+) -> Threshold:
+    """The threshold ``settings`` asks for; ``labels`` uses the re-read held-out labels."""
+    if settings.method == "labels" and labelled is not None:
+        return choose_threshold(labelled[0], settings, labels=labelled[1])
+    training = version.training
     rate = rows_per_day(training["rows"] + training["holdout_rows"],
                         _parse_iso(training.get("first_timestamp")),
                         _parse_iso(training.get("last_timestamp")))
-    if labelled is not None:
-        chosen = choose_threshold(labelled[0], settings, labels=labelled[1])
-    else:
-        chosen = choose_threshold(holdout, settings, rows_per_day=rate)
-    candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method),
-                            0.0, 0)]
-    for method in ("quantile", "pot"):
-        for rate in sorted({settings.target_fpr, 0.01, 0.001, 0.0001}, reverse=True):
+    return choose_threshold(holdout, settings, rows_per_day=rate)
+
+
+def _candidates(
+    version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
+    target_fpr: float,
+) -> list[Candidate]:
+    """The current threshold, each rate method at a few rates, and max-F1 given labels."""
+    candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method))]
+    for method in RATE_METHODS:
+        for rate in sorted({target_fpr, *DRY_RUN_RATES}, reverse=True):
             threshold = _calibrate_noting_fallback(holdout, method, rate, None)
-            label = f"{method} fpr={rate:g}" + (" (as quantile)" if "fallback" in
-                                                 threshold.params else "")
-            candidates.append(Candidate(label, threshold, 0.0, 0))
-    candidates.append(Candidate(f"chosen ({chosen.method})", chosen, 0.0, 0))
-    for candidate in candidates:
-        value = candidate.threshold.value
-        candidate.holdout_rate = float((holdout > value).mean()) if holdout.size else 0.0
-        candidate.recent_flagged = int((recent > value).sum())
-    return CalibrationPlan(version, chosen, candidates, holdout, recent)
+            note = "held-out maximum" if method == "quantile" else "as quantile"
+            label = f"{method} fpr={rate:g}" + (f" ({note})" if "fallback" in threshold.params
+                                                 else "")
+            candidates.append(Candidate(label, threshold))
+    if labelled is not None:
+        known = ~np.isnan(labelled[1])
+        if (labelled[1][known] > 0.5).any():
+            threshold = calibrate(labelled[0][known], "labels",
+                                  labels=(labelled[1][known] > 0.5).astype(int))
+            candidates.append(Candidate("labels (max F1)", threshold))
+    return candidates
+
+
+def _measure(
+    candidate: Candidate, holdout: npt.NDArray[np.float64], recent: npt.NDArray[np.float64],
+    labelled: Labelled | None,
+) -> None:
+    """Fill in what ``candidate`` flags: held-out rate, recent rows, label metrics."""
+    value = candidate.threshold.value
+    candidate.holdout_rate = float((holdout > value).mean()) if holdout.size else 0.0
+    candidate.recent_flagged = int((recent > value).sum())
+    if labelled is None:
+        return
+    scores, labels = labelled
+    known = ~np.isnan(labels)
+    truth, flagged = labels[known] > 0.5, scores[known] > value
+    hits, n_flagged, positives = int((truth & flagged).sum()), int(flagged.sum()), int(truth.sum())
+    candidate.precision = hits / n_flagged if n_flagged else None
+    candidate.recall = hits / positives if positives else None
+    candidate.f1 = 2.0 * hits / (n_flagged + positives) if positives else None
 
 
 def apply_calibration(engine: sa.Engine, monitor: MonitorSettings, plan: CalibrationPlan) -> None:

@@ -3,6 +3,7 @@ daemon, ``python -m`` and the demo."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -116,6 +117,72 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     assert "paused by the worker" in out and "trained on features" in out
     assert "no monitor named 'nope'" in cli("--config", config, "models", "list", "--monitor",
                                             "nope", expect=2)
+
+
+def cli_json(*args):
+    """Run the CLI in-process and parse its stdout (stderr has the notes) as JSON."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def candidate(document, label):
+    return next(c for c in document["candidates"] if c["label"] == label)
+
+
+def test_calibrate_dry_run_shows_precision_and_recall_on_contaminated_labelled_history(
+    db_url, tmp_path,
+):
+    # No [monitor.threshold] table: the default method. The held-out fifth of the history
+    # (its newest 200 rows) holds 14 labelled anomalies, 7% as in real history.
+    engine = create_engine(db_url)
+    table = source_table(engine)
+    sensors = Sensors(seed=2)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    bulk_insert(engine, table, sensors.normal(900), start=start)
+    insert_rows(engine, table, sensors.anomalous(14), label=1, start=start + dt.timedelta(hours=16))
+    bulk_insert(engine, table, sensors.normal(86), start=start + dt.timedelta(hours=17))
+    engine.dispose()
+    config = tmp_path / "am.toml"
+    config.write_text(CONFIG.format(url=db_url, port=0,
+                                    features=", ".join(f'"{f}"' for f in FEATURES))
+                      .replace('[monitor.threshold]\nmethod = "quantile"\ntarget_fpr = 0.01\n', ""))
+    assert "threshold" not in config.read_text()
+    assert "(robust); held-out flag rate" in cli("--config", config, "train", "plant",
+                                                 "--epochs", "10")
+    out = cli("--config", config, "calibrate", "plant", "--dry-run")
+    assert "200 held-out rows, 200 labelled (14 anomalies)" in out
+    assert re.search(r"robust fit: [\d.]+% of held-out rows score above the bulk", out)
+    header = next(line for line in out.splitlines() if line.startswith("threshold"))
+    assert header.split()[-3:] == ["precision", "recall", "F1"]
+    for label in ("robust fpr=0.01", "quantile fpr=0.01", "pot fpr=0.001 (as quantile)",
+                  "labels (max F1)", "chosen (robust)"):
+        assert re.search(rf"^{re.escape(label)} +\S+ +[\d.]+% +\d+( +[\d.-]+){{3}}$", out,
+                         re.M), (label, out)
+    document = cli_json("--config", config, "calibrate", "plant", "--dry-run", "--json")
+    assert document["dry_run"] and document["labelled_anomalies"] == 14
+    assert document["holdout_rows"] == document["labelled_rows"] == 200
+    assert 0.03 <= document["estimated_contamination"] <= 0.12
+    robust, quantile = (candidate(document, f"{m} fpr=0.01") for m in ("robust", "quantile"))
+    assert robust["method"] == "robust" and document["chosen"]["method"] == "robust"
+    # The quantile threshold takes the anomalies for normal rows and flags 1% (2 rows).
+    assert quantile["recall"] <= 0.15 < 0.8 <= robust["recall"]
+    assert robust["precision"] >= 0.5 and robust["f1"] > quantile["f1"]
+    assert robust["holdout_flag_rate"] == pytest.approx(
+        robust["recall"] * 14 / 200 / robust["precision"])
+
+
+def test_calibrate_json_without_a_label_column_has_no_precision(workspace):
+    config, _, _, _ = workspace
+    config.write_text(config.read_text().replace('label_column = "label"\n', ""))
+    cli("--config", config, "train", "plant", "--epochs", "5")
+    out = cli("--config", config, "calibrate", "plant", "--dry-run")
+    assert "precision" not in out and "labelled" not in out and "robust fpr=0.01" in out
+    document = cli_json("--config", config, "calibrate", "plant", "--dry-run", "--json")
+    assert document["labelled_rows"] == 0
+    assert all(c["precision"] is None and c["recall"] is None and c["f1"] is None
+               for c in document["candidates"])
+    assert {"robust", "quantile", "pot"} <= {c["method"] for c in document["candidates"]}
 
 
 def test_errors_are_one_line_with_the_right_exit_code(workspace, tmp_path):

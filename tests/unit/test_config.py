@@ -57,6 +57,16 @@ def test_a_full_config_parses(tmp_path):
 def test_the_example_written_by_init_is_valid(tmp_path):
     settings = load_settings(write(tmp_path, EXAMPLE), environ={})
     assert [m.name for m in settings.monitors] == ["plant"]
+    assert settings.monitors[0].threshold.method == "robust"
+
+
+def test_the_threshold_method_defaults_to_robust():
+    monitor = {"name": "a", "table": "t", "timestamp_column": "ts"}
+    settings = parse_settings({"monitor": [monitor]}, environ={})
+    assert settings.monitor("a").threshold.method == "robust"
+    settings = parse_settings({"monitor": [{**monitor, "threshold": {"target_fpr": 0.001}}]},
+                              environ={})
+    assert settings.monitor("a").threshold.method == "robust"
 
 
 def test_environment_overrides_the_url_and_port(tmp_path):
