@@ -211,14 +211,20 @@ def _threshold(data: dict[str, Any], where: str, path: Path | None) -> Threshold
 #: The detector hyperparameters a ``[monitor.model]`` table may set (checked against
 #: ``AutoencoderDetector`` by a test; kept here so reading a config never imports torch).
 MODEL_PARAMETERS = (
-    "hidden_dims", "latent_dim", "activation", "n_estimators", "epochs", "batch_size",
+    "hidden_dims", "latent_dim", "activation", "n_estimators", "epochs", "max_steps",
+    "batch_size",
     "learning_rate", "weight_decay", "validation_fraction", "patience", "trim_fraction",
     "scaling", "normalize_errors", "noise", "noise_level", "beta", "sparsity_target",
-    "sparsity_weight", "score", "mc_samples", "latent_weight", "random_state",
+    "sparsity_weight", "score_type", "mc_samples", "latent_weight", "random_state",
 )
 
 
+#: Hyperparameters renamed since an earlier release: old name -> new name.
+RENAMED_MODEL_PARAMETERS = {"score": "score_type"}
+
+
 def _model_params(data: dict[str, Any], where: str, path: Path | None) -> dict[str, Any]:
+    data = {RENAMED_MODEL_PARAMETERS.get(key, key): value for key, value in data.items()}
     for key in data:
         if key not in MODEL_PARAMETERS:
             raise ConfigError(

@@ -22,6 +22,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from anomaly_monitor.detectors.capacity import legacy_architecture
 from anomaly_monitor.detectors.training import TrainingHistory
 from anomaly_monitor.preprocess import Scaler
 
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
 
 FORMAT_NAME = "anomaly-monitor-detector"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Older format versions this release still reads (version 1 had no ``architecture``:
+#: its layer sizes followed from the feature count).
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.safetensors"
 #: Manifests and safetensors headers larger than this are refused unread.
@@ -89,6 +93,8 @@ def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]
         "class": type(detector).__name__,
         "kind": detector.kind,
         "hyperparameters": params,
+        "architecture": {"hidden_dims": [int(h) for h in detector.hidden_dims_],
+                         "latent_dim": int(detector.latent_dim_)},
         "n_features": detector.n_features_in_,
         "feature_names": detector.feature_names_in_,
         "scaling": detector.scaler_.to_dict(),
@@ -165,6 +171,27 @@ def _check_header(weights: bytes, expected: dict[str, dict[str, Any]]) -> None:
         )
 
 
+def _architecture(manifest: dict[str, Any], n_features: int) -> tuple[tuple[int, ...], int]:
+    """The layer sizes a manifest records (version 1: derived from the feature count)."""
+    params = manifest["hyperparameters"]
+    if manifest["format_version"] == 1:
+        hidden, latent = legacy_architecture(n_features)
+        if params.get("hidden_dims") is not None:
+            hidden = tuple(int(h) for h in params["hidden_dims"])
+        if params.get("latent_dim") is not None:
+            latent = int(params["latent_dim"])
+    else:
+        hidden = tuple(int(h) for h in manifest["architecture"]["hidden_dims"])
+        latent = int(manifest["architecture"]["latent_dim"])
+        explicit = params.get("hidden_dims"), params.get("latent_dim")
+        if ((explicit[0] is not None and tuple(explicit[0]) != hidden)
+                or (explicit[1] is not None and explicit[1] != latent)):
+            raise ArtifactError("the manifest's architecture does not match its hyperparameters")
+    if any(h < 1 for h in hidden) or latent < 1:
+        raise ArtifactError(f"the manifest's layer sizes are invalid: {hidden}, {latent}")
+    return hidden, latent
+
+
 def restore_detector(
     cls: type[AutoencoderDetector],
     manifest: dict[str, Any],
@@ -175,10 +202,10 @@ def restore_detector(
     """Rebuild a fitted detector from a manifest and safetensors bytes, verifying both."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"manifest is not an {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"manifest format version {manifest.get('format_version')!r} is not supported "
-            f"(this release reads version {FORMAT_VERSION})"
+            f"(this release reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     digest = hashlib.sha256(weights).hexdigest()
     if digest != manifest.get("weights_sha256"):
@@ -188,13 +215,16 @@ def restore_detector(
         )
     try:
         params = dict(manifest["hyperparameters"])
+        if "score" in params:  # format 1 named score_type "score"
+            params["score_type"] = params.pop("score")
         params["device"] = device
         detector = cls(**params)
         detector._validate_params()
         n_features = int(manifest["n_features"])
+        detector.hidden_dims_, detector.latent_dim_ = _architecture(manifest, n_features)
         expected = _tensor_specs(
             [detector.build_module(n_features) for _ in range(detector.n_estimators)],
-            detector._architecture(n_features)[1],
+            detector.latent_dim_,
         )
         if manifest.get("tensors") != expected:
             raise ArtifactError("the manifest's tensor shapes do not match its hyperparameters")

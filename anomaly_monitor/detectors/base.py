@@ -24,7 +24,12 @@ class NotFittedError(ValueError, AttributeError):
 
 
 class BaseDetector:
-    """Parameter handling shared by detectors (``get_params`` / ``set_params``)."""
+    """Parameter handling shared by detectors, compatible with scikit-learn.
+
+    ``get_params`` / ``set_params`` follow scikit-learn's contract, so
+    ``sklearn.base.clone`` and parameter searches work; scikit-learn itself is
+    not imported unless its tags are asked for (it is not a runtime dependency).
+    """
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -35,8 +40,12 @@ class BaseDetector:
             if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
         ]
 
-    def get_params(self) -> dict[str, Any]:
-        """The constructor arguments of this detector, by name."""
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments of this detector, by name.
+
+        ``deep`` is accepted for scikit-learn compatibility; a detector has no
+        nested estimators, so it changes nothing.
+        """
         return {name: getattr(self, name) for name in self._param_names()}
 
     def set_params(self, **params: Any) -> BaseDetector:
@@ -44,9 +53,36 @@ class BaseDetector:
         valid = set(self._param_names())
         for name, value in params.items():
             if name not in valid:
-                raise ValueError(f"{type(self).__name__} has no parameter {name!r}")
+                raise ValueError(
+                    f"invalid parameter {name!r} for {type(self).__name__}; "
+                    f"valid parameters: {', '.join(sorted(valid))}"
+                )
             setattr(self, name, value)
         return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        """Whether ``fit`` has run (scikit-learn's ``check_is_fitted`` asks this)."""
+        return any(name.endswith("_") and not name.startswith("_") for name in vars(self))
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn tags: an unsupervised estimator of dense, finite, numeric input.
+
+        It is not tagged as an ``outlier_detector``: scikit-learn's outlier
+        detectors score lower = more abnormal and predict -1/+1, while these
+        detectors follow PyOD's convention (higher = more anomalous).
+        """
+        from sklearn.utils import InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type=None,
+            target_tags=TargetTags(required=False),
+            transformer_tags=None,
+            regressor_tags=None,
+            classifier_tags=None,
+            input_tags=InputTags(allow_nan=False),
+            non_deterministic=False,
+            requires_fit=True,
+        )
 
     def __repr__(self) -> str:
         defaults = {
@@ -71,6 +107,8 @@ def check_matrix(
     offending row and column.
     """
     names: list[str] | None = None
+    if hasattr(X, "tocsr") or hasattr(X, "toarray"):
+        raise TypeError(f"{what} is sparse; sparse input is not supported (pass X.toarray())")
     if hasattr(X, "columns") and hasattr(X, "to_numpy"):
         from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
@@ -80,18 +118,27 @@ def check_matrix(
         if non_numeric:
             raise ValueError(f"{what} has non-numeric columns: {', '.join(non_numeric)}")
         X = X.to_numpy()
+    if np.iscomplexobj(X):
+        raise ValueError(f"Complex data not supported: {what} must be real")
     try:
         array = np.asarray(X, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be numeric: {exc}") from None
+        raise type(exc)(f"{what} must be numeric: {exc}") from None
     if array.ndim != 2:
+        hint = (" Reshape your data: X.reshape(-1, 1) for one feature or X.reshape(1, -1) "
+                "for one row." if array.ndim == 1 else "")
         raise ValueError(
-            f"{what} must be 2-D (rows x features), got {array.ndim}-D with shape {array.shape}"
+            f"{what} must be 2-D (rows x features), got {array.ndim}-D with shape "
+            f"{array.shape}.{hint}"
         )
     if array.shape[1] == 0:
-        raise ValueError(f"{what} has no features (shape {array.shape})")
+        raise ValueError(
+            f"{what} has 0 feature(s) (shape={array.shape}) while a minimum of 1 is required."
+        )
     if array.shape[0] < min_rows:
-        raise ValueError(f"{what} has {array.shape[0]} rows; at least {min_rows} are needed")
+        raise ValueError(
+            f"{what} has {array.shape[0]} sample(s) (rows); at least {min_rows} are needed"
+        )
     finite = np.isfinite(array)
     if not finite.all():
         row, col = (int(i) for i in np.argwhere(~finite)[0])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ from anomaly_monitor.detectors.base import (
     NotFittedError,
     check_matrix,
 )
+from anomaly_monitor.detectors.capacity import auto_architecture
 from anomaly_monitor.detectors.layers import ACTIVATIONS
 from anomaly_monitor.detectors.sparse import SparseAutoencoder
 from anomaly_monitor.detectors.training import TrainingConfig, TrainingHistory, train_module
@@ -37,20 +37,19 @@ SCORE_BATCH_ROWS = 65536
 #: Per-feature error scales are floored at this fraction of their mean, so that a
 #: feature the model reconstructs perfectly on training data cannot dominate scores.
 ERROR_SCALE_FLOOR = 1.0e-2
+#: Share of the worst-reconstructed training rows left out of the error scales and the
+#: code statistics (robustness to anomalies in the training data).
+STATISTICS_TRIM = 0.1
+#: Training rows (a seeded subsample beyond this) the error scales and code statistics
+#: are computed on: bounded memory on large tables.
+MAX_STATISTICS_ROWS = 200_000
 #: Ridge added to the code covariance, relative to its mean variance.
 LATENT_RIDGE = 1.0e-3
 
 
-def auto_architecture(n_features: int) -> tuple[tuple[int, ...], int]:
-    """Default hidden widths and code size for ``n_features`` inputs.
-
-    Two hidden layers about twice and once as wide as the input (within
-    [32, 256] and [16, 128]) and a bottleneck of a quarter of the input (2 to 32).
-    """
-    first = int(min(256, max(32, 2 * n_features)))
-    second = int(min(128, max(16, n_features)))
-    latent = int(min(32, max(2, math.ceil(n_features / 4))))
-    return (first, second), latent
+def _floored(means: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``means`` floored at ``ERROR_SCALE_FLOOR`` times their average (and above zero)."""
+    return np.maximum(means, max(float(means.mean()) * ERROR_SCALE_FLOOR, 1e-12))
 
 
 def latent_statistics(
@@ -93,6 +92,9 @@ class AutoencoderDetector(BaseDetector):
     activation : hidden activation, one of ``relu, elu, tanh, leaky_relu, silu``.
     n_estimators : networks in the ensemble (different seeds and validation splits).
     epochs, batch_size, learning_rate, weight_decay : Adam training settings.
+    max_steps : optimizer steps per network at most: on large tables training
+        ends after this many mini-batches even if early stopping has not (bounds
+        the fit time; 10,000 steps of 128 rows see a 100k-row table 13 times).
     validation_fraction, patience : held-out fraction for early stopping and the
         number of epochs without improvement before stopping; ``0`` disables it.
     trim_fraction : share of the worst-reconstructed rows of each mini-batch left
@@ -104,7 +106,7 @@ class AutoencoderDetector(BaseDetector):
     beta : weight of the KL term of the VAE.
     sparsity_target, sparsity_weight : target mean activation of the sparse
         autoencoder's code units and the weight of its KL sparsity penalty.
-    score : ``reconstruction`` (the VAE decodes its latent mean), ``elbo``
+    score_type : ``reconstruction`` (the VAE decodes its latent mean), ``elbo``
         (VAE only: adds ``beta`` * KL) or ``mc`` (VAE only: squared error averaged
         over ``mc_samples`` posterior samples drawn from a generator seeded with
         ``random_state``, so repeated calls on the same rows agree).
@@ -124,6 +126,7 @@ class AutoencoderDetector(BaseDetector):
         activation: str = "relu",
         n_estimators: int = 3,
         epochs: int = 100,
+        max_steps: int = 10_000,
         batch_size: int = 128,
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
@@ -137,7 +140,7 @@ class AutoencoderDetector(BaseDetector):
         beta: float = 0.1,
         sparsity_target: float = 0.05,
         sparsity_weight: float = 0.1,
-        score: str = "reconstruction",
+        score_type: str = "reconstruction",
         mc_samples: int = 16,
         latent_weight: float = 1.0,
         random_state: int = 0,
@@ -150,6 +153,7 @@ class AutoencoderDetector(BaseDetector):
         self.activation = activation
         self.n_estimators = n_estimators
         self.epochs = epochs
+        self.max_steps = max_steps
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -163,7 +167,7 @@ class AutoencoderDetector(BaseDetector):
         self.beta = beta
         self.sparsity_target = sparsity_target
         self.sparsity_weight = sparsity_weight
-        self.score = score
+        self.score_type = score_type
         self.mc_samples = mc_samples
         self.latent_weight = latent_weight
         self.random_state = random_state
@@ -178,15 +182,18 @@ class AutoencoderDetector(BaseDetector):
             "activation": (self.activation, tuple(ACTIVATIONS)),
             "scaling": (self.scaling, SCALING_METHODS),
             "noise": (self.noise, NOISE_TYPES),
-            "score": (self.score, SCORES),
+            "score_type": (self.score_type, SCORES),
             "device": (self.device, DEVICES),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.score != "reconstruction" and self.kind != "vae":
-            raise ValueError(f"score={self.score!r} needs kind='vae'; got kind={self.kind!r}")
-        positive_ints = ("n_estimators", "epochs", "batch_size", "patience", "mc_samples")
+        if self.score_type != "reconstruction" and self.kind != "vae":
+            raise ValueError(
+                f"score_type={self.score_type!r} needs kind='vae'; got kind={self.kind!r}"
+            )
+        positive_ints = ("n_estimators", "epochs", "max_steps", "batch_size", "patience",
+                         "mc_samples")
         for name in positive_ints:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -209,8 +216,10 @@ class AutoencoderDetector(BaseDetector):
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA device is available")
 
-    def _architecture(self, n_features: int) -> tuple[tuple[int, ...], int]:
-        auto_hidden, auto_latent = auto_architecture(n_features)
+    def _architecture(self, scaled: npt.NDArray[np.floating]) -> tuple[tuple[int, ...], int]:
+        """Hidden widths and code size: the explicit ones, else chosen from ``scaled``."""
+        if self.hidden_dims is None or self.latent_dim is None:
+            auto_hidden, auto_latent = auto_architecture(scaled, self.random_state)
         hidden = (auto_hidden if self.hidden_dims is None
                   else tuple(int(h) for h in self.hidden_dims))
         latent = auto_latent if self.latent_dim is None else int(self.latent_dim)
@@ -224,8 +233,8 @@ class AutoencoderDetector(BaseDetector):
         return torch.device(self.device)
 
     def build_module(self, n_features: int) -> nn.Module:
-        """A freshly initialised network of this detector's kind and size."""
-        hidden, latent = self._architecture(n_features)
+        """A freshly initialised network of this detector's kind and fitted size."""
+        hidden, latent = self.hidden_dims_, self.latent_dim_
         if self.kind == "vae":
             return VariationalAutoencoder(n_features, hidden, latent, self.activation, self.beta)
         if self.kind == "dae":
@@ -251,11 +260,13 @@ class AutoencoderDetector(BaseDetector):
         self.feature_names_in_ = names
         self.scaler_ = Scaler.fit(array, self.scaling)
         self.device_ = self._resolve_device()
-        scaled = torch.from_numpy(self.scaler_.transform(array)).to(self.device_)
+        scaled_rows = self.scaler_.transform(array)
+        self.hidden_dims_, self.latent_dim_ = self._architecture(scaled_rows)
+        scaled = torch.from_numpy(scaled_rows).to(self.device_)
         seeds = np.random.SeedSequence(self.random_state).generate_state(self.n_estimators)
         config = TrainingConfig(
             self.epochs, self.batch_size, self.learning_rate, self.weight_decay,
-            self.patience, self.trim_fraction,
+            self.patience, self.trim_fraction, self.max_steps,
         )
         self.modules_: list[nn.Module] = []
         self.history_: list[TrainingHistory] = []
@@ -268,20 +279,33 @@ class AutoencoderDetector(BaseDetector):
                 self.modules_.append(module)
                 self.history_.append(history)
         self.latent_center_ = self.latent_whitening_ = None
+        self._fit_statistics(array)
+        return self
+
+    def _fit_statistics(self, array: npt.NDArray[np.float64]) -> None:
+        """Per-feature error scales and code statistics from the typical training rows.
+
+        The rows whose (mean-normalised) reconstruction error is in the top
+        ``STATISTICS_TRIM`` are left out, so that anomalies in the training data
+        neither inflate the error scale of the features they break nor widen the
+        code distribution.
+        """
+        if array.shape[0] > MAX_STATISTICS_ROWS:
+            rng = np.random.default_rng(self.random_state)
+            array = array[np.sort(rng.choice(array.shape[0], MAX_STATISTICS_ROWS, replace=False))]
+        self.latent_center_ = self.latent_whitening_ = None
         parts = self._map_batches(array, lambda errors, _, codes: (
-            errors.sum(dim=0, dtype=torch.float64).cpu().numpy(),
-            [code.cpu().numpy() for code in codes]))
-        means = sum(part[0] for part in parts) / array.shape[0]
+            errors.cpu().numpy(), [code.cpu().numpy() for code in codes]))
+        errors = np.concatenate([part[0] for part in parts]).astype(np.float64)
         codes = [np.concatenate([part[1][i] for part in parts]).astype(np.float64)
                  for i in range(len(self.modules_))]
-        floor = max(float(means.mean()) * ERROR_SCALE_FLOOR, 1e-12)
-        self.error_scale_ = (
-            np.maximum(means, floor) if self.normalize_errors else np.ones_like(means)
-        )
-        stats = [latent_statistics(c) for c in codes]
+        rows = (errors / _floored(errors.mean(axis=0))).mean(axis=1)
+        typical = rows <= np.quantile(rows, 1.0 - STATISTICS_TRIM)
+        means = errors[typical].mean(axis=0)
+        self.error_scale_ = _floored(means) if self.normalize_errors else np.ones_like(means)
+        stats = [latent_statistics(c[typical]) for c in codes]
         self.latent_center_ = np.stack([center for center, _ in stats])
         self.latent_whitening_ = np.stack([whitening for _, whitening in stats])
-        return self
 
     def _fit_one(
         self, scaled: Tensor, config: TrainingConfig, seed: int, progress: tqdm
@@ -313,8 +337,8 @@ class AutoencoderDetector(BaseDetector):
         array, names = check_matrix(X)
         if array.shape[1] != self.n_features_in_:
             raise ValueError(
-                f"X has {array.shape[1]} features but the detector was fitted with "
-                f"{self.n_features_in_}"
+                f"X has {array.shape[1]} features, but {type(self).__name__} is expecting "
+                f"{self.n_features_in_} features as input"
             )
         fitted_names = self.feature_names_in_
         if names is not None and fitted_names is not None and names != fitted_names:
@@ -325,7 +349,7 @@ class AutoencoderDetector(BaseDetector):
         return array
 
     def _uses_extra_terms(self) -> bool:
-        return self.score == "elbo" or self.latent_weight > 0
+        return self.score_type == "elbo" or self.latent_weight > 0
 
     def _latent_tensors(self) -> list[tuple[Tensor, Tensor]] | None:
         """Per-network code centre and whitening on the device; ``None`` when unused."""
@@ -346,14 +370,14 @@ class AutoencoderDetector(BaseDetector):
         extra = x.new_zeros(x.shape[0])
         codes = []
         for i, module in enumerate(self.modules_):
-            if self.score == "elbo":
+            if self.score_type == "elbo":
                 code, logvar = module.encode(x)
                 reconstruction = module.decoder(code)
                 extra += module.beta * module.kl_divergence(code, logvar) / x.shape[1]
             else:
                 reconstruction, code = module.forward_with_code(x)
             codes.append(code)
-            if self.score == "mc":
+            if self.score_type == "mc":
                 generator = torch.Generator(device=x.device).manual_seed(self.random_state + i)
                 errors += module.mc_feature_errors(x, self.mc_samples, generator)
             else:

@@ -29,6 +29,7 @@ class TrainingConfig:
     weight_decay: float
     patience: int
     trim_fraction: float
+    max_steps: int = 10_000
 
 
 @dataclass
@@ -98,11 +99,14 @@ def train_module(
     best_loss, best_state, stale = float("inf"), None, 0
     n_rows = x_train.shape[0]
     batch_size = min(config.batch_size, n_rows)
+    steps = 0
     for epoch in range(1, config.epochs + 1):
         module.train()
         order = torch.randperm(n_rows, generator=generator, device=x_train.device)
         epoch_loss = 0.0
-        for start in range(0, n_rows - batch_size + 1, batch_size):
+        starts = range(0, n_rows - batch_size + 1, batch_size)[:config.max_steps - steps]
+        steps += len(starts)
+        for start in starts:
             batch = x_train[order[start:start + batch_size]]
             rows, penalty = module.training_loss(batch, generator)
             loss = trimmed_mean(rows, config.trim_fraction) + penalty
@@ -110,11 +114,14 @@ def train_module(
             loss.backward()
             optimizer.step()
             epoch_loss += float(loss.detach())
-        history.train_loss.append(epoch_loss / max(1, n_rows // batch_size))
+        history.train_loss.append(epoch_loss / max(1, len(starts)))
         if progress is not None:
             progress.update(1)
+        out_of_steps = steps >= config.max_steps
         if x_val is None:
             history.best_epoch = epoch
+            if out_of_steps:
+                break
             continue
         val_loss = _validation_loss(module, x_val, config, seed)
         history.validation_loss.append(val_loss)
@@ -125,10 +132,10 @@ def train_module(
             best_state = copy.deepcopy(module.state_dict())
         else:
             stale += 1
-            if stale >= config.patience:
-                if progress is not None:
-                    progress.update(config.epochs - epoch)
-                break
+        if stale >= config.patience or out_of_steps:
+            if progress is not None:
+                progress.update(config.epochs - epoch)
+            break
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

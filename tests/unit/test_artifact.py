@@ -138,6 +138,11 @@ def test_manifest_tampering_is_refused(saved, tmp_path):
     manifest = json.loads((path / MANIFEST_FILE).read_text())
     manifest["hyperparameters"]["latent_dim"] = 7
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="architecture does not match its hyperparameters"):
+        AutoencoderDetector.load(path)
+    manifest["hyperparameters"]["latent_dim"] = None
+    manifest["architecture"]["latent_dim"] = 7
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="tensor shapes do not match"):
         AutoencoderDetector.load(path)
     manifest["hyperparameters"] = {"evil": "__import__('os')"}

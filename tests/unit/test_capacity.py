@@ -1,0 +1,80 @@
+"""Capacity chosen from the data: the code size follows the data's intrinsic dimension."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from anomaly_monitor import AutoencoderDetector
+from anomaly_monitor.detectors.artifact import MANIFEST_FILE
+from anomaly_monitor.detectors.capacity import auto_architecture, intrinsic_dimension
+
+
+def factor_data(n_sensors: int, n_factors: int, n_rows: int = 3000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(n_factors, n_sensors))
+    x = rng.normal(size=(n_rows, n_factors)) @ mixing + 0.05 * rng.normal(size=(n_rows, n_sensors))
+    return (x - x.mean(axis=0)) / x.std(axis=0)
+
+
+@pytest.mark.parametrize(("n_sensors", "n_factors"), [(8, 2), (12, 4), (24, 7), (64, 12)])
+def test_intrinsic_dimension_counts_the_factors(n_sensors, n_factors):
+    # Random mixing makes factors unequally strong, so the estimate may fall a little
+    # short of the count, never far; it is never inflated by the noise directions.
+    estimate = intrinsic_dimension(factor_data(n_sensors, n_factors))
+    assert n_factors - max(1, n_factors // 4) <= estimate <= n_factors
+
+
+def test_a_few_extreme_rows_add_no_dimension():
+    x = factor_data(12, 4)
+    polluted = x.copy()
+    polluted[:30] += 40.0 * np.eye(12)[np.arange(30) % 12]  # 1% of rows, one huge feature each
+    assert intrinsic_dimension(polluted) == intrinsic_dimension(x)
+
+
+def test_architecture_bounds():
+    hidden, latent = auto_architecture(factor_data(3, 3))
+    assert latent == 2  # below the feature count, else the code can copy anomalies through
+    hidden, latent = auto_architecture(factor_data(200, 80, n_rows=2000))
+    assert latent <= 64 and min(hidden) >= latent
+
+
+def test_fit_records_the_chosen_capacity(tmp_path):
+    x = factor_data(12, 4)
+    detector = AutoencoderDetector("dae", n_estimators=1, epochs=2).fit(x)
+    assert detector.latent_dim_ == intrinsic_dimension(detector.scaler_.transform(x))
+    assert detector.hidden_dims_ == auto_architecture(detector.scaler_.transform(x))[0]
+    manifest = json.loads((detector.save(tmp_path / "m") / MANIFEST_FILE).read_text())
+    assert manifest["architecture"] == {"hidden_dims": list(detector.hidden_dims_),
+                                        "latent_dim": detector.latent_dim_}
+    loaded = AutoencoderDetector.load(tmp_path / "m", device="cpu")
+    assert (loaded.latent_dim_, loaded.hidden_dims_) == (detector.latent_dim_,
+                                                         detector.hidden_dims_)
+    np.testing.assert_array_equal(loaded.decision_function(x), detector.decision_function(x))
+
+
+def test_explicit_sizes_win():
+    x = factor_data(12, 4)
+    detector = AutoencoderDetector("vae", latent_dim=7, hidden_dims=(20,), n_estimators=1,
+                                   epochs=1).fit(x)
+    assert detector.latent_dim_ == 7 and detector.hidden_dims_ == (20,)
+    assert detector.latent_dim == 7  # the hyperparameter itself is left as given
+
+
+def test_format_1_artifacts_still_load(tmp_path):
+    # Version 1 manifests had no architecture: sizes followed from the feature count
+    # (8 features: hidden (32, 16), code 2) and score_type was called "score".
+    x = factor_data(8, 2)
+    detector = AutoencoderDetector("vae", n_estimators=1, epochs=2).fit(x)
+    assert (detector.hidden_dims_, detector.latent_dim_) == ((32, 16), 2)
+    path = detector.save(tmp_path / "old")
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["format_version"] = 1
+    del manifest["architecture"]
+    manifest["hyperparameters"]["score"] = manifest["hyperparameters"].pop("score_type")
+    del manifest["hyperparameters"]["max_steps"]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    loaded = AutoencoderDetector.load(path, device="cpu")
+    np.testing.assert_array_equal(loaded.decision_function(x), detector.decision_function(x))
