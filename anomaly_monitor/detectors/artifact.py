@@ -99,6 +99,7 @@ def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]
         "feature_names": detector.feature_names_in_,
         "scaling": detector.scaler_.to_dict(),
         "error_scale": [float(v) for v in detector.error_scale_],
+        "term_gamma": [[float(v) for v in row] for row in detector.term_gamma_],
         "tensors": _tensor_specs(detector.modules_, detector.latent_center_.shape[1]),
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "training": [h.to_dict() for h in detector.history_],
@@ -192,6 +193,16 @@ def _architecture(manifest: dict[str, Any], n_features: int) -> tuple[tuple[int,
     return hidden, latent
 
 
+def _term_gamma(manifest: dict[str, Any]) -> np.ndarray | None:
+    """The score terms' gamma nulls (format 1 has none: it scores additively)."""
+    if manifest["format_version"] == 1:
+        return None
+    stats = np.asarray(manifest["term_gamma"], dtype=np.float32)
+    if stats.shape != (2, 2) or not (np.isfinite(stats).all() and (stats > 0).all()):
+        raise ArtifactError("the manifest's term_gamma is malformed")
+    return stats
+
+
 def restore_detector(
     cls: type[AutoencoderDetector],
     manifest: dict[str, Any],
@@ -238,6 +249,7 @@ def restore_detector(
         if error_scale.shape != (n_features,) or not (error_scale > 0).all():
             raise ArtifactError("the manifest's error_scale is malformed")
         detector.error_scale_ = error_scale
+        detector.term_gamma_ = _term_gamma(manifest)
         detector.device_ = detector._resolve_device()
         detector.modules_ = []
         for i in range(detector.n_estimators):

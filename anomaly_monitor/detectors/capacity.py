@@ -57,18 +57,20 @@ def intrinsic_dimension(scaled: npt.NDArray[np.floating], seed: int = 0) -> int:
 
 
 def auto_architecture(
-    scaled: npt.NDArray[np.floating], seed: int = 0
+    scaled: npt.NDArray[np.floating], seed: int = 0, code_factor: float = 1.0
 ) -> tuple[tuple[int, ...], int]:
     """Hidden widths and code size for the scaled training rows ``scaled``.
 
     The code size is :func:`intrinsic_dimension` within [``MIN_LATENT``,
-    ``MAX_LATENT``] and below the number of features (an autoencoder with as
+    ``MAX_LATENT``] (times ``code_factor``, for codes that are sparse by
+    design) and below the number of features (an autoencoder with as
     many code units as inputs can copy anomalies through). The two hidden layers
     are about twice and once as wide as the input (within ``FIRST_WIDTH`` and
     ``SECOND_WIDTH``), and never narrower than the code.
     """
     n_features = scaled.shape[1]
-    latent = min(intrinsic_dimension(scaled, seed), MAX_LATENT, max(1, n_features - 1))
+    wanted = math.ceil(code_factor * intrinsic_dimension(scaled, seed))
+    latent = min(wanted, MAX_LATENT, max(1, n_features - 1))
     latent = max(latent, min(MIN_LATENT, max(1, n_features - 1)))
     first = int(min(FIRST_WIDTH[1], max(FIRST_WIDTH[0], 2 * n_features, 2 * latent)))
     second = int(min(SECOND_WIDTH[1], max(SECOND_WIDTH[0], n_features, latent)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -43,8 +43,41 @@ STATISTICS_TRIM = 0.1
 #: Training rows (a seeded subsample beyond this) the error scales and code statistics
 #: are computed on: bounded memory on large tables.
 MAX_STATISTICS_ROWS = 200_000
+#: The sparse autoencoder's code is this many times the intrinsic dimension: only a
+#: ``sparsity_target`` share of its units is active for a row, so it must be wider.
+SPARSE_CODE_FACTOR = 2.0
+#: Shape above which a term's gamma null is taken as a point mass (zero variance).
+MAX_GAMMA_SHAPE = 1.0e6
 #: Ridge added to the code covariance, relative to its mean variance.
 LATENT_RIDGE = 1.0e-3
+
+
+class BatchTerms(NamedTuple):
+    """The score's ingredients for one batch of rows (ensemble means)."""
+
+    errors: Tensor
+    kl: Tensor
+    code_term: Tensor
+    codes: list[Tensor]
+
+
+def gamma_moments(values: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """Mean and shape of the gamma distribution with the moments of ``values``."""
+    mean = max(float(values.mean()), 1e-12)
+    var = float(values.var())
+    return mean, (mean * mean / var if var > 0 else MAX_GAMMA_SHAPE)
+
+
+def gamma_surprise(values: Tensor, stats: Tensor | npt.NDArray[np.floating]) -> Tensor:
+    """``-log P(V > values)`` under a gamma null with ``stats = (mean, shape)``.
+
+    The tail uses the Wilson-Hilferty approximation (the cube root of a gamma
+    variable is close to normal), which stays accurate and finite far into the tail.
+    """
+    mean, shape = float(stats[0]), min(float(stats[1]), MAX_GAMMA_SHAPE)
+    spread = (1.0 / (9.0 * shape)) ** 0.5
+    z = ((values.clamp_min(0.0) / mean).pow(1.0 / 3.0) - (1.0 - spread * spread)) / spread
+    return -torch.special.log_ndtr(-z)
 
 
 def _floored(means: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -73,22 +106,43 @@ def latent_statistics(
 class AutoencoderDetector(BaseDetector):
     """Anomaly detector scoring rows by the reconstruction error of an autoencoder.
 
-    Scores follow PyOD's convention: **higher means more anomalous**. A row's
-    score is the mean over features of its squared reconstruction error in the
-    scaled space, each feature's error divided by that feature's mean error on
-    the training data (``normalize_errors``), plus ``latent_weight`` times the
-    squared Mahalanobis distance of the row's code from the training codes
-    (divided by the code size), averaged over ``n_estimators`` networks trained
-    from different seeds and validation splits. Both terms average about 1 on
-    training rows. The latent term catches rows that lie on the learned
-    manifold but far out along it, which an autoencoder reconstructs well.
+    Scores follow PyOD's convention: **higher means more anomalous**. Two terms
+    are computed for each row, as means over ``n_estimators`` networks trained
+    from different seeds and validation splits:
+
+    - the *reconstruction term*: the mean over features of the squared
+      reconstruction error in the scaled space, each feature's error divided by
+      that feature's mean error on typical training rows (``normalize_errors``);
+    - the *code term*: the squared Mahalanobis distance of the row's code from
+      the typical training codes, divided by the code size. It catches rows that
+      lie on the learned manifold but far out along it, which an autoencoder
+      reconstructs well.
+
+    Each term is turned into a surprise, ``-log P(term > value)`` under a gamma
+    distribution fitted to that term on typical training rows, and the score is
+    the larger of the two (the code surprise times ``latent_weight``). Fusing
+    calibrated surprises by their maximum, rather than adding raw terms, keeps
+    the normal spread of one term from drowning a clear excess of the other: a
+    row that breaks the correlations between sensors is flagged by its
+    reconstruction alone, a row far out along the manifold by its code alone.
+
+    Capacity comes from the data (:mod:`anomaly_monitor.detectors.capacity`):
+    the code size is the intrinsic dimension of the scaled training rows (the
+    participation ratio of their covariance spectrum, after leaving out the most
+    outlying rows), recorded in ``latent_dim_`` and ``hidden_dims_``.
+
+    Robustness to anomalies in the training rows (history is never clean): each
+    mini-batch's worst-reconstructed ``trim_fraction`` rows are left out of the
+    loss, and the error scales, code statistics and the terms' gamma fits use
+    only the typical 90% of training rows.
 
     Parameters
     ----------
     kind : {"vae", "dae", "sae"}
         Variational, denoising or sparse autoencoder.
     hidden_dims, latent_dim : sizes of the hidden layers and of the code;
-        ``None`` derives them from the number of features (:func:`auto_architecture`).
+        ``None`` chooses them from the training data (:func:`auto_architecture`);
+        an explicit value wins.
     activation : hidden activation, one of ``relu, elu, tanh, leaky_relu, silu``.
     n_estimators : networks in the ensemble (different seeds and validation splits).
     epochs, batch_size, learning_rate, weight_decay : Adam training settings.
@@ -110,7 +164,7 @@ class AutoencoderDetector(BaseDetector):
         (VAE only: adds ``beta`` * KL) or ``mc`` (VAE only: squared error averaged
         over ``mc_samples`` posterior samples drawn from a generator seeded with
         ``random_state``, so repeated calls on the same rows agree).
-    latent_weight : weight of the code-space Mahalanobis distance in the score
+    latent_weight : factor on the code term's surprise before the maximum
         (0 scores by reconstruction alone).
     random_state : seed of initialisation, splits, shuffling and noise.
     device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -132,11 +186,11 @@ class AutoencoderDetector(BaseDetector):
         weight_decay: float = 0.0,
         validation_fraction: float = 0.1,
         patience: int = 10,
-        trim_fraction: float = 0.0,
+        trim_fraction: float = 0.05,
         scaling: str = "standard",
         normalize_errors: bool = True,
-        noise: str = "masking",
-        noise_level: float = 0.2,
+        noise: str = "gaussian",
+        noise_level: float = 0.1,
         beta: float = 0.1,
         sparsity_target: float = 0.05,
         sparsity_weight: float = 0.1,
@@ -219,7 +273,8 @@ class AutoencoderDetector(BaseDetector):
     def _architecture(self, scaled: npt.NDArray[np.floating]) -> tuple[tuple[int, ...], int]:
         """Hidden widths and code size: the explicit ones, else chosen from ``scaled``."""
         if self.hidden_dims is None or self.latent_dim is None:
-            auto_hidden, auto_latent = auto_architecture(scaled, self.random_state)
+            factor = SPARSE_CODE_FACTOR if self.kind == "sae" else 1.0
+            auto_hidden, auto_latent = auto_architecture(scaled, self.random_state, factor)
         hidden = (auto_hidden if self.hidden_dims is None
                   else tuple(int(h) for h in self.hidden_dims))
         latent = auto_latent if self.latent_dim is None else int(self.latent_dim)
@@ -283,21 +338,22 @@ class AutoencoderDetector(BaseDetector):
         return self
 
     def _fit_statistics(self, array: npt.NDArray[np.float64]) -> None:
-        """Per-feature error scales and code statistics from the typical training rows.
+        """Error scales, code statistics and the two terms' null fits, from typical rows.
 
         The rows whose (mean-normalised) reconstruction error is in the top
         ``STATISTICS_TRIM`` are left out, so that anomalies in the training data
-        neither inflate the error scale of the features they break nor widen the
-        code distribution.
+        neither inflate the error scale of the features they break, nor widen the
+        code distribution, nor stretch the terms' fitted null distributions.
         """
         if array.shape[0] > MAX_STATISTICS_ROWS:
             rng = np.random.default_rng(self.random_state)
             array = array[np.sort(rng.choice(array.shape[0], MAX_STATISTICS_ROWS, replace=False))]
-        self.latent_center_ = self.latent_whitening_ = None
-        parts = self._map_batches(array, lambda errors, _, codes: (
-            errors.cpu().numpy(), [code.cpu().numpy() for code in codes]))
+        self.latent_center_ = self.latent_whitening_ = self.term_gamma_ = None
+        parts = self._map_batches(array, lambda t: (
+            t.errors.cpu().numpy(), t.kl.cpu().numpy(), [c.cpu().numpy() for c in t.codes]))
         errors = np.concatenate([part[0] for part in parts]).astype(np.float64)
-        codes = [np.concatenate([part[1][i] for part in parts]).astype(np.float64)
+        kl = np.concatenate([part[1] for part in parts]).astype(np.float64)
+        codes = [np.concatenate([part[2][i] for part in parts]).astype(np.float64)
                  for i in range(len(self.modules_))]
         rows = (errors / _floored(errors.mean(axis=0))).mean(axis=1)
         typical = rows <= np.quantile(rows, 1.0 - STATISTICS_TRIM)
@@ -306,6 +362,14 @@ class AutoencoderDetector(BaseDetector):
         stats = [latent_statistics(c[typical]) for c in codes]
         self.latent_center_ = np.stack([center for center, _ in stats])
         self.latent_whitening_ = np.stack([whitening for _, whitening in stats])
+        recon = (errors[typical] / self.error_scale_).mean(axis=1) + kl[typical]
+        code_term = np.mean([
+            (((c[typical] - center) @ whitening.T) ** 2).mean(axis=1)
+            for c, center, whitening in zip(codes, self.latent_center_,
+                                            self.latent_whitening_, strict=True)
+        ], axis=0)
+        self.term_gamma_ = np.array([gamma_moments(recon), gamma_moments(code_term)],
+                                    dtype=np.float32)
 
     def _fit_one(
         self, scaled: Tensor, config: TrainingConfig, seed: int, progress: tqdm
@@ -348,9 +412,6 @@ class AutoencoderDetector(BaseDetector):
             )
         return array
 
-    def _uses_extra_terms(self) -> bool:
-        return self.score_type == "elbo" or self.latent_weight > 0
-
     def _latent_tensors(self) -> list[tuple[Tensor, Tensor]] | None:
         """Per-network code centre and whitening on the device; ``None`` when unused."""
         if self.latent_weight == 0 or getattr(self, "latent_center_", None) is None:
@@ -361,19 +422,18 @@ class AutoencoderDetector(BaseDetector):
             for center, whitening in zip(self.latent_center_, self.latent_whitening_, strict=True)
         ]
 
-    def _batch_terms(
-        self, x: Tensor, latent: list[tuple[Tensor, Tensor]] | None
-    ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """For one batch: per-feature squared errors, the per-row extra term (KL per
-        feature for ``elbo``, weighted latent distance), both ensemble means, and the codes."""
+    def _batch_terms(self, x: Tensor, latent: list[tuple[Tensor, Tensor]] | None) -> BatchTerms:
+        """Ensemble means for one batch: per-feature squared errors, the ``elbo`` KL term
+        (per feature), the code term (mean squared whitened code), and each network's code."""
         errors = torch.zeros_like(x)
-        extra = x.new_zeros(x.shape[0])
+        kl = x.new_zeros(x.shape[0])
+        code_term = x.new_zeros(x.shape[0])
         codes = []
         for i, module in enumerate(self.modules_):
             if self.score_type == "elbo":
                 code, logvar = module.encode(x)
                 reconstruction = module.decoder(code)
-                extra += module.beta * module.kl_divergence(code, logvar) / x.shape[1]
+                kl += module.beta * module.kl_divergence(code, logvar) / x.shape[1]
             else:
                 reconstruction, code = module.forward_with_code(x)
             codes.append(code)
@@ -384,64 +444,75 @@ class AutoencoderDetector(BaseDetector):
                 errors += (reconstruction - x) ** 2
             if latent is not None:
                 center, whitening = latent[i]
-                white = (code - center) @ whitening.T
-                extra += self.latent_weight * white.pow(2).mean(dim=1)
+                code_term += ((code - center) @ whitening.T).pow(2).mean(dim=1)
         n = len(self.modules_)
-        return errors / n, extra / n, codes
+        return BatchTerms(errors / n, kl / n, code_term / n, codes)
 
     def _map_batches(
-        self, array: npt.NDArray[np.float64], reduce: Callable[[Tensor, Tensor, list[Tensor]], T]
+        self, array: npt.NDArray[np.float64], reduce: Callable[[BatchTerms], T]
     ) -> list[T]:
-        """Scale ``array`` and run ``reduce(errors, extra, codes)`` on each batch of rows."""
+        """Scale ``array`` and run ``reduce(terms)`` on each batch of rows."""
         latent = self._latent_tensors()
         parts = []
         with torch.inference_mode():
             for start in range(0, array.shape[0], SCORE_BATCH_ROWS):
                 scaled = self.scaler_.transform(array[start:start + SCORE_BATCH_ROWS])
                 x = torch.from_numpy(scaled).to(self.device_)
-                parts.append(reduce(*self._batch_terms(x, latent)))
+                parts.append(reduce(self._batch_terms(x, latent)))
         return parts
 
     def _feature_weights(self) -> Tensor:
-        """Per-feature factor turning squared errors into score contributions."""
+        """Per-feature factor turning squared errors into reconstruction-term shares."""
         weights = 1.0 / (np.asarray(self.error_scale_) * self.n_features_in_)
         return torch.as_tensor(weights, dtype=torch.float32, device=self.device_)
 
-    def _batch_contributions(self, errors: Tensor, extra: Tensor, weights: Tensor) -> Tensor:
-        contributions = errors * weights
-        if self._uses_extra_terms():
-            # Spread the extra terms over features in proportion to their reconstruction share.
-            recon = contributions.sum(dim=1, keepdim=True)
-            uniform = torch.full_like(contributions, 1.0 / self.n_features_in_)
-            share = torch.where(recon > 0, contributions / recon.clamp_min(1e-30), uniform)
-            contributions = share * (recon + extra[:, None])
-        return contributions
+    def _batch_scores(self, terms: BatchTerms, weights: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-feature reconstruction contributions and the row scores of one batch."""
+        contributions = terms.errors * weights
+        recon = contributions.sum(dim=1) + terms.kl
+        stats = getattr(self, "term_gamma_", None)
+        if stats is None:  # models saved before the fused score: the additive one
+            return contributions, recon + self.latent_weight * terms.code_term
+        score = gamma_surprise(recon, stats[0])
+        if self.latent_weight > 0:
+            score = torch.maximum(
+                score, self.latent_weight * gamma_surprise(terms.code_term, stats[1]))
+        return contributions, score
+
+    def _batch_contributions(self, terms: BatchTerms, weights: Tensor) -> Tensor:
+        contributions, score = self._batch_scores(terms, weights)
+        # The score is spread over features in proportion to their reconstruction share.
+        recon = contributions.sum(dim=1, keepdim=True)
+        uniform = torch.full_like(contributions, 1.0 / self.n_features_in_)
+        share = torch.where(recon > 0, contributions / recon.clamp_min(1e-30), uniform)
+        return share * score[:, None]
 
     def decision_function(self, X: Any) -> npt.NDArray[np.float64]:
         """Anomaly score of each row of ``X``: HIGHER = MORE ANOMALOUS.
 
-        The score is the ensemble's mean squared reconstruction error per feature,
-        normalised by each feature's training error, plus the latent term. It is
-        deterministic: the same fitted model gives the same scores for the same rows.
+        The score is the larger of two surprises (see the class docstring): of the
+        row's normalised reconstruction error and of its code's distance from the
+        training codes. It is deterministic: the same fitted model gives the same
+        scores for the same rows.
         """
         array = self._check_input(X)
         weights = self._feature_weights()
         parts = self._map_batches(
-            array, lambda errors, extra, _: (errors @ weights + extra).cpu().numpy()
+            array, lambda terms: self._batch_scores(terms, weights)[1].cpu().numpy()
         )
         return np.concatenate(parts).astype(np.float64)
 
     def feature_errors(self, X: Any) -> npt.NDArray[np.float64]:
         """Each feature's share of each row's score, shape (rows, features).
 
-        The shares are non-negative and each row sums to its ``decision_function``
+        The shares are non-negative, proportional to the features' normalised
+        reconstruction errors, and each row sums to its ``decision_function``
         score (up to float32 rounding).
         """
         array = self._check_input(X)
         weights = self._feature_weights()
         parts = self._map_batches(
-            array, lambda errors, extra, _: self._batch_contributions(
-                errors, extra, weights).cpu().numpy()
+            array, lambda terms: self._batch_contributions(terms, weights).cpu().numpy()
         )
         return np.concatenate(parts).astype(np.float64)
 
