@@ -77,6 +77,8 @@ ROBUST_LEVELS: tuple[float, ...] = tuple(np.linspace(0.10, 0.80, 36).tolist())
 ROBUST_FLOOR_FRACTION = 1e-3
 #: The fewest distinct bulk quantiles above the floor that ``robust`` fits a line to.
 MIN_ROBUST_LEVELS = 3
+#: Below this many held-out scores the robust threshold is computed but warned about.
+MIN_ROBUST_ROWS = 50
 #: Step of the coarse grid of Box-Cox powers in [0, 1] searched before refining.
 ROBUST_POWER_STEP = 0.05
 #: ``robust`` takes the smallest power (heaviest tail) whose misfit (1 - correlation of
@@ -106,6 +108,10 @@ Scores = npt.ArrayLike
 
 class CalibrationWarning(UserWarning):
     """Calibration fell back to a simpler method or rests on few rows."""
+
+
+class FewScoresWarning(CalibrationWarning):
+    """Calibration used its method but rests on too few rows to be trusted."""
 
 
 @dataclass(frozen=True)
@@ -378,6 +384,11 @@ def _robust_calibration(scores: Scores, target_fpr: float) -> tuple[float, dict[
         warnings.warn("robust falls back to the quantile method: the scores have no "
                       "positive, spread-out bulk", CalibrationWarning, stacklevel=3)
         return quantile_threshold(scores, rate), {}
+    n_scores = np.asarray(scores).size
+    if n_scores < MIN_ROBUST_ROWS:
+        warnings.warn(f"the robust threshold rests on only {n_scores} held-out scores and is "
+                      f"uncertain; hold out at least {MIN_ROBUST_ROWS} rows",
+                      FewScoresWarning, stacklevel=3)
     return fit.quantile(rate), {"contamination": round(fit.contamination, 6),
                                 "power": round(fit.power, 4)}
 
@@ -519,12 +530,24 @@ class SeverityScale:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> SeverityScale:
-        """Rebuild from :meth:`to_dict` (a dict without ``robust`` is not extrapolated)."""
-        tail, robust = state.get("tail"), state.get("robust")
+        """Rebuild from :meth:`to_dict`.
+
+        A scale stored before the robust fit existed (no ``robust`` key) gets it
+        fitted now from its stored quantile grid (an equal-probability sample of
+        its calibration scores; the scores themselves up to 1,001 of them), so
+        the severities of every stored version keep rising past the largest
+        held-out score.
+        """
+        tail = state.get("tail")
+        quantiles = tuple(float(v) for v in state["quantiles"])
+        if "robust" in state:
+            robust = state["robust"]
+            fit = None if robust is None else RobustFit(**{k: float(v)
+                                                           for k, v in robust.items()})
+        else:
+            fit = fit_robust(np.asarray(quantiles))
         return cls(
-            tuple(float(v) for v in state["levels"]),
-            tuple(float(v) for v in state["quantiles"]),
-            int(state["n_scores"]),
+            tuple(float(v) for v in state["levels"]), quantiles, int(state["n_scores"]),
             None if tail is None else ParetoTail(**{k: float(v) for k, v in tail.items()}),
-            None if robust is None else RobustFit(**{k: float(v) for k, v in robust.items()}),
+            fit,
         )

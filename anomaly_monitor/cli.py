@@ -355,8 +355,9 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
         _print_calibration(monitor, plan)
     if plot:
         click.echo(f"wrote {plot}", err=as_json)
-    if "fallback" in plan.chosen.params:
-        click.echo(f"warning: {plan.chosen.params['fallback']}", err=True)
+    for key in ("fallback", "warning"):
+        if key in plan.chosen.params:
+            click.echo(f"warning: {plan.chosen.params[key]}", err=True)
     if dry_run:
         click.echo("dry run: nothing changed", err=as_json)
         return

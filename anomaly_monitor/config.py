@@ -224,6 +224,10 @@ RENAMED_MODEL_PARAMETERS = {"score": "score_type"}
 
 
 def _model_params(data: dict[str, Any], where: str, path: Path | None) -> dict[str, Any]:
+    for old, new in RENAMED_MODEL_PARAMETERS.items():
+        if old in data and new in data:
+            raise ConfigError(f"{path}: {where} sets both {old} and {new}; {old} is the old "
+                              f"name of {new}: keep only {new}")
     data = {RENAMED_MODEL_PARAMETERS.get(key, key): value for key, value in data.items()}
     for key in data:
         if key not in MODEL_PARAMETERS:

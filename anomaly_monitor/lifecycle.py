@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from anomaly_monitor.calibration import (
     RATE_METHODS,
     CalibrationWarning,
+    FewScoresWarning,
     Threshold,
     calibrate,
     fit_robust,
@@ -146,14 +147,15 @@ def choose_threshold(
 def _calibrate_noting_fallback(
     scores: npt.NDArray[np.float64], method: str, target_fpr: float, value: float | None
 ) -> Threshold:
-    """``calibrate`` with a fallback (POT, robust) recorded in ``params["fallback"]``, not
-    warned."""
+    """``calibrate`` with a fallback (POT, robust) recorded in ``params["fallback"]`` and a
+    threshold resting on few rows in ``params["warning"]``, not warned."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CalibrationWarning)
         threshold = calibrate(scores, method, target_fpr=target_fpr, value=value)
-    notes = [str(w.message) for w in caught if issubclass(w.category, CalibrationWarning)]
-    if notes:
-        threshold.params["fallback"] = notes[0]
+    for w in caught:
+        if issubclass(w.category, CalibrationWarning):
+            key = "warning" if issubclass(w.category, FewScoresWarning) else "fallback"
+            threshold.params.setdefault(key, str(w.message))
     return threshold
 
 
@@ -228,6 +230,8 @@ def train_monitor(
         "first_timestamp": _iso(data.first_timestamp), "last_timestamp": _iso(data.last_timestamp),
         "since": _iso(since), "until": _iso(until), "device": str(detector.device_),
         "epochs_run": [len(h.train_loss) for h in detector.history_],
+        "architecture": {"hidden_dims": [int(h) for h in detector.hidden_dims_],
+                         "latent_dim": int(detector.latent_dim_)},
         "seconds": round(time.perf_counter() - started, 2),
     }
     validation = {

@@ -63,11 +63,11 @@ def _target_rows(results: list[Result], ours: list[str]) -> list[tuple[str, str,
         return kind, values[kind]
 
     if by["contaminated"] and "IsolationForest" in baselines:
-        kind, auroc = best("contaminated", "auroc")
+        kind, auroc = best("contaminated", "auroc")  # one kind judged on both metrics
+        auprc = mean_over_datasets(by["contaminated"], kind, "auprc")
         margin = auroc - mean_over_datasets(by["contaminated"], "IsolationForest", "auroc")
         rows.append(("contaminated", f"{kind} mean AUROC - IsolationForest >= +0.01",
                      margin, margin >= 0.01))
-        kind, auprc = best("contaminated", "auprc")
         margin = auprc - mean_over_datasets(by["contaminated"], "IsolationForest", "auprc")
         rows.append(("contaminated", f"{kind} mean AUPRC - IsolationForest >= 0",
                      margin, margin >= 0))

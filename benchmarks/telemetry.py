@@ -6,9 +6,11 @@ saturate) and independent noise. Anomalies are the faults seen in plant
 telemetry that an autoencoder exists for, each keeping every sensor inside its
 normal range or close to it:
 
-- ``permuted``: a few sensors take the values of another normal row, so every
-  marginal stays normal but the correlations break;
-- ``stuck``: one sensor repeats a fixed value of its normal range;
+- ``permuted``: a few sensors take their values from another, independent
+  normal row, so every marginal stays normal but the correlations break;
+- ``stuck``: one sensor reads a value drawn from its normal range (between its
+  10th and 90th percentiles) regardless of the others, as a stuck sensor does
+  while the plant moves;
 - ``spike``: one sensor jumps by 4-8 standard deviations.
 
 The generator is seeded and pure (numpy only) so that tests and benchmarks

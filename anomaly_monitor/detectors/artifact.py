@@ -233,10 +233,13 @@ def restore_detector(
         detector._validate_params()
         n_features = int(manifest["n_features"])
         detector.hidden_dims_, detector.latent_dim_ = _architecture(manifest, n_features)
-        expected = _tensor_specs(
-            [detector.build_module(n_features) for _ in range(detector.n_estimators)],
-            detector.latent_dim_,
-        )
+        # Shapes only: built on the meta device, so that a forged manifest asking for
+        # huge layers is refused (below) before any memory is allocated for them.
+        with torch.device("meta"):
+            expected = _tensor_specs(
+                [detector.build_module(n_features) for _ in range(detector.n_estimators)],
+                detector.latent_dim_,
+            )
         if manifest.get("tensors") != expected:
             raise ArtifactError("the manifest's tensor shapes do not match its hyperparameters")
         _check_header(weights, expected)

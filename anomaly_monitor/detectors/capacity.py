@@ -28,8 +28,6 @@ MIN_LATENT, MAX_LATENT = 2, 64
 FIRST_WIDTH = (32, 256)
 SECOND_WIDTH = (16, 128)
 
-RULE = "participation"
-
 
 def spectrum(scaled: npt.NDArray[np.floating], seed: int = 0) -> npt.NDArray[np.float64]:
     """Eigenvalues (descending) of the covariance of ``scaled`` after trimming outlying rows."""
@@ -51,8 +49,6 @@ def intrinsic_dimension(scaled: npt.NDArray[np.floating], seed: int = 0) -> int:
     total = float(eig.sum())
     if total <= 0:
         return 1
-    if RULE == "k90":
-        return int(np.searchsorted(np.cumsum(eig) / total, 0.90) + 1)
     return math.ceil(total**2 / float((eig**2).sum()) - 1e-9)
 
 
@@ -84,7 +80,8 @@ def legacy_architecture(n_features: int) -> tuple[tuple[int, ...], int]:
     quarter of the input (2 to 32). Only used to read models saved before the
     capacity was chosen from the data.
     """
-    first = int(min(FIRST_WIDTH[1], max(FIRST_WIDTH[0], 2 * n_features)))
-    second = int(min(SECOND_WIDTH[1], max(SECOND_WIDTH[0], n_features)))
+    # Fixed numbers, not the module's bounds: format-1 shapes must never change.
+    first = int(min(256, max(32, 2 * n_features)))
+    second = int(min(128, max(16, n_features)))
     latent = int(min(32, max(2, math.ceil(n_features / 4))))
     return (first, second), latent

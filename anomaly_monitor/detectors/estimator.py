@@ -46,8 +46,9 @@ MAX_STATISTICS_ROWS = 200_000
 #: The sparse autoencoder's code is this many times the intrinsic dimension: only a
 #: ``sparsity_target`` share of its units is active for a row, so it must be wider.
 SPARSE_CODE_FACTOR = 2.0
-#: Shape above which a term's gamma null is taken as a point mass (zero variance).
-MAX_GAMMA_SHAPE = 1.0e6
+#: Bounds of a term's gamma shape: above the top it is a point mass (zero variance);
+#: below the bottom the Wilson-Hilferty tail approximation breaks down.
+MIN_GAMMA_SHAPE, MAX_GAMMA_SHAPE = 0.25, 1.0e6
 #: Ridge added to the code covariance, relative to its mean variance.
 LATENT_RIDGE = 1.0e-3
 
@@ -65,19 +66,31 @@ def gamma_moments(values: npt.NDArray[np.float64]) -> tuple[float, float]:
     """Mean and shape of the gamma distribution with the moments of ``values``."""
     mean = max(float(values.mean()), 1e-12)
     var = float(values.var())
-    return mean, (mean * mean / var if var > 0 else MAX_GAMMA_SHAPE)
+    return mean, min(mean * mean / var, MAX_GAMMA_SHAPE) if var > 0 else MAX_GAMMA_SHAPE
 
 
-def gamma_surprise(values: Tensor, stats: Tensor | npt.NDArray[np.floating]) -> Tensor:
-    """``-log P(V > values)`` under a gamma null with ``stats = (mean, shape)``.
-
-    The tail uses the Wilson-Hilferty approximation (the cube root of a gamma
-    variable is close to normal), which stays accurate and finite far into the tail.
-    """
-    mean, shape = float(stats[0]), min(float(stats[1]), MAX_GAMMA_SHAPE)
+def _wilson_hilferty(stats: Tensor | npt.NDArray[np.floating]) -> tuple[float, float, float]:
+    """Mean, centre and spread of the cube-root normal approximation of a gamma null."""
+    mean = float(stats[0])
+    shape = min(max(float(stats[1]), MIN_GAMMA_SHAPE), MAX_GAMMA_SHAPE)
     spread = (1.0 / (9.0 * shape)) ** 0.5
-    z = ((values.clamp_min(0.0) / mean).pow(1.0 / 3.0) - (1.0 - spread * spread)) / spread
-    return -torch.special.log_ndtr(-z)
+    return mean, 1.0 - spread * spread, spread
+
+
+def gamma_z(values: Tensor, stats: Tensor | npt.NDArray[np.floating]) -> Tensor:
+    """The normal deviate of ``values`` under a gamma null with ``stats = (mean, shape)``.
+
+    The Wilson-Hilferty approximation: the cube root of a gamma variable is close
+    to normal, accurately and finitely far into the tail.
+    """
+    mean, centre, spread = _wilson_hilferty(stats)
+    return ((values.clamp_min(0.0) / mean).pow(1.0 / 3.0) - centre) / spread
+
+
+def gamma_value(z: Tensor, stats: Tensor | npt.NDArray[np.floating]) -> Tensor:
+    """The inverse of :func:`gamma_z`: the value with normal deviate ``z``."""
+    mean, centre, spread = _wilson_hilferty(stats)
+    return mean * (centre + spread * z).clamp_min(0.0).pow(3.0)
 
 
 def _floored(means: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -118,18 +131,28 @@ class AutoencoderDetector(BaseDetector):
       lie on the learned manifold but far out along it, which an autoencoder
       reconstructs well.
 
-    Each term is turned into a surprise, ``-log P(term > value)`` under a gamma
-    distribution fitted to that term on typical training rows, and the score is
-    the larger of the two (the code surprise times ``latent_weight``). Fusing
-    calibrated surprises by their maximum, rather than adding raw terms, keeps
-    the normal spread of one term from drowning a clear excess of the other: a
-    row that breaks the correlations between sensors is flagged by its
-    reconstruction alone, a row far out along the manifold by its code alone.
+    Each term is standardised by a gamma distribution matched to its mean and
+    variance on the typical training rows (those below the 90th percentile of
+    reconstruction error): the Wilson-Hilferty deviate ``z`` (the cube root of
+    a gamma variable is close to normal). The score is the larger of the two
+    deviates (the code's times ``latent_weight``), mapped back onto the
+    reconstruction term's own scale: where reconstruction wins, the score *is*
+    the reconstruction term (about 1 on typical training rows). Taking the
+    maximum of standardised terms, rather than adding raw ones, keeps the normal
+    spread of one term from drowning a clear excess of the other: a row that
+    breaks the correlations between sensors is flagged by its reconstruction, a
+    row far out along the manifold by its code. The gamma fits only put the
+    terms on one scale; they are not calibrated tail probabilities (the
+    reconstruction null is fitted below its own 90th percentile, so the maximum
+    leans towards reconstruction). Flagging rates come from the threshold
+    methods of :mod:`anomaly_monitor.calibration`.
 
     Capacity comes from the data (:mod:`anomaly_monitor.detectors.capacity`):
     the code size is the intrinsic dimension of the scaled training rows (the
     participation ratio of their covariance spectrum, after leaving out the most
-    outlying rows), recorded in ``latent_dim_`` and ``hidden_dims_``.
+    outlying rows), twice that for ``sae`` (a sparse code must be wider), within
+    [2, 64] and below the feature count; recorded in ``latent_dim_`` and
+    ``hidden_dims_``.
 
     Robustness to anomalies in the training rows (history is never clean): each
     mini-batch's worst-reconstructed ``trim_fraction`` rows are left out of the
@@ -148,13 +171,15 @@ class AutoencoderDetector(BaseDetector):
     epochs, batch_size, learning_rate, weight_decay : Adam training settings.
     max_steps : optimizer steps per network at most: on large tables training
         ends after this many mini-batches even if early stopping has not (bounds
-        the fit time; 10,000 steps of 128 rows see a 100k-row table 13 times).
+        the fit time; 10,000 steps of 128 rows see the 90,000 training rows of a
+        100k-row table 14 times).
     validation_fraction, patience : held-out fraction for early stopping and the
         number of epochs without improvement before stopping; ``0`` disables it.
     trim_fraction : share of the worst-reconstructed rows of each mini-batch left
         out of the loss, for robustness to anomalies in the training data.
     scaling : ``standard``, ``robust`` (median / IQR) or ``none``.
-    normalize_errors : divide each feature's error by its training-set mean.
+    normalize_errors : divide each feature's error by its mean over the typical
+        90% of training rows.
     noise, noise_level : corruption of the denoising autoencoder
         (``gaussian`` standard deviation or ``masking`` fraction).
     beta : weight of the KL term of the VAE.
@@ -164,8 +189,8 @@ class AutoencoderDetector(BaseDetector):
         (VAE only: adds ``beta`` * KL) or ``mc`` (VAE only: squared error averaged
         over ``mc_samples`` posterior samples drawn from a generator seeded with
         ``random_state``, so repeated calls on the same rows agree).
-    latent_weight : factor on the code term's surprise before the maximum
-        (0 scores by reconstruction alone).
+    latent_weight : factor on the code term's standardised deviate before the
+        maximum (0 scores by reconstruction alone).
     random_state : seed of initialisation, splits, shuffling and noise.
     device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     verbose : show a tqdm progress bar during ``fit``.
@@ -333,7 +358,6 @@ class AutoencoderDetector(BaseDetector):
                 module, history = self._fit_one(scaled, config, seed, progress)
                 self.modules_.append(module)
                 self.history_.append(history)
-        self.latent_center_ = self.latent_whitening_ = None
         self._fit_statistics(array)
         return self
 
@@ -473,10 +497,13 @@ class AutoencoderDetector(BaseDetector):
         stats = getattr(self, "term_gamma_", None)
         if stats is None:  # models saved before the fused score: the additive one
             return contributions, recon + self.latent_weight * terms.code_term
-        score = gamma_surprise(recon, stats[0])
-        if self.latent_weight > 0:
-            score = torch.maximum(
-                score, self.latent_weight * gamma_surprise(terms.code_term, stats[1]))
+        if self.latent_weight == 0:
+            return contributions, recon
+        # The larger standardised excess of the two terms, expressed on the reconstruction
+        # term's scale (where the reconstruction term wins, the score is that term itself).
+        z = torch.maximum(gamma_z(recon, stats[0]),
+                          self.latent_weight * gamma_z(terms.code_term, stats[1]))
+        score = gamma_value(z, stats[0])
         return contributions, score
 
     def _batch_contributions(self, terms: BatchTerms, weights: Tensor) -> Tensor:
@@ -490,10 +517,10 @@ class AutoencoderDetector(BaseDetector):
     def decision_function(self, X: Any) -> npt.NDArray[np.float64]:
         """Anomaly score of each row of ``X``: HIGHER = MORE ANOMALOUS.
 
-        The score is the larger of two surprises (see the class docstring): of the
+        The score is the larger standardised excess (see the class docstring) of the
         row's normalised reconstruction error and of its code's distance from the
-        training codes. It is deterministic: the same fitted model gives the same
-        scores for the same rows.
+        training codes, on the reconstruction error's scale. It is deterministic: the
+        same fitted model gives the same scores for the same rows.
         """
         array = self._check_input(X)
         weights = self._feature_weights()

@@ -89,7 +89,9 @@ def train_module(
 ) -> TrainingHistory:
     """Train ``module`` in place with Adam; keep the weights of the best validation epoch.
 
-    Without a validation set every epoch is run and the last weights are kept.
+    Training ends after ``epochs`` epochs, ``patience`` epochs without improvement or
+    ``max_steps`` mini-batches, whichever comes first. Without a validation set
+    early stopping is off and the last weights are kept.
     """
     generator = torch.Generator(device=x_train.device).manual_seed(seed)
     optimizer = torch.optim.Adam(
@@ -117,22 +119,19 @@ def train_module(
         history.train_loss.append(epoch_loss / max(1, len(starts)))
         if progress is not None:
             progress.update(1)
-        out_of_steps = steps >= config.max_steps
         if x_val is None:
             history.best_epoch = epoch
-            if out_of_steps:
-                break
-            continue
-        val_loss = _validation_loss(module, x_val, config, seed)
-        history.validation_loss.append(val_loss)
-        if progress is not None:
-            progress.set_postfix(val_loss=f"{val_loss:.4g}")
-        if val_loss < best_loss:
-            best_loss, stale, history.best_epoch = val_loss, 0, epoch
-            best_state = copy.deepcopy(module.state_dict())
         else:
-            stale += 1
-        if stale >= config.patience or out_of_steps:
+            val_loss = _validation_loss(module, x_val, config, seed)
+            history.validation_loss.append(val_loss)
+            if progress is not None:
+                progress.set_postfix(val_loss=f"{val_loss:.4g}")
+            if val_loss < best_loss:
+                best_loss, stale, history.best_epoch = val_loss, 0, epoch
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                stale += 1
+        if stale >= config.patience or steps >= config.max_steps:
             if progress is not None:
                 progress.update(config.epochs - epoch)
             break

@@ -79,6 +79,8 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
                                                                  "models", "list"))
     shown = json.loads(cli("--config", config, "models", "show", "1"))
     assert shown["status"] == "active" and shown["features"] == list(FEATURES)
+    architecture = shown["training"]["architecture"]  # chosen from the data at fit
+    assert 1 <= architecture["latent_dim"] < len(FEATURES) and architecture["hidden_dims"]
     before = shown["threshold"]
     out = cli("--config", config, "calibrate", "plant", "--dry-run", "--target-fpr", "0.05")
     assert "dry run: nothing changed" in out and "quantile fpr=0.05" in out

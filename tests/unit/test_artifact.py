@@ -145,6 +145,10 @@ def test_manifest_tampering_is_refused(saved, tmp_path):
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="tensor shapes do not match"):
         AutoencoderDetector.load(path)
+    manifest["architecture"] = {"hidden_dims": [10**6, 10**6], "latent_dim": 10**6}
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="tensor shapes do not match"):
+        AutoencoderDetector.load(path)  # refused from shapes alone, nothing allocated
     manifest["hyperparameters"] = {"evil": "__import__('os')"}
     (path / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="unexpected keyword argument 'evil'"):

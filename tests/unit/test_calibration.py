@@ -15,6 +15,7 @@ from scipy import stats
 from anomaly_monitor.calibration import (
     DEFAULT_METHOD,
     CalibrationWarning,
+    FewScoresWarning,
     SeverityScale,
     calibrate,
     fit_pareto_tail,
@@ -254,7 +255,8 @@ def test_robust_on_tiny_sets_zeros_and_quantised_scores_is_finite_and_above_the_
                    np.r_[np.zeros(300), rng.chisquare(6, 700)], np.round(rng.chisquare(4, 500)),
                    rng.chisquare(4, 200) * 1e300, rng.chisquare(4, 200) * 1e-300):
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error")  # no numerical warnings; only the few-rows one
+            warnings.simplefilter("ignore", FewScoresWarning)
             value = robust_threshold(scores, 0.01)
         assert math.isfinite(value) and value > np.median(scores)
 
@@ -304,13 +306,16 @@ def test_severity_scale_round_trips_its_robust_fit_and_reads_old_dicts():
     again = SeverityScale.from_dict(state)
     x = np.geomspace(1e-3, 1e3, 300)
     np.testing.assert_array_equal(again.severity(x), scale.severity(x))
-    # A scale stored before the robust fit existed stays capped past its largest score.
+    # A scale stored before the robust fit existed gets it from its quantile grid (for
+    # 300 scores the grid is the scores themselves), so it extrapolates as a new one.
     old = SeverityScale.from_dict({k: v for k, v in state.items() if k != "robust"})
-    assert old.robust is None
-    capped = old.severity([scores.max(), 1000 * scores.max()])
-    assert capped[0] == capped[1] == pytest.approx(100 * math.log10(301) / 6)
-    np.testing.assert_array_equal(old.severity(x[x <= scores.max()]),
-                                  scale.severity(x[x <= scores.max()]))
+    assert old.robust is not None
+    np.testing.assert_allclose(old.severity(x), scale.severity(x), rtol=1e-9, atol=1e-9)
+    assert old.severity([1000 * scores.max()])[0] >= 99
+    # One stored with robust = None (no usable bulk) stays capped past its largest score.
+    capped = SeverityScale.from_dict({**state, "robust": None})
+    top = capped.severity([scores.max(), 1000 * scores.max()])
+    assert top[0] == top[1] == pytest.approx(100 * math.log10(301) / 6)
 
 
 def test_choose_threshold_turns_alerts_per_day_into_the_robust_target():
@@ -322,3 +327,14 @@ def test_choose_threshold_turns_alerts_per_day_into_the_robust_target():
     assert threshold.method == "robust" and threshold.params["alerts_per_day"] == 10
     assert threshold.params["target_fpr"] == pytest.approx(0.01)
     assert threshold.value == robust_threshold(scores, 0.01)
+
+
+def test_robust_on_few_rows_warns_but_calibrates():
+    from anomaly_monitor.lifecycle import choose_threshold
+
+    scores = SHAPES["chi2 8 dof"].rvs(size=20, random_state=np.random.default_rng(3))
+    with pytest.warns(FewScoresWarning, match="only 20 held-out scores"):
+        value = robust_threshold(scores, 0.01)
+    chosen = choose_threshold(scores, ThresholdSettings(method="robust"))
+    assert chosen.value == value and "fallback" not in chosen.params
+    assert "only 20 held-out scores" in chosen.params["warning"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -63,18 +64,17 @@ def test_explicit_sizes_win():
     assert detector.latent_dim == 7  # the hyperparameter itself is left as given
 
 
-def test_format_1_artifacts_still_load(tmp_path):
-    # Version 1 manifests had no architecture: sizes followed from the feature count
-    # (8 features: hidden (32, 16), code 2) and score_type was called "score".
-    x = factor_data(8, 2)
-    detector = AutoencoderDetector("vae", n_estimators=1, epochs=2).fit(x)
-    assert (detector.hidden_dims_, detector.latent_dim_) == ((32, 16), 2)
-    path = detector.save(tmp_path / "old")
-    manifest = json.loads((path / MANIFEST_FILE).read_text())
-    manifest["format_version"] = 1
-    del manifest["architecture"]
-    manifest["hyperparameters"]["score"] = manifest["hyperparameters"].pop("score_type")
-    del manifest["hyperparameters"]["max_steps"]
-    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+def test_format_1_artifacts_still_load():
+    # A real format-1 model, saved by the release before capacity came from the data
+    # (tests/data/format1-vae, with the scores it gave then): no architecture in the
+    # manifest (sizes followed from the feature count), score_type was called
+    # "score", and the score was the additive one. It must load and score as it did.
+    path = Path(__file__).resolve().parents[1] / "data" / "format1-vae"
+    assert json.loads((path / MANIFEST_FILE).read_text())["format_version"] == 1
+    expected = np.load(path / "expected.npz", allow_pickle=False)
     loaded = AutoencoderDetector.load(path, device="cpu")
-    np.testing.assert_array_equal(loaded.decision_function(x), detector.decision_function(x))
+    assert loaded.latent_dim_ == 2 and loaded.hidden_dims_ == (8,)
+    np.testing.assert_allclose(loaded.decision_function(expected["x"]), expected["scores"],
+                               rtol=1e-5)
+    np.testing.assert_allclose(loaded.feature_errors(expected["x"]), expected["shares"],
+                               rtol=1e-5, atol=1e-7)

@@ -142,3 +142,12 @@ def test_model_values_are_checked_on_demand_and_names_match_the_detector(tmp_pat
                              environ={})
     with pytest.raises(ConfigError, match=r"monitor 'plant'\.model: epochs"):
         check_model_params(settings, settings.monitor("plant"))
+
+
+def test_the_old_score_key_is_read_as_score_type(tmp_path):
+    old = load_settings(write(tmp_path, VALID.replace("epochs = 7", 'score = "elbo"')),
+                        environ={})
+    assert dict(old.monitor("plant").model) == {"score_type": "elbo"}
+    both = VALID.replace("epochs = 7", 'score = "elbo"\nscore_type = "mc"')
+    with pytest.raises(ConfigError, match="sets both score and score_type"):
+        load_settings(write(tmp_path, both), environ={})
