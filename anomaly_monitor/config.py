@@ -356,7 +356,7 @@ table = "readings"              # the watched table (optionally: schema = "publi
 id_column = "id"                # increasing integer key
 timestamp_column = "ts"         # when the row was produced
 # features = ["f0", "f1"]       # default: every numeric column but id, timestamp, label
-# label_column = "is_anomaly"   # optional 0/1 column, used by threshold method "labels"
+# label_column = "is_anomaly"   # optional 0/1 column: method "labels", dry-run precision/recall
 kind = "vae"                    # vae | dae | sae
 interval_seconds = 30           # how often the daemon looks for new rows
 batch_size = 10000              # rows per transaction

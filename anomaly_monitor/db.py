@@ -27,12 +27,28 @@ class DatabaseURLError(DatabaseError):
     """The configured database URL is malformed or names an unknown driver."""
 
 
+#: Query parameters of a URL that carry secrets (libpq accepts ``?password=``).
+SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
+
+
+def _secrets(url: URL) -> list[str]:
+    """The password of ``url`` and any secret query parameters' values."""
+    found = [str(url.password)] if url.password else []
+    for key, value in url.query.items():
+        if key.lower() in SECRET_QUERY_KEYS:
+            found += [value] if isinstance(value, str) else list(value)
+    return [v for v in found if v]
+
+
 def redact(url: str | URL) -> str:
-    """``url`` with its password masked, for logs and messages."""
+    """``url`` with its password (and secret query parameters) masked, for logs and messages."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except (sa.exc.ArgumentError, ValueError):
         return "<unparseable database URL>"
+    hidden = {key: "***" for key in parsed.query if key.lower() in SECRET_QUERY_KEYS}
+    rendered = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
+    return rendered.replace("%2A%2A%2A", "***")
 
 
 def _normalise(url: URL) -> URL:
@@ -92,9 +108,8 @@ def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
     else:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if url is not None:
-        parsed = make_url(url)
-        if parsed.password:
-            message = message.replace(str(parsed.password), "***")
+        for secret in _secrets(make_url(url)):
+            message = message.replace(secret, "***")
     return message
 
 

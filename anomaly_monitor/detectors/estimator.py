@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -91,6 +92,10 @@ def gamma_value(z: Tensor, stats: Tensor | npt.NDArray[np.floating]) -> Tensor:
     """The inverse of :func:`gamma_z`: the value with normal deviate ``z``."""
     mean, centre, spread = _wilson_hilferty(stats)
     return mean * (centre + spread * z).clamp_min(0.0).pow(3.0)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
 
 
 def _floored(means: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
@@ -274,9 +279,15 @@ class AutoencoderDetector(BaseDetector):
         positive_ints = ("n_estimators", "epochs", "max_steps", "batch_size", "patience",
                          "mc_samples")
         for name in positive_ints:
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
+        self._validate_sizes()
+        reals = ("validation_fraction", "trim_fraction", "noise_level", "sparsity_target",
+                 "learning_rate", "beta", "weight_decay", "sparsity_weight", "latent_weight")
+        for name in reals:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise ValueError(f"{name} must be a number; got {value!r}")
         ranges = {
             "validation_fraction": (self.validation_fraction, 0.0, 0.5),
             "trim_fraction": (self.trim_fraction, 0.0, 0.5),
@@ -294,6 +305,16 @@ class AutoencoderDetector(BaseDetector):
                 raise ValueError(f"{name} must be non-negative; got {getattr(self, name)!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA device is available")
+
+    def _validate_sizes(self) -> None:
+        if self.latent_dim is not None and not _is_positive_int(self.latent_dim):
+            raise ValueError(f"latent_dim must be a positive integer or None; "
+                             f"got {self.latent_dim!r}")
+        if self.hidden_dims is not None and (
+                isinstance(self.hidden_dims, str | bytes)
+                or not all(_is_positive_int(h) for h in self.hidden_dims)):
+            raise ValueError(f"hidden_dims must be a list of positive integers or None; "
+                             f"got {self.hidden_dims!r}")
 
     def _architecture(self, scaled: npt.NDArray[np.floating]) -> tuple[tuple[int, ...], int]:
         """Hidden widths and code size: the explicit ones, else chosen from ``scaled``."""

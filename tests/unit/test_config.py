@@ -130,6 +130,10 @@ def test_passwords_are_redacted():
     url = "postgresql+psycopg://user:s3cr3t@db:5432/app"
     assert "s3cr3t" not in redact(url) and "***" in redact(url)
     assert "s3cr3t" not in describe_error(RuntimeError("login for s3cr3t failed"), url)
+    # libpq also takes the password as a query parameter.
+    query = "postgresql+psycopg://user@db:5432/app?password=s3cr3t&sslmode=require"
+    assert redact(query) == "postgresql+psycopg://user@db:5432/app?password=***&sslmode=require"
+    assert "s3cr3t" not in describe_error(RuntimeError("login for s3cr3t failed"), query)
 
 
 def test_model_values_are_checked_on_demand_and_names_match_the_detector(tmp_path):

@@ -193,7 +193,11 @@ def test_huge_values_give_finite_scores(fitted):
         ({"activation": "swish"}, "activation must be one of"),
         ({"scaling": "minmax"}, "scaling must be one of"),
         ({"learning_rate": 0}, "learning_rate must be positive"),
-        ({"hidden_dims": (8, 0)}, "layer sizes must be positive"),
+        ({"hidden_dims": (8, 0)}, "hidden_dims must be a list of positive integers"),
+        ({"latent_dim": 0}, "latent_dim must be a positive integer"),
+        ({"latent_dim": "4"}, "latent_dim must be a positive integer"),
+        ({"latent_dim": 2.5}, "latent_dim must be a positive integer"),
+        ({"learning_rate": "fast"}, "learning_rate must be a number"),
     ],
 )
 def test_bad_hyperparameters_fail_at_fit(data, params, message):
