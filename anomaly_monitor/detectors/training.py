@@ -29,7 +29,7 @@ class TrainingConfig:
     weight_decay: float
     patience: int
     trim_fraction: float
-    max_steps: int = 10_000
+    max_steps: int = 6_000
 
 
 @dataclass

@@ -49,7 +49,7 @@ class VariationalAutoencoder(nn.Module):
 
     def forward_with_code(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruction from the posterior mean, and the mean itself (deterministic)."""
-        mu, _ = self.encode(x)
+        mu = self.mu(self.encoder(x))  # the log-variance is not needed: skip its layer
         return self.decoder(mu), mu
 
     @staticmethod
