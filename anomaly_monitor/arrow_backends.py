@@ -36,6 +36,8 @@ CHILD_REPLY_MARGIN_SECONDS = 30.0
 #: The reader process is given this long to exit after its input is closed.
 CHILD_EXIT_SECONDS = 5.0
 LENGTH_BYTES = 8
+#: The reader process checks this often whether its parent is still alive.
+PARENT_CHECK_SECONDS = 1.0
 
 
 class BackendError(RuntimeError):
@@ -269,12 +271,35 @@ def serve(path: str, busy_timeout_ms: int, requests: BinaryIO, replies: BinaryIO
     connection.close()
 
 
-if __name__ == "__main__":
+def _exit_with_parent(parent: int) -> None:
+    """End this process, quietly, as soon as its parent is gone (even mid-query, when
+    the closed input pipe would only be noticed at the next request)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def child_main(argv: list[str]) -> None:
+    """The reader process's entry point (``python -m anomaly_monitor.arrow_backends``)."""
     # The parent decides when this process ends (by closing its input, or by dying):
     # a Ctrl-C or SIGTERM sent to the whole process group is the parent's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _exit_with_parent(os.getppid())
     # Frames only on the pipe: anything a library prints goes to stderr instead.
-    _replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    serve(sys.argv[1], int(sys.argv[2]), sys.stdin.buffer, _replies)
+    try:
+        serve(argv[0], int(argv[1]), sys.stdin.buffer, replies)
+    except (BrokenPipeError, ConnectionResetError):  # the parent died mid-reply
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])

@@ -529,6 +529,8 @@ def _run_once(app: App, worker: Any) -> None:
         outcome = "done" if state.status == "running" else state.status
         click.echo(f"monitor {name}: {outcome}, {state.batches} batches, {state.rows} rows, "
                    f"{state.flagged} flagged, {state.quarantined} quarantined")
+        if state.status == "standby":  # not an error: a live leader does the work
+            click.echo(f"monitor {name}: {state.detail}; nothing to do here")
     paused = [n for n, s in states.items() if s.status == "paused"]
     failed = [n for n, s in states.items() if s.status == "error"]
     if failed:

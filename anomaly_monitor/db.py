@@ -7,6 +7,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
+from anomaly_monitor.identity import APPLICATION_NAME
+
 #: A connection attempt gives up after this many seconds.
 CONNECT_TIMEOUT_SECONDS = 10
 #: PostgreSQL statements and lock waits are cancelled after these many milliseconds,
@@ -77,7 +79,9 @@ def postgresql_connect_args() -> dict[str, Any]:
             f"-c lock_timeout={LOCK_TIMEOUT_MS}",
             f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
         )),
-        "application_name": "anomaly-monitor",
+        # Names this process's sessions, so that a successor can tell when they are all
+        # gone (a dead lease holder: anomaly_monitor.lease).
+        "application_name": APPLICATION_NAME,
     }
 
 

@@ -1,24 +1,62 @@
 """One active worker per monitor: a lease row with a fencing token, on any database.
 
 The lease lives on the monitor's ``am_cursors`` row. A worker claims it when it
-is free or expired, which increments ``lease_token``; it renews it while it
-works. Every batch commits only if the cursor row still carries the worker's
-owner and token, so a leader that was paused past its lease (and replaced)
-cannot commit when it wakes up. Times come from the workers' clocks, which
-must agree to well within the lease duration (NTP).
+is free, expired or held by a dead leader, which increments ``lease_token``; it
+renews it while it works. Every batch commits only if the cursor row still
+carries the worker's owner and token, so a leader that was paused past its
+lease (and replaced) cannot commit when it wakes up.
+
+Lease times come from the database's clock, inside the claim and renew
+statements (``statement_timestamp()`` on PostgreSQL, ``'now'`` on SQLite):
+workers whose clocks disagree still agree on who leads. A leader is known dead,
+and taken over at once, when its owner names a process of this host that no
+longer runs, or (PostgreSQL) when none of its database sessions is left;
+otherwise its lease expires after ``lease_seconds``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import socket
-import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
 
-from anomaly_monitor.tables import as_utc, cursors, utcnow
+from anomaly_monitor.identity import local_process_dead, parse_owner, worker_identity
+from anomaly_monitor.tables import Timestamp, as_utc, cursors
+
+__all__ = ["Claim", "Lease", "claim", "fenced", "release", "worker_identity"]
+
+
+class database_time(FunctionElement[dt.datetime]):  # noqa: N801 (an SQL function)
+    """The database's current time plus ``seconds``, in the column format of
+    ``Timestamp`` (SQLite stores text that must compare as ``Timestamp`` values do)."""
+
+    type = Timestamp
+    inherit_cache = True
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(sa.literal(float(seconds), sa.Float))
+
+
+@compiles(database_time, "postgresql")
+def _postgresql_time(element: database_time, compiler: Any, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(statement_timestamp() + make_interval(secs => {seconds}))"
+
+
+@compiles(database_time, "sqlite")
+def _sqlite_time(element: database_time, compiler: Any, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    # 'YYYY-MM-DD HH:MM:SS.SSS' padded to microseconds: SQLAlchemy's own text format.
+    return f"strftime('%Y-%m-%d %H:%M:%f000', 'now', ({seconds}) || ' seconds')"
+
+
+@compiles(database_time)
+def _unsupported_time(element: database_time, compiler: Any, **kw: Any) -> str:
+    raise sa.exc.CompileError(f"leases need SQLite or PostgreSQL, not {compiler.dialect.name}")
 
 
 @dataclass(frozen=True)
@@ -32,27 +70,46 @@ class Lease:
 
 @dataclass(frozen=True)
 class Claim:
-    """The outcome of :func:`claim`: the lease, or who holds it instead."""
+    """The outcome of :func:`claim`: the lease, or who holds it instead.
+
+    ``taken_from`` names the dead leader a new lease was taken over from at once.
+    """
 
     lease: Lease | None
     cursor_exists: bool
     holder: str | None = None
     expires_at: dt.datetime | None = None
+    taken_from: str | None = None
 
 
-def worker_identity() -> str:
-    """A name for this worker process that is unique across hosts and restarts."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _renew(connection: sa.Connection, lease: Lease, expires: dt.datetime) -> bool:
+def _renew(connection: sa.Connection, lease: Lease, seconds: float) -> bool:
     result = connection.execute(
         cursors.update().where(cursors.c.monitor == lease.monitor,
                                cursors.c.lease_owner == lease.owner,
                                cursors.c.lease_token == lease.token)
-        .values(lease_expires_at=expires)
+        .values(lease_expires_at=database_time(seconds))
     )
     return result.rowcount == 1
+
+
+def _sessions_gone(connection: sa.Connection, application_name: str) -> bool:
+    """Whether PostgreSQL has no session left named ``application_name``."""
+    if connection.dialect.name != "postgresql":
+        return False
+    activity = sa.table("pg_stat_activity", sa.column("application_name"))
+    found = connection.execute(
+        sa.select(sa.literal(1)).select_from(activity)
+        .where(activity.c.application_name == application_name).limit(1)
+    ).first()
+    return found is None
+
+
+def leader_dead(connection: sa.Connection, owner: str) -> bool:
+    """Whether the worker ``owner`` is known to be gone (see the module docstring)."""
+    parsed = parse_owner(owner)
+    if parsed is None:
+        return False
+    return local_process_dead(parsed) or _sessions_gone(connection, parsed.application_name)
 
 
 def claim(
@@ -61,34 +118,42 @@ def claim(
     owner: str,
     seconds: float,
     held: Lease | None = None,
-    *,
-    now: dt.datetime | None = None,
 ) -> Claim:
-    """Renew ``held`` or claim the monitor's lease if it is free or expired.
-
-    Commit the connection's transaction to make the claim visible.
-    """
-    now = now or utcnow()
-    expires = now + dt.timedelta(seconds=seconds)
-    if held is not None and _renew(connection, held, expires):
+    """Renew ``held``, or claim the monitor's lease if it is free, expired or its
+    holder is dead. Commit the connection's transaction to make the claim visible."""
+    if held is not None and _renew(connection, held, seconds):
         return Claim(held, True)
-    taken = connection.execute(
-        cursors.update().where(
-            cursors.c.monitor == monitor,
-            # Our own earlier tenure (after a conflict) is retaken with a new token.
-            sa.or_(cursors.c.lease_owner.is_(None), cursors.c.lease_owner == owner,
-                   cursors.c.lease_expires_at.is_(None), cursors.c.lease_expires_at < now))
-        .values(lease_owner=owner, lease_token=cursors.c.lease_token + 1,
-                lease_expires_at=expires)
-    )
     row = connection.execute(
-        sa.select(cursors.c.lease_owner, cursors.c.lease_token, cursors.c.lease_expires_at)
+        sa.select(cursors.c.lease_owner, cursors.c.lease_token, cursors.c.lease_expires_at,
+                  (cursors.c.lease_expires_at < database_time()).label("expired"))
         .where(cursors.c.monitor == monitor)
     ).first()
     if row is None:
         return Claim(None, False)
-    if taken.rowcount == 1 and row.lease_owner == owner:
-        return Claim(Lease(monitor, owner, int(row.lease_token)), True)
+    holder = row.lease_owner
+    # Free: nobody, our own earlier tenure (retaken with a new token), or expired.
+    free = holder is None or holder == owner or row.lease_expires_at is None or row.expired
+    dead = not free and leader_dead(connection, holder)
+    if free or dead:
+        # Compare-and-set on the token and the state just read: of two successors
+        # (or a successor and a renewing leader) only one update matches.
+        still = (cursors.c.lease_owner == holder if dead else sa.or_(
+            cursors.c.lease_owner.is_(None), cursors.c.lease_owner == owner,
+            cursors.c.lease_expires_at.is_(None),
+            cursors.c.lease_expires_at < database_time()))
+        taken = connection.execute(
+            cursors.update().where(cursors.c.monitor == monitor,
+                                   cursors.c.lease_token == row.lease_token, still)
+            .values(lease_owner=owner, lease_token=cursors.c.lease_token + 1,
+                    lease_expires_at=database_time(seconds))
+        )
+        if taken.rowcount == 1:
+            return Claim(Lease(monitor, owner, int(row.lease_token) + 1), True,
+                         taken_from=holder if dead else None)
+        row = connection.execute(
+            sa.select(cursors.c.lease_owner, cursors.c.lease_expires_at)
+            .where(cursors.c.monitor == monitor)
+        ).one()
     return Claim(None, True, row.lease_owner, as_utc(row.lease_expires_at))
 
 

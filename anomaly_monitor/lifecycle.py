@@ -119,6 +119,15 @@ def rows_per_day(rows: int, first: dt.datetime | None, last: dt.datetime | None)
     return rows / span * SECONDS_PER_DAY if span > 0 else None
 
 
+def known_labels(
+    scores: npt.NDArray[np.float64], labels: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+    """The scores of the rows with a known label (not NaN) and whether each is an
+    anomaly (label above 0.5): the one reading of a label column."""
+    known = ~np.isnan(labels)
+    return scores[known], labels[known] > 0.5
+
+
 def choose_threshold(
     scores: npt.NDArray[np.float64],
     settings: ThresholdSettings,
@@ -135,8 +144,8 @@ def choose_threshold(
     if settings.method == "labels":
         if labels is None:
             raise TrainingError("threshold method 'labels' needs label_column in the monitor")
-        known = ~np.isnan(labels)
-        threshold = calibrate(scores[known], "labels", labels=labels[known].astype(int))
+        known_scores, truth = known_labels(scores, labels)
+        threshold = calibrate(known_scores, "labels", labels=truth.astype(int))
     else:
         threshold = _calibrate_noting_fallback(scores, settings.method, target, settings.value)
     if settings.alerts_per_day is not None:
@@ -162,12 +171,11 @@ def _calibrate_noting_fallback(
 def _auroc(scores: npt.NDArray[np.float64], labels: npt.NDArray[np.float64]) -> float | None:
     from scipy.stats import rankdata
 
-    known = ~np.isnan(labels)
-    truth = labels[known] > 0.5
+    known_scores, truth = known_labels(scores, labels)
     positives, negatives = int(truth.sum()), int((~truth).sum())
     if positives == 0 or negatives == 0:
         return None
-    ranks = rankdata(scores[known])
+    ranks = rankdata(known_scores)
     return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
@@ -397,12 +405,12 @@ def plan_calibration(
                   Candidate(f"chosen ({chosen.method})", chosen)]
     for candidate in candidates:
         _measure(candidate, holdout, recent, labelled)
-    known = None if labelled is None else labelled[1][~np.isnan(labelled[1])]
+    truth = None if labelled is None else known_labels(*labelled)[1]
     fit = fit_robust(holdout) if holdout.size else None
     return CalibrationPlan(
         version, chosen, candidates, holdout, recent,
-        labelled_rows=0 if known is None else int(known.size),
-        labelled_anomalies=0 if known is None else int((known > 0.5).sum()),
+        labelled_rows=0 if truth is None else int(truth.size),
+        labelled_anomalies=0 if truth is None else int(truth.sum()),
         contamination=None if fit is None else fit.contamination,
     )
 
@@ -435,10 +443,9 @@ def _candidates(
                                                  else "")
             candidates.append(Candidate(label, threshold))
     if labelled is not None:
-        known = ~np.isnan(labelled[1])
-        if (labelled[1][known] > 0.5).any():
-            threshold = calibrate(labelled[0][known], "labels",
-                                  labels=(labelled[1][known] > 0.5).astype(int))
+        known_scores, truth = known_labels(*labelled)
+        if truth.any():
+            threshold = calibrate(known_scores, "labels", labels=truth.astype(int))
             candidates.append(Candidate("labels (max F1)", threshold))
     return candidates
 
@@ -453,9 +460,8 @@ def _measure(
     candidate.recent_flagged = int((recent > value).sum())
     if labelled is None:
         return
-    scores, labels = labelled
-    known = ~np.isnan(labels)
-    truth, flagged = labels[known] > 0.5, scores[known] > value
+    known_scores, truth = known_labels(*labelled)
+    flagged = known_scores > value
     hits, n_flagged, positives = int((truth & flagged).sum()), int(flagged.sum()), int(truth.sum())
     candidate.precision = hits / n_flagged if n_flagged else None
     candidate.recall = hits / positives if positives else None

@@ -58,6 +58,10 @@ PAUSE_AFTER_FAILURES = 5
 ONCE_MAX_FAILURES = 3
 
 
+def _when(moment: dt.datetime | None) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z" if moment is not None else "it is released"
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` looks like a lost or refused connection, worth retrying forever."""
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
@@ -82,6 +86,8 @@ class MonitorState:
     newest_timestamp: dt.datetime | None = None
     lease: Lease | None = None
     lease_renewed: float = 0.0
+    #: The lease holder this standby last logged that it waits for.
+    waiting_for: str | None = None
     read_state: ReadState = field(default_factory=ReadState)
 
 
@@ -273,16 +279,23 @@ class Worker:
             if state.lease is not None:
                 log.warning("monitor %s: lease lost to %s", monitor.name, result.holder)
                 state.read_state.close()
-            state.lease, state.status = None, "standby"
+            elif state.waiting_for != result.holder:  # once per leader, not every poll
+                log.info("monitor %s: standing by; %s holds the lease until %s (database "
+                         "clock)", monitor.name, result.holder, _when(result.expires_at))
+            state.lease, state.status, state.waiting_for = None, "standby", result.holder
             state.detail = f"another worker ({result.holder}) holds the lease until " \
-                           f"{result.expires_at:%Y-%m-%d %H:%M:%S}Z"
+                           f"{_when(result.expires_at)}"
             # Standing by is this worker's success: without it a standby replica would
             # look stalled to the AnomalyMonitorStalled alert.
             self.metrics.observe_poll(monitor.name, now=time.time(), backlog=None,
                                       newest_timestamp=None)
             return False
-        if result.lease is not None and state.lease is None:
+        if result.taken_from is not None:
+            log.warning("monitor %s: took the lease over from %s, which is gone (token %d)",
+                        monitor.name, result.taken_from, result.lease.token)
+        elif state.lease is None:
             log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)
+        state.waiting_for = None
         state.lease, state.lease_renewed = result.lease, time.monotonic()
         return True
 

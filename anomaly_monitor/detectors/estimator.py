@@ -408,11 +408,9 @@ class AutoencoderDetector(BaseDetector):
         self.latent_center_ = np.stack([center for center, _ in stats])
         self.latent_whitening_ = np.stack([whitening for _, whitening in stats])
         recon = (errors[typical] / self.error_scale_).mean(axis=1) + kl[typical]
-        code_term = np.mean([
-            (((c[typical] - center) @ whitening.T) ** 2).mean(axis=1)
-            for c, center, whitening in zip(codes, self.latent_center_,
-                                            self.latent_whitening_, strict=True)
-        ], axis=0)
+        # A second pass computes the code term exactly as scoring does (one definition).
+        code_term = np.concatenate(self._map_batches(
+            array, lambda t: t.code_term.cpu().numpy()))[typical].astype(np.float64)
         self.term_gamma_ = np.array([gamma_moments(recon), gamma_moments(code_term)],
                                     dtype=np.float32)
 

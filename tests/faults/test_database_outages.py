@@ -46,7 +46,7 @@ def idle_transactions(engine: sa.Engine) -> int:
     """The daemon's sessions idle inside a transaction for more than 5 s."""
     with engine.connect() as connection:
         return int(connection.execute(sa.text(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'anomaly-monitor'"
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'anomaly-monitor %'"
             " AND state = 'idle in transaction' AND now() - state_change > interval '5 s'"
             " AND pid <> pg_backend_pid()")).scalar())
 
