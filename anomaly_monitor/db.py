@@ -80,7 +80,7 @@ def postgresql_connect_args() -> dict[str, Any]:
             f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
         )),
         # Names this process's sessions, so that a successor can tell when they are all
-        # gone (a dead lease holder: anomaly_monitor.lease).
+        # gone (a dead lease holder: anomaly_monitor.cursors).
         "application_name": APPLICATION_NAME,
     }
 

@@ -27,6 +27,7 @@ from anomaly_monitor.calibration import (
     fpr_for_alerts_per_day,
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
+from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
@@ -39,7 +40,7 @@ from anomaly_monitor.registry import (
     set_threshold,
     store_version,
 )
-from anomaly_monitor.scoring import check_features, read_cursor
+from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
     SchemaError,
     SourceTable,

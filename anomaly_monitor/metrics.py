@@ -119,6 +119,14 @@ class Metrics:
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))
 
+    def set_paused(self, monitor: str, paused: bool) -> None:
+        """Whether the monitor is paused (1) or running (0)."""
+        self.paused.labels(monitor).set(1 if paused else 0)
+
+    def observe_late_rows(self, monitor: str, rows: int) -> None:
+        """Count rows found behind the cursor and scored late."""
+        self.late_rows.labels(monitor).inc(rows)
+
     def observe_error(self, monitor: str) -> None:
         """Count a failed batch."""
         self.batches.labels(monitor, "error").inc()

@@ -19,7 +19,8 @@ import numpy.typing as npt
 import sqlalchemy as sa
 
 from anomaly_monitor.calibration import SeverityScale, Threshold
-from anomaly_monitor.tables import as_utc, cursors, model_versions, utcnow
+from anomaly_monitor.cursors import create_cursor
+from anomaly_monitor.tables import as_utc, model_versions, utcnow
 
 if TYPE_CHECKING:
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
@@ -231,12 +232,7 @@ def activate(
             model_versions.c.monitor == monitor, model_versions.c.version == version)
         .values(status="active", activated_at=now)
     )
-    exists = connection.execute(
-        sa.select(cursors.c.monitor).where(cursors.c.monitor == monitor)
-    ).first()
-    if exists is None:
-        connection.execute(cursors.insert().values(
-            monitor=monitor, position=initial_position(), paused=False, updated_at=now))
+    create_cursor(connection, monitor, initial_position, now)
     return get_version(connection, monitor, version)
 
 

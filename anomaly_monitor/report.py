@@ -8,8 +8,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.registry import active_version, get_version
-from anomaly_monitor.scoring import read_cursor
 from anomaly_monitor.source import SchemaError, count_after, reflect_source
 from anomaly_monitor.tables import anomalies, as_utc, batches, utcnow
 

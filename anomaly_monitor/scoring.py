@@ -25,15 +25,14 @@ import sqlalchemy as sa
 
 from anomaly_monitor.arrow_reader import ArrowReader
 from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
-from anomaly_monitor.lease import Lease, fenced
 from anomaly_monitor.registry import LoadedModel, ModelVersion, get_version, load_model
 from anomaly_monitor.source import SchemaError, SourceTable, Window, read_ids, read_window
 from anomaly_monitor.tables import (
     anomalies,
     as_utc,
     batches,
-    cursors,
     model_versions,
     quarantine,
     utcnow,
@@ -54,20 +53,6 @@ ARROW_MIN_ROWS = 2_000
 HORIZON_MAX_STALL_SECONDS = 60.0
 
 log = logging.getLogger(__name__)
-
-
-class BatchConflictError(RuntimeError):
-    """The cursor moved while the batch was scored; the batch was rolled back."""
-
-
-@dataclass(frozen=True)
-class CursorState:
-    """A monitor's row in ``am_cursors``."""
-
-    position: int
-    paused: bool
-    pause_reason: str | None
-    updated_at: dt.datetime | None
 
 
 @dataclass(frozen=True)
@@ -96,26 +81,6 @@ class BatchResult:
     def rows(self) -> int:
         """Rows consumed: scored plus quarantined."""
         return self.scored + self.quarantined
-
-
-def read_cursor(connection: sa.Connection, monitor: str) -> CursorState | None:
-    """The monitor's cursor, ``None`` before its first model is activated."""
-    row = connection.execute(
-        sa.select(cursors.c.position, cursors.c.paused, cursors.c.pause_reason,
-                  cursors.c.updated_at).where(cursors.c.monitor == monitor)
-    ).first()
-    if row is None:
-        return None
-    return CursorState(int(row.position), bool(row.paused), row.pause_reason,
-                       as_utc(row.updated_at))
-
-
-def set_paused(connection: sa.Connection, monitor: str, reason: str | None) -> None:
-    """Pause the monitor with ``reason``, or resume it when ``reason`` is ``None``."""
-    connection.execute(
-        cursors.update().where(cursors.c.monitor == monitor)
-        .values(paused=reason is not None, pause_reason=reason, updated_at=utcnow())
-    )
 
 
 class ModelCache:
@@ -280,38 +245,6 @@ class ReadState:
         return now - self.since > HORIZON_MAX_STALL_SECONDS
 
 
-def _fence(
-    connection: sa.Connection, monitor: str, lease: Lease | None, now: dt.datetime,
-    position: int | None = None, new_position: int | None = None,
-) -> None:
-    """Touch the cursor row if the lease (and position) still hold, else roll back."""
-    conditions = [cursors.c.monitor == monitor, cursors.c.paused == sa.false(), *fenced(lease)]
-    values: dict[str, Any] = {"updated_at": now}
-    if position is not None:
-        conditions.append(cursors.c.position == position)
-        values["position"] = new_position
-    if connection.execute(cursors.update().where(*conditions).values(**values)).rowcount != 1:
-        raise BatchConflictError(
-            f"monitor {monitor!r}: {_conflict(connection, monitor, lease, position)}; "
-            "the batch was rolled back")
-
-
-def _conflict(connection: sa.Connection, monitor: str, lease: Lease | None,
-              position: int | None) -> str:
-    """Why the fenced update of the cursor matched nothing."""
-    row = connection.execute(
-        sa.select(cursors.c.position, cursors.c.paused, cursors.c.lease_owner,
-                  cursors.c.lease_token).where(cursors.c.monitor == monitor)).first()
-    if row is None:
-        return "the cursor row is gone"
-    if lease is not None and (row.lease_owner, row.lease_token) != (lease.owner, lease.token):
-        return (f"this worker's lease (token {lease.token}) was taken over by "
-                f"{row.lease_owner} (token {row.lease_token})")
-    if row.paused:
-        return "the monitor was paused"
-    return f"the cursor moved from {position} to {row.position}"
-
-
 def _write_rows(connection: sa.Connection, monitor: str, window: Window,
                 flagged: list[dict[str, Any]], now: dt.datetime) -> None:
     if flagged:
@@ -435,7 +368,7 @@ def run_batch(
     batch = _batch_row(result, started, "window", gaps, t0)
     now = clock()
     with engine.begin() as connection:
-        _fence(connection, monitor.name, lease, now, cursor.position, window.last_id)
+        fence(connection, monitor.name, lease, now, cursor.position, window.last_id)
         _write_rows(connection, monitor.name, window, flagged, now)
         connection.execute(batches.insert().values(**batch))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)
@@ -482,7 +415,7 @@ def sweep_late_rows(
     flagged, severities = _score(monitor.name, model, window, started) if model else ([], None)
     now = clock()
     with engine.begin() as connection:
-        _fence(connection, monitor.name, lease, now)
+        fence(connection, monitor.name, lease, now)
         for row in pending:
             left = [] if row.id in expired else subtract_ids(row.open_gaps, found)
             if left != row.open_gaps:

@@ -18,24 +18,30 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import FrameType
 
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings, Settings, lease_duration
+from anomaly_monitor.cursors import (
+    BatchConflictError,
+    Lease,
+    claim,
+    read_cursor,
+    release,
+    set_paused,
+    worker_identity,
+)
 from anomaly_monitor.db import describe_error
-from anomaly_monitor.lease import Lease, claim, release, worker_identity
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import RegistryError
 from anomaly_monitor.scoring import (
-    BatchConflictError,
     BatchResult,
     ModelCache,
     ReadState,
     check_features,
-    read_cursor,
     run_batch,
-    set_paused,
     sweep_late_rows,
 )
 from anomaly_monitor.source import SchemaError, SourceTable, count_after, reflect_source
@@ -70,11 +76,31 @@ def is_transient(exc: BaseException) -> bool:
                       | sa.exc.DisconnectionError | sa.exc.TimeoutError | OSError)
 
 
+class Status(StrEnum):
+    """Where a monitor stands in this worker (shown by ``run --once``)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    STANDBY = "standby"  # another worker holds the lease
+    PAUSED = "paused"  # a table, column or model problem; re-checked every poll
+    ERROR = "error"  # the last batch failed; retried after a backoff
+    NO_MODEL = "no_model"
+
+
+@dataclass(frozen=True)
+class Clock:
+    """Where the worker reads time: ``monotonic`` for delays and budgets, ``time`` (Unix
+    seconds) for metrics. Lease times come from the database, never from here."""
+
+    monotonic: Callable[[], float] = time.monotonic
+    time: Callable[[], float] = time.time
+
+
 @dataclass
 class MonitorState:
     """What the worker knows about one monitor between jobs."""
 
-    status: str = "starting"
+    status: Status = Status.STARTING
     detail: str | None = None
     failures: int = 0
     retry_at: float = 0.0
@@ -103,8 +129,10 @@ class Worker:
         device: str = "auto",
         monitors: list[str] | None = None,
         threads: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
+        self.clock = clock or Clock()
         self.engine = engine
         self.metrics = metrics
         self.models = ModelCache(device, threads=threads)
@@ -126,15 +154,16 @@ class Worker:
 
     def _pause(self, monitor: MonitorSettings, reason: str) -> None:
         state = self.states[monitor.name]
-        state.status, state.detail, state.source = "paused", reason, None
+        state.status, state.detail, state.source = Status.PAUSED, reason, None
         state.read_state.close()
         log.error("monitor %s paused: %s", monitor.name, reason)
-        self.metrics.paused.labels(monitor.name).set(1)
+        self.metrics.set_paused(monitor.name, True)
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, reason)
 
-    def _try_resume(self, monitor: MonitorSettings) -> bool:
-        """Re-check a paused monitor's table and model; resume it when both are fine."""
+    def _try_resume(self, monitor: MonitorSettings) -> None:
+        """Re-check a paused monitor's table and model; resume it when both are fine
+        (a problem raises, and the monitor stays paused)."""
         source = self._source(monitor)
         with self.engine.connect() as connection:
             model = self.models.active(connection, monitor.name)
@@ -144,14 +173,13 @@ class Worker:
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, None)
         log.info("monitor %s resumed", monitor.name)
-        self.metrics.paused.labels(monitor.name).set(0)
-        return True
+        self.metrics.set_paused(monitor.name, False)
 
     def _record(self, monitor: MonitorSettings, result: BatchResult) -> None:
         state = self.states[monitor.name]
         state.failures, state.detail = 0, None
-        state.status = {"committed": "running", "idle": "running"}.get(result.status,
-                                                                         result.status)
+        state.status = Status.RUNNING if result.status in ("committed", "idle") \
+            else Status(result.status)
         if result.status == "no_model":
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
         if result.status == "committed":
@@ -177,14 +205,14 @@ class Worker:
             try:
                 self._pause(monitor, reason)
             except Exception:  # the database may refuse the pause too
-                state.status, state.detail = "paused", reason
+                state.status, state.detail = Status.PAUSED, reason
             return 0.0
         # Capped at the interval, so that a returning database is used within two intervals.
         cap = min(BACKOFF_MAX_SECONDS, monitor.interval_seconds)
         delay = min(cap, BACKOFF_INITIAL_SECONDS * 2 ** (state.failures - 1))
-        state.status = "error"
+        state.status = Status.ERROR
         state.detail = describe_error(exc, self.engine.url)
-        state.retry_at = time.monotonic() + delay
+        state.retry_at = self.clock.monotonic() + delay
         state.source = None
         self.metrics.observe_error(monitor.name)
         log.warning("monitor %s: batch failed (%s); retrying in %.0f s",
@@ -195,8 +223,8 @@ class Worker:
         """One batch with its error handling; ``None`` after a failure or a pause."""
         state = self.states[monitor.name]
         try:
-            if state.status == "paused" and not self._try_resume(monitor):
-                return None
+            if state.status == Status.PAUSED:
+                self._try_resume(monitor)
             result = run_batch(self.engine, monitor, self._source(monitor), self.models,
                                lease=state.lease, read_state=state.read_state)
         except (SchemaError, RegistryError) as exc:
@@ -205,7 +233,7 @@ class Worker:
         except BatchConflictError as exc:
             log.warning("%s", exc)
             state.lease = None  # claim again (or stand by) at the next poll
-            state.status = "standby"
+            state.status = Status.STANDBY
             state.read_state.close()
             return None
         except Exception as exc:  # the daemon never dies on data or the DB
@@ -215,7 +243,7 @@ class Worker:
             return None
         if result.status == "paused":
             # Paused by an earlier process: re-check now rather than an interval later.
-            state.status = "paused"
+            state.status = Status.PAUSED
             with self.engine.connect() as connection:
                 cursor = read_cursor(connection, monitor.name)
             state.detail = cursor.pause_reason if cursor else None
@@ -233,22 +261,23 @@ class Worker:
         if budget_seconds is None:
             budget_seconds = max(MIN_JOB_BUDGET_SECONDS,
                                  JOB_BUDGET_FRACTION * monitor.interval_seconds)
-        deadline = time.monotonic() + budget_seconds
+        clock = self.clock.monotonic
+        deadline = clock() + budget_seconds
         last: BatchResult | None = None
         while not self.stop_event.is_set():
-            wait = state.retry_at - time.monotonic()
-            if wait > 0 and (time.monotonic() + wait > deadline or self.stop_event.wait(wait)):
+            wait = state.retry_at - clock()
+            if wait > 0 and (clock() + wait > deadline or self.stop_event.wait(wait)):
                 break
             if not self._hold_lease(monitor):
                 break
             result = self._step(monitor)
             if result is None:
-                if state.status in ("paused", "standby") or (
+                if state.status in (Status.PAUSED, Status.STANDBY) or (
                         max_failures is not None and state.failures >= max_failures):
                     break
                 continue
             last = result
-            if result.caught_up or time.monotonic() >= deadline:
+            if result.caught_up or clock() >= deadline:
                 break
         if last is not None and last.status in ("committed", "idle"):
             self._sweep(monitor)
@@ -260,7 +289,7 @@ class Worker:
         renewal); ``False`` while another worker holds it or the database fails."""
         state = self.states[monitor.name]
         seconds = lease_duration(monitor)
-        if state.lease is not None and time.monotonic() - state.lease_renewed < seconds / 3:
+        if state.lease is not None and self.clock.monotonic() - state.lease_renewed < seconds / 3:
             return True
         try:
             with self.engine.begin() as connection:
@@ -269,10 +298,10 @@ class Worker:
             self._failed(monitor, exc)
             return False
         if not result.cursor_exists:  # no model was ever activated: nothing to score
-            state.lease, state.status = None, "no_model"
+            state.lease, state.status = None, Status.NO_MODEL
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
             # Polled fine: AnomalyMonitorNoModel, not Stalled, tells the operator.
-            self.metrics.observe_poll(monitor.name, now=time.time(), backlog=None,
+            self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=None,
                                       newest_timestamp=None)
             return False
         if result.lease is None:
@@ -282,12 +311,12 @@ class Worker:
             elif state.waiting_for != result.holder:  # once per leader, not every poll
                 log.info("monitor %s: standing by; %s holds the lease until %s (database "
                          "clock)", monitor.name, result.holder, _when(result.expires_at))
-            state.lease, state.status, state.waiting_for = None, "standby", result.holder
+            state.lease, state.status, state.waiting_for = None, Status.STANDBY, result.holder
             state.detail = f"another worker ({result.holder}) holds the lease until " \
                            f"{_when(result.expires_at)}"
             # Standing by is this worker's success: without it a standby replica would
             # look stalled to the AnomalyMonitorStalled alert.
-            self.metrics.observe_poll(monitor.name, now=time.time(), backlog=None,
+            self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=None,
                                       newest_timestamp=None)
             return False
         if result.taken_from is not None:
@@ -296,7 +325,7 @@ class Worker:
         elif state.lease is None:
             log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)
         state.waiting_for = None
-        state.lease, state.lease_renewed = result.lease, time.monotonic()
+        state.lease, state.lease_renewed = result.lease, self.clock.monotonic()
         return True
 
     def _sweep(self, monitor: MonitorSettings) -> None:
@@ -311,7 +340,7 @@ class Worker:
             return
         if late is not None:
             self._record(monitor, late)
-            self.metrics.late_rows.labels(monitor.name).inc(late.rows)
+            self.metrics.observe_late_rows(monitor.name, late.rows)
 
     def release_leases(self) -> None:
         """Give up every held lease so that a standby worker takes over at once (and
@@ -335,8 +364,9 @@ class Worker:
                 backlog = (count_after(connection, self._source(monitor), cursor.position)
                            if cursor else None)
                 model = self.models.active_version(connection, monitor.name)
-        except Exception as exc:  # metrics must not kill the job
-            self._failed(monitor, exc)
+        except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
+            log.warning("monitor %s: could not measure the backlog (%s)", monitor.name,
+                        describe_error(exc, self.engine.url))
             return
         state = self.states[monitor.name]
         if last.newest_timestamp is not None:
@@ -344,9 +374,9 @@ class Worker:
         elif state.newest_timestamp is None:
             state.newest_timestamp = self._newest_scored(monitor)
         newest = state.newest_timestamp.timestamp() if state.newest_timestamp else None
-        self.metrics.observe_poll(monitor.name, now=time.time(), backlog=backlog,
+        self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)
-        self.metrics.paused.labels(monitor.name).set(0)
+        self.metrics.set_paused(monitor.name, False)
         if model is not None:
             self.metrics.set_model(monitor.name, str(model.version), model.kind,
                                    model.threshold, model.expected_ratio())

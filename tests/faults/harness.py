@@ -17,8 +17,8 @@ import numpy as np
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.registry import load_model
-from anomaly_monitor.scoring import read_cursor
 from anomaly_monitor.source import read_window, reflect_source
 from anomaly_monitor.tables import anomalies, batches, quarantine
 from tests.helpers import FEATURES, Sensors

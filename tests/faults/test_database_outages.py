@@ -14,8 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from anomaly_monitor import migrate
+from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.db import create_engine
-from anomaly_monitor.scoring import read_cursor
 from tests.faults.harness import (
     Producer,
     batch_count,

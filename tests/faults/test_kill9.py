@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.scoring import read_cursor
 from anomaly_monitor.worker import Worker
 from tests.faults.harness import (
     Producer,

@@ -38,7 +38,7 @@ LEADER = textwrap.dedent("""
     import sys, time
     from anomaly_monitor.db import create_engine
     from anomaly_monitor.identity import worker_identity
-    from anomaly_monitor.lease import claim
+    from anomaly_monitor.cursors import claim
     url, seconds, host = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     owner = worker_identity()
     if host:  # pretend to run on another host: only the database can tell it is gone

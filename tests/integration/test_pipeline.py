@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.config import ThresholdSettings
+from anomaly_monitor.cursors import BatchConflictError, read_cursor
 from anomaly_monitor.lifecycle import (
     activate_checked,
     apply_calibration,
@@ -20,7 +21,7 @@ from anomaly_monitor.lifecycle import (
 )
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import RegistryError, active_version, get_version, list_versions
-from anomaly_monitor.scoring import BatchConflictError, ModelCache, read_cursor, run_batch
+from anomaly_monitor.scoring import ModelCache, run_batch
 from anomaly_monitor.source import SchemaError, reflect_source
 from anomaly_monitor.tables import anomalies, batches, model_versions, quarantine
 from anomaly_monitor.worker import Worker

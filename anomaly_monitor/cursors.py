@@ -1,6 +1,8 @@
-"""One active worker per monitor: a lease row with a fencing token, on any database.
+"""The ``am_cursors`` row of each monitor: its position, pause state and lease.
 
-The lease lives on the monitor's ``am_cursors`` row. A worker claims it when it
+This module is the only writer of the row. The position is the last source id
+scored; a paused monitor records why. One active worker per monitor: the lease
+lives on the same row. A worker claims it when it
 is free, expired or held by a dead leader, which increments ``lease_token``; it
 renews it while it works. Every batch commits only if the cursor row still
 carries the worker's owner and token, so a leader that was paused past its
@@ -17,6 +19,7 @@ otherwise its lease expires after ``lease_seconds``.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +28,58 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from anomaly_monitor.identity import local_process_dead, parse_owner, worker_identity
-from anomaly_monitor.tables import Timestamp, as_utc, cursors
+from anomaly_monitor.tables import Timestamp, as_utc, cursors, utcnow
 
-__all__ = ["Claim", "Lease", "claim", "fenced", "release", "worker_identity"]
+__all__ = ["BatchConflictError", "Claim", "CursorState", "Lease", "claim", "create_cursor",
+           "fence", "fenced", "read_cursor", "release", "set_paused", "worker_identity"]
+
+
+class BatchConflictError(RuntimeError):
+    """The cursor moved while the batch was scored; the batch was rolled back."""
+
+
+@dataclass(frozen=True)
+class CursorState:
+    """A monitor's row in ``am_cursors``."""
+
+    position: int
+    paused: bool
+    pause_reason: str | None
+    updated_at: dt.datetime | None
+
+
+def read_cursor(connection: sa.Connection, monitor: str) -> CursorState | None:
+    """The monitor's cursor, ``None`` before its first model is activated."""
+    row = connection.execute(
+        sa.select(cursors.c.position, cursors.c.paused, cursors.c.pause_reason,
+                  cursors.c.updated_at).where(cursors.c.monitor == monitor)
+    ).first()
+    if row is None:
+        return None
+    return CursorState(int(row.position), bool(row.paused), row.pause_reason,
+                       as_utc(row.updated_at))
+
+
+def create_cursor(connection: sa.Connection, monitor: str, position: Callable[[], int],
+                  now: dt.datetime) -> bool:
+    """Create the monitor's cursor at ``position()`` unless it exists (``position`` is
+    called only then); whether it was created."""
+    exists = connection.execute(
+        sa.select(cursors.c.monitor).where(cursors.c.monitor == monitor)
+    ).first()
+    if exists is not None:
+        return False
+    connection.execute(cursors.insert().values(
+        monitor=monitor, position=position(), paused=False, updated_at=now))
+    return True
+
+
+def set_paused(connection: sa.Connection, monitor: str, reason: str | None) -> None:
+    """Pause the monitor with ``reason``, or resume it when ``reason`` is ``None``."""
+    connection.execute(
+        cursors.update().where(cursors.c.monitor == monitor)
+        .values(paused=reason is not None, pause_reason=reason, updated_at=utcnow())
+    )
 
 
 class database_time(FunctionElement[dt.datetime]):  # noqa: N801 (an SQL function)
@@ -172,3 +224,37 @@ def fenced(lease: Lease | None) -> list[sa.ColumnElement[bool]]:
     if lease is None:
         return []
     return [cursors.c.lease_owner == lease.owner, cursors.c.lease_token == lease.token]
+
+
+def fence(
+    connection: sa.Connection, monitor: str, lease: Lease | None, now: dt.datetime,
+    position: int | None = None, new_position: int | None = None,
+) -> None:
+    """Touch the cursor row (and move it from ``position`` to ``new_position``) if the
+    lease and the position still hold; else raise :class:`BatchConflictError`, whose
+    caller rolls the batch back."""
+    conditions = [cursors.c.monitor == monitor, cursors.c.paused == sa.false(), *fenced(lease)]
+    values: dict[str, Any] = {"updated_at": now}
+    if position is not None:
+        conditions.append(cursors.c.position == position)
+        values["position"] = new_position
+    if connection.execute(cursors.update().where(*conditions).values(**values)).rowcount != 1:
+        raise BatchConflictError(
+            f"monitor {monitor!r}: {_conflict(connection, monitor, lease, position)}; "
+            "the batch was rolled back")
+
+
+def _conflict(connection: sa.Connection, monitor: str, lease: Lease | None,
+              position: int | None) -> str:
+    """Why the fenced update of the cursor matched nothing."""
+    row = connection.execute(
+        sa.select(cursors.c.position, cursors.c.paused, cursors.c.lease_owner,
+                  cursors.c.lease_token).where(cursors.c.monitor == monitor)).first()
+    if row is None:
+        return "the cursor row is gone"
+    if lease is not None and (row.lease_owner, row.lease_token) != (lease.owner, lease.token):
+        return (f"this worker's lease (token {lease.token}) was taken over by "
+                f"{row.lease_owner} (token {row.lease_token})")
+    if row.paused:
+        return "the monitor was paused"
+    return f"the cursor moved from {position} to {row.position}"
