@@ -192,7 +192,7 @@ class ChildBackend:
         if self._process is None:
             self._process = subprocess.Popen(  # noqa: S603 (our own module, no shell)
                 [sys.executable, "-m", "anomaly_monitor.arrow_backends", self._path,
-                 str(self._busy_timeout_ms)],
+                 str(self._busy_timeout_ms), str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         return self._process
@@ -291,7 +291,8 @@ def child_main(argv: list[str]) -> None:
     # a Ctrl-C or SIGTERM sent to the whole process group is the parent's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _exit_with_parent(os.getppid())
+    # The parent's pid from its own hands: getppid() here could already be the reaper's.
+    _exit_with_parent(int(argv[2]) if len(argv) > 2 else os.getppid())
     # Frames only on the pipe: anything a library prints goes to stderr instead.
     replies = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())

@@ -12,8 +12,8 @@ Lease times come from the database's clock, inside the claim and renew
 statements (``statement_timestamp()`` on PostgreSQL, ``'now'`` on SQLite):
 workers whose clocks disagree still agree on who leads. A leader is known dead,
 and taken over at once, when its owner names a process of this host that no
-longer runs, or (PostgreSQL) when none of its database sessions is left;
-otherwise its lease expires after ``lease_seconds``.
+longer runs; on PostgreSQL also when it has missed a renewal and none of its
+database sessions is left; otherwise its lease expires after ``lease_seconds``.
 """
 
 from __future__ import annotations
@@ -144,24 +144,41 @@ def _renew(connection: sa.Connection, lease: Lease, seconds: float) -> bool:
     return result.rowcount == 1
 
 
+#: A leader renews at least every ``renew_period`` seconds (see :func:`claim`); one whose
+#: last renewal is older than this many renew periods has missed one.
+OVERDUE_RENEWALS = 1.5
+
+
 def _sessions_gone(connection: sa.Connection, application_name: str) -> bool:
-    """Whether PostgreSQL has no session left named ``application_name``."""
-    if connection.dialect.name != "postgresql":
+    """Whether PostgreSQL shows no session named ``application_name``; ``False`` when the
+    server will not say (the query runs in a savepoint so that an error cannot abort
+    the claim's transaction)."""
+    activity = sa.table("pg_stat_activity", sa.column("application_name"),
+                        schema="pg_catalog")
+    try:
+        with connection.begin_nested():
+            found = connection.execute(
+                sa.select(sa.literal(1)).select_from(activity)
+                .where(activity.c.application_name == application_name).limit(1)
+            ).first()
+    except sa.exc.DBAPIError:
         return False
-    activity = sa.table("pg_stat_activity", sa.column("application_name"))
-    found = connection.execute(
-        sa.select(sa.literal(1)).select_from(activity)
-        .where(activity.c.application_name == application_name).limit(1)
-    ).first()
     return found is None
 
 
-def leader_dead(connection: sa.Connection, owner: str) -> bool:
-    """Whether the worker ``owner`` is known to be gone (see the module docstring)."""
+def leader_dead(connection: sa.Connection, owner: str, overdue: bool) -> bool:
+    """Whether the worker ``owner`` is known to be gone: a process of this host that no
+    longer runs; or, on PostgreSQL, a leader that is ``overdue`` (missed a renewal) and
+    has no session left. Both are needed there: behind a transaction-mode pooler, or
+    while a live leader is idle without a pooled connection, its sessions cannot be
+    seen, but it still renews on time."""
     parsed = parse_owner(owner)
     if parsed is None:
         return False
-    return local_process_dead(parsed) or _sessions_gone(connection, parsed.application_name)
+    if local_process_dead(parsed):
+        return True
+    return (overdue and connection.dialect.name == "postgresql"
+            and _sessions_gone(connection, parsed.application_name))
 
 
 def claim(
@@ -170,14 +187,22 @@ def claim(
     owner: str,
     seconds: float,
     held: Lease | None = None,
+    *,
+    renew_period: float | None = None,
 ) -> Claim:
     """Renew ``held``, or claim the monitor's lease if it is free, expired or its
-    holder is dead. Commit the connection's transaction to make the claim visible."""
+    holder is dead. ``renew_period`` is how often a live leader renews (default a
+    third of ``seconds``). Commit the connection's transaction to make the claim
+    visible."""
     if held is not None and _renew(connection, held, seconds):
         return Claim(held, True)
+    renew_period = seconds / 3 if renew_period is None else renew_period
     row = connection.execute(
         sa.select(cursors.c.lease_owner, cursors.c.lease_token, cursors.c.lease_expires_at,
-                  (cursors.c.lease_expires_at < database_time()).label("expired"))
+                  (cursors.c.lease_expires_at < database_time()).label("expired"),
+                  # Renewed longer ago than a live leader would let pass:
+                  (cursors.c.lease_expires_at
+                   < database_time(seconds - OVERDUE_RENEWALS * renew_period)).label("overdue"))
         .where(cursors.c.monitor == monitor)
     ).first()
     if row is None:
@@ -185,7 +210,7 @@ def claim(
     holder = row.lease_owner
     # Free: nobody, our own earlier tenure (retaken with a new token), or expired.
     free = holder is None or holder == owner or row.lease_expires_at is None or row.expired
-    dead = not free and leader_dead(connection, holder)
+    dead = not free and leader_dead(connection, holder, bool(row.overdue))
     if free or dead:
         # Compare-and-set on the token and the state just read: of two successors
         # (or a successor and a renewing leader) only one update matches.

@@ -64,6 +64,12 @@ PAUSE_AFTER_FAILURES = 5
 ONCE_MAX_FAILURES = 3
 
 
+def renew_period(monitor: MonitorSettings) -> float:
+    """Seconds between a live leader's lease renewals at most (one batch aside): it
+    renews at the start of every poll and every third of the lease within one."""
+    return max(monitor.interval_seconds, lease_duration(monitor) / 3)
+
+
 def _when(moment: dt.datetime | None) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S}Z" if moment is not None else "it is released"
 
@@ -264,12 +270,14 @@ class Worker:
         clock = self.clock.monotonic
         deadline = clock() + budget_seconds
         last: BatchResult | None = None
+        first = True
         while not self.stop_event.is_set():
             wait = state.retry_at - clock()
             if wait > 0 and (clock() + wait > deadline or self.stop_event.wait(wait)):
                 break
-            if not self._hold_lease(monitor):
+            if not self._hold_lease(monitor, renew=first):
                 break
+            first = False
             result = self._step(monitor)
             if result is None:
                 if state.status in (Status.PAUSED, Status.STANDBY) or (
@@ -284,16 +292,19 @@ class Worker:
             self._report_poll(monitor, last)
         return state
 
-    def _hold_lease(self, monitor: MonitorSettings) -> bool:
-        """Claim or renew the monitor's lease (a third of its duration after the last
-        renewal); ``False`` while another worker holds it or the database fails."""
+    def _hold_lease(self, monitor: MonitorSettings, *, renew: bool = False) -> bool:
+        """Claim or renew the monitor's lease (when ``renew``, at the start of each poll,
+        and a third of its duration after the last renewal); ``False`` while another
+        worker holds it or the database fails."""
         state = self.states[monitor.name]
         seconds = lease_duration(monitor)
-        if state.lease is not None and self.clock.monotonic() - state.lease_renewed < seconds / 3:
+        since = self.clock.monotonic() - state.lease_renewed
+        if state.lease is not None and not renew and since < seconds / 3:
             return True
         try:
             with self.engine.begin() as connection:
-                result = claim(connection, monitor.name, self.owner, seconds, state.lease)
+                result = claim(connection, monitor.name, self.owner, seconds, state.lease,
+                               renew_period=renew_period(monitor))
         except Exception as exc:  # a database error: retried with backoff
             self._failed(monitor, exc)
             return False
@@ -312,8 +323,10 @@ class Worker:
                 log.info("monitor %s: standing by; %s holds the lease until %s (database "
                          "clock)", monitor.name, result.holder, _when(result.expires_at))
             state.lease, state.status, state.waiting_for = None, Status.STANDBY, result.holder
-            state.detail = f"another worker ({result.holder}) holds the lease until " \
-                           f"{_when(result.expires_at)}"
+            state.detail = (f"another worker ({result.holder}) holds the lease until "
+                            f"{_when(result.expires_at)}" if result.holder is not None else
+                            "the lease changed hands during the claim; claiming it again at "
+                            "the next poll")
             # Standing by is this worker's success: without it a standby replica would
             # look stalled to the AnomalyMonitorStalled alert.
             self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=None,

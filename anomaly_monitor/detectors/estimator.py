@@ -94,6 +94,12 @@ def gamma_value(z: Tensor, stats: Tensor | npt.NDArray[np.floating]) -> Tensor:
     return mean * (centre + spread * z).clamp_min(0.0).pow(3.0)
 
 
+def code_term_of(codes: Tensor, center: Tensor, whitening: Tensor) -> Tensor:
+    """Each code's squared Mahalanobis distance from ``center`` per code dimension
+    (``whitening`` from :func:`latent_statistics`): about 1 for a typical code."""
+    return ((codes - center) @ whitening.T).pow(2).mean(dim=1)
+
+
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
 
@@ -408,9 +414,12 @@ class AutoencoderDetector(BaseDetector):
         self.latent_center_ = np.stack([center for center, _ in stats])
         self.latent_whitening_ = np.stack([whitening for _, whitening in stats])
         recon = (errors[typical] / self.error_scale_).mean(axis=1) + kl[typical]
-        # A second pass computes the code term exactly as scoring does (one definition).
-        code_term = np.concatenate(self._map_batches(
-            array, lambda t: t.code_term.cpu().numpy()))[typical].astype(np.float64)
+        code_term = np.mean([
+            code_term_of(torch.from_numpy(c[typical]), torch.from_numpy(center.astype(np.float64)),
+                         torch.from_numpy(whitening.astype(np.float64))).numpy()
+            for c, center, whitening in zip(codes, self.latent_center_,
+                                            self.latent_whitening_, strict=True)
+        ], axis=0)
         self.term_gamma_ = np.array([gamma_moments(recon), gamma_moments(code_term)],
                                     dtype=np.float32)
 
@@ -486,8 +495,7 @@ class AutoencoderDetector(BaseDetector):
             else:
                 errors += (reconstruction - x) ** 2
             if latent is not None:
-                center, whitening = latent[i]
-                code_term += ((code - center) @ whitening.T).pow(2).mean(dim=1)
+                code_term += code_term_of(code, *latent[i])
         n = len(self.modules_)
         return BatchTerms(errors / n, kl / n, code_term / n, codes)
 

@@ -52,18 +52,30 @@ LEADER = textwrap.dedent("""
 """)
 
 
-def start_leader(db_url: str, host: str = "") -> tuple[subprocess.Popen[str], str]:
-    """A process holding the lease (owner printed), until it is killed."""
-    process = subprocess.Popen([sys.executable, "-c", LEADER, db_url, str(LEASE_SECONDS), host],
-                               stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    owner = process.stdout.readline().strip()
-    assert owner, "the leader process did not claim the lease"
-    return process, owner
+@pytest.fixture
+def leaders():
+    """Start processes holding the lease (``start(db_url, host, seconds)`` returns the
+    process and its owner); whatever a test leaves running is killed after it."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(db_url: str, host: str = "", seconds: float = LEASE_SECONDS
+              ) -> tuple[subprocess.Popen[str], str]:
+        process = subprocess.Popen([sys.executable, "-c", LEADER, db_url, str(seconds), host],
+                                   stdout=subprocess.PIPE, text=True)
+        started.append(process)
+        assert process.stdout is not None
+        owner = process.stdout.readline().strip()
+        assert owner, "the leader process did not claim the lease"
+        return process, owner
+
+    yield start
+    for process in started:
+        kill(process)
 
 
 def kill(process: subprocess.Popen[str]) -> None:
-    process.kill()
+    if process.poll() is None:
+        process.kill()
     process.wait(timeout=30)
 
 
@@ -93,27 +105,24 @@ def lease_row(engine: sa.Engine) -> sa.Row:
             .where(cursors.c.monitor == "plant")).one()
 
 
-def test_a_live_leader_is_waited_for_and_named(plant, db_url, caplog):
+def test_a_live_leader_is_waited_for_and_named(plant, db_url, caplog, leaders):
     engine, table, sensors, monitor = plant
-    leader, owner = start_leader(db_url)
-    try:
-        insert_rows(engine, table, sensors.normal(10))
-        standby = new_worker(db_url, monitor, engine)
-        with caplog.at_level("INFO", logger="anomaly_monitor.worker"):
-            for _ in range(3):
-                assert standby.poll("plant").status == "standby"
-        assert owner in standby.states["plant"].detail
-        assert "until 20" in standby.states["plant"].detail
-        waits = [r for r in caplog.records if "standing by" in r.getMessage()]
-        assert len(waits) == 1 and owner in waits[0].getMessage()
-        assert standby.states["plant"].rows == 0
-    finally:
-        kill(leader)
+    _, owner = leaders(db_url)
+    insert_rows(engine, table, sensors.normal(10))
+    standby = new_worker(db_url, monitor, engine)
+    with caplog.at_level("INFO", logger="anomaly_monitor.worker"):
+        for _ in range(3):
+            assert standby.poll("plant").status == "standby"
+    assert owner in standby.states["plant"].detail
+    assert "until 20" in standby.states["plant"].detail
+    waits = [r for r in caplog.records if "standing by" in r.getMessage()]
+    assert len(waits) == 1 and owner in waits[0].getMessage()
+    assert standby.states["plant"].rows == 0
 
 
-def test_a_killed_leader_on_this_host_is_taken_over_at_once(plant, db_url):
+def test_a_killed_leader_on_this_host_is_taken_over_at_once(plant, db_url, leaders):
     engine, table, sensors, monitor = plant
-    leader, owner = start_leader(db_url)
+    leader, owner = leaders(db_url)
     assert lease_row(engine).lease_owner == owner
     kill(leader)
     insert_rows(engine, table, sensors.normal(25))
@@ -125,26 +134,40 @@ def test_a_killed_leader_on_this_host_is_taken_over_at_once(plant, db_url):
     assert lease_row(engine).lease_owner == successor.owner
 
 
-def test_a_leader_whose_sessions_are_gone_is_taken_over_on_postgresql(plant, db_url):
-    """A leader "on another host" (its pid means nothing here) was killed: PostgreSQL
-    shows none of its sessions, so the lease is taken at once; SQLite cannot know and
+#: The cross-host test's lease and interval: a live leader renews at least every
+#: max(interval, lease / 3) = 6.7 s, so one that has not for 10 s is overdue.
+REMOTE_LEASE_SECONDS, REMOTE_INTERVAL_SECONDS = 20.0, 2.0
+
+
+def test_a_leader_whose_sessions_are_gone_is_taken_over_on_postgresql(engine, db_url, leaders,
+                                                                       caplog):
+    """A leader "on another host" (its pid means nothing here) that has missed a renewal:
+    while its session is open it is waited for; once it is killed PostgreSQL shows none
+    of its sessions and the lease is taken before it expires. SQLite cannot know and
     waits for the lease to expire."""
-    engine, table, sensors, monitor = plant
-    leader, owner = start_leader(db_url, host="elsewhere.example")
+    sensors = Sensors()
+    table, monitor, _, _ = trained_plant(engine, monitor_settings(
+        lease_seconds=REMOTE_LEASE_SECONDS, interval_seconds=REMOTE_INTERVAL_SECONDS),
+        sensors=sensors)
+    leader, owner = leaders(db_url, "elsewhere.example", REMOTE_LEASE_SECONDS)
+    claimed = time.monotonic()
     successor = new_worker(db_url, monitor, engine)
-    assert successor.poll("plant").status == "standby"  # alive: its session is open
+    time.sleep(11.0)  # the leader (it never renews) is now overdue, but its session is open
+    assert successor.poll("plant").status == "standby"
     kill(leader)
     insert_rows(engine, table, sensors.normal(15))
-    if engine.dialect.name == "postgresql":
-        # The server notices the closed socket within moments.
-        deadline = time.monotonic() + 10
-        while successor.poll("plant").status == "standby":
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert successor.states["plant"].rows == 15
-    else:
-        assert successor.poll("plant").status == "standby"
-        assert lease_row(engine).lease_owner == owner
+    with caplog.at_level("WARNING", logger="anomaly_monitor.worker"):
+        if engine.dialect.name == "postgresql":
+            while successor.poll("plant").status == "standby":  # the server notices at once
+                assert time.monotonic() - claimed < REMOTE_LEASE_SECONDS - 1
+                time.sleep(0.2)
+            assert successor.states["plant"].rows == 15
+            assert any("took the lease over from " + owner in r.getMessage()
+                       for r in caplog.records)
+        else:
+            time.sleep(2.0)
+            assert successor.poll("plant").status == "standby"
+            assert lease_row(engine).lease_owner == owner
 
 
 def database_now(engine: sa.Engine) -> dt.datetime:
@@ -220,14 +243,18 @@ def test_kill_9_then_run_once_processes_the_whole_backlog(plant, db_url, tmp_pat
     engine, table, sensors, _ = plant
     config = write_config(tmp_path / "am.toml", db_url, lease=LEASE_SECONDS)
     log = tmp_path / "daemon.log"
-    insert_rows(engine, table, sensors.normal(30))
+    # Full batches of 40: after the first one the Arrow path reads (on SQLite through a
+    # reader child process).
+    insert_rows(engine, table, sensors.normal(400))
     daemon = start_daemon(config, log)
     try:
-        wait_for(lambda: batch_rows(engine) >= 30, timeout=120)
+        wait_for(lambda: batch_rows(engine) >= 120, timeout=120)
+        if engine.dialect.name == "sqlite":
+            assert reader_processes(str(tmp_path)), "no SQLite reader child was started"
     finally:
         daemon.kill()
         daemon.wait(timeout=30)
-    # Its SQLite reader child (if the Arrow path started one) follows it, quietly.
+    # Its SQLite reader child follows it, quietly.
     wait_for(lambda: not reader_processes(str(tmp_path)), timeout=10)
     insert_rows(engine, table, sensors.normal(40))
     started = time.monotonic()
@@ -236,7 +263,8 @@ def test_kill_9_then_run_once_processes_the_whole_backlog(plant, db_url, tmp_pat
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert once.returncode == 0, once.stderr
-    assert "monitor plant: done" in once.stdout and "40 rows" in once.stdout, once.stdout
+    assert "monitor plant: done" in once.stdout, once.stdout
+    assert batch_rows(engine) == 440  # the whole backlog
     assert "took the lease over" in once.stderr
     assert time.monotonic() - started < LEASE_SECONDS / 2
     assert "Traceback" not in log.read_text()
