@@ -245,6 +245,24 @@ class ReadState:
         return now - self.since > HORIZON_MAX_STALL_SECONDS
 
 
+def _commit(
+    engine: sa.Engine, monitor: str, lease: Lease | None, now: dt.datetime, window: Window,
+    flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *,
+    move: tuple[int, int] | None = None,
+    also: Callable[[sa.Connection], None] | None = None,
+) -> None:
+    """The one commit path of a batch: fence the cursor (moving it ``move = (from, to)``),
+    run ``also``, write the flagged and quarantined rows and the ``am_batches`` record
+    (none when ``batch`` is ``None``), in one transaction."""
+    with engine.begin() as connection:
+        fence(connection, monitor, lease, now, *(move or ()))
+        if also is not None:
+            also(connection)
+        if batch is not None:
+            _write_rows(connection, monitor, window, flagged, now)
+            connection.execute(batches.insert().values(**batch))
+
+
 def _write_rows(connection: sa.Connection, monitor: str, window: Window,
                 flagged: list[dict[str, Any]], now: dt.datetime) -> None:
     if flagged:
@@ -366,11 +384,8 @@ def run_batch(
     flagged, severities = _score(monitor.name, model, window, started)
     result = _result(monitor, model, window, flagged, severities, caught_up=not full)
     batch = _batch_row(result, started, "window", gaps, t0)
-    now = clock()
-    with engine.begin() as connection:
-        fence(connection, monitor.name, lease, now, cursor.position, window.last_id)
-        _write_rows(connection, monitor.name, window, flagged, now)
-        connection.execute(batches.insert().values(**batch))
+    _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
+            move=(cursor.position, window.last_id))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)
 
 
@@ -413,21 +428,22 @@ def sweep_late_rows(
         return None
     found = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
     flagged, severities = _score(monitor.name, model, window, started) if model else ([], None)
-    now = clock()
-    with engine.begin() as connection:
-        fence(connection, monitor.name, lease, now)
+
+    def close_gaps(connection: sa.Connection) -> None:
         for row in pending:
             left = [] if row.id in expired else subtract_ids(row.open_gaps, found)
             if left != row.open_gaps:
                 connection.execute(batches.update().where(batches.c.id == row.id)
                                    .values(open_gaps=left or None))
-        if model is None or severities is None:
-            return None
-        _write_rows(connection, monitor.name, window, flagged, now)
+
+    result = batch = None
+    if model is not None and severities is not None:
         result = _result(monitor, model, window, flagged, severities, caught_up=True)
         holes = gap_ranges(found, result.first_id - 1, result.last_id)
-        connection.execute(batches.insert().values(
-            **_batch_row(result, started, "late", holes, t0)))
+        batch = _batch_row(result, started, "late", holes, t0)
+    _commit(engine, monitor.name, lease, clock(), window, flagged, batch, also=close_gaps)
+    if result is None:
+        return None
     log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
                 monitor.name, result.rows)
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)
