@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_monitor.calibration import DEFAULT_METHOD, METHODS
+from anomaly_monitor.hyperparameters import KINDS, MODEL_PARAMETERS, RENAMED_MODEL_PARAMETERS
 
 DEFAULT_PATH = Path("anomaly-monitor.toml")
 ENV_CONFIG = "ANOMALY_MONITOR_CONFIG"
@@ -26,7 +27,6 @@ ENV_METRICS_PORT = "ANOMALY_MONITOR_METRICS_PORT"
 DEFAULT_DATABASE_URL = "sqlite:///anomaly_monitor.db"
 #: Monitor names appear in metric labels, file names and SQL values: keep them plain.
 MONITOR_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-KINDS = ("vae", "dae", "sae")
 #: Threshold methods (``anomaly_monitor.calibration`` documents their assumptions).
 THRESHOLD_METHODS = METHODS
 #: torch threads per scoring operation in the daemon (``run --threads``). A batch is
@@ -208,21 +208,6 @@ def _threshold(data: dict[str, Any], where: str, path: Path | None) -> Threshold
     return settings
 
 
-#: The detector hyperparameters a ``[monitor.model]`` table may set (checked against
-#: ``AutoencoderDetector`` by a test; kept here so reading a config never imports torch).
-MODEL_PARAMETERS = (
-    "hidden_dims", "latent_dim", "activation", "n_estimators", "epochs", "max_steps",
-    "batch_size",
-    "learning_rate", "weight_decay", "validation_fraction", "patience", "trim_fraction",
-    "scaling", "normalize_errors", "noise", "noise_level", "beta", "sparsity_target",
-    "sparsity_weight", "score_type", "mc_samples", "latent_weight", "random_state",
-)
-
-
-#: Hyperparameters renamed since an earlier release: old name -> new name.
-RENAMED_MODEL_PARAMETERS = {"score": "score_type"}
-
-
 def _model_params(data: dict[str, Any], where: str, path: Path | None) -> dict[str, Any]:
     for old, new in RENAMED_MODEL_PARAMETERS.items():
         if old in data and new in data:
@@ -243,7 +228,7 @@ def check_model_params(settings: Settings, monitor: MonitorSettings) -> None:
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
 
     try:
-        AutoencoderDetector(monitor.kind, **monitor.model)._validate_params()
+        AutoencoderDetector(monitor.kind, **monitor.model).validate_params()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{settings.path}: monitor {monitor.name!r}.model: {exc}") from None
 

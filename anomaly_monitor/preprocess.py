@@ -13,8 +13,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from anomaly_monitor.hyperparameters import SCALING_METHODS
+
 ScalingMethod = Literal["standard", "robust", "none"]
-SCALING_METHODS: tuple[str, ...] = ("standard", "robust", "none")
 
 #: Scaled values are clipped to this magnitude so that a huge raw value gives a
 #: huge but finite float32 score instead of infinity.

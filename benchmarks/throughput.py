@@ -102,7 +102,7 @@ def measure_defaults(device: str) -> list[dict[str, Any]]:
     from sklearn.ensemble import IsolationForest
 
     from anomaly_monitor import AutoencoderDetector
-    from anomaly_monitor.detectors.estimator import KINDS
+    from anomaly_monitor.hyperparameters import KINDS
 
     x_fit, x_score = make_data(DEFAULT_FIT_ROWS), make_data(DEFAULT_SCORE_ROWS, seed=1)
     forest = IsolationForest(random_state=0)

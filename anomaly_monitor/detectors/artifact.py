@@ -230,7 +230,7 @@ def restore_detector(
             params["score_type"] = params.pop("score")
         params["device"] = device
         detector = cls(**params)
-        detector._validate_params()
+        detector.validate_params()
         n_features = int(manifest["n_features"])
         detector.hidden_dims_, detector.latent_dim_ = _architecture(manifest, n_features)
         # Shapes only: built on the meta device, so that a forged manifest asking for
@@ -253,7 +253,7 @@ def restore_detector(
             raise ArtifactError("the manifest's error_scale is malformed")
         detector.error_scale_ = error_scale
         detector.term_gamma_ = _term_gamma(manifest)
-        detector.device_ = detector._resolve_device()
+        detector.device_ = detector.resolve_device()
         detector.modules_ = []
         for i in range(detector.n_estimators):
             module = detector.build_module(n_features)

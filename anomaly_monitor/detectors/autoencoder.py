@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from anomaly_monitor.detectors.layers import EncoderDecoder, mlp
-
-NOISE_TYPES: tuple[str, ...] = ("gaussian", "masking", "none")
+from anomaly_monitor.hyperparameters import NOISE_TYPES
 
 
 class DenoisingAutoencoder(EncoderDecoder):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from anomaly_monitor.detectors.autoencoder import NOISE_TYPES, DenoisingAutoencoder
+from anomaly_monitor.detectors.autoencoder import DenoisingAutoencoder
 from anomaly_monitor.detectors.base import (
     MIN_FIT_ROWS,
     BaseDetector,
@@ -21,17 +21,21 @@ from anomaly_monitor.detectors.base import (
     check_matrix,
 )
 from anomaly_monitor.detectors.capacity import auto_architecture
-from anomaly_monitor.detectors.layers import ACTIVATIONS
 from anomaly_monitor.detectors.sparse import SparseAutoencoder
 from anomaly_monitor.detectors.training import TrainingConfig, TrainingHistory, train_module
 from anomaly_monitor.detectors.vae import VariationalAutoencoder
-from anomaly_monitor.preprocess import SCALING_METHODS, Scaler
+from anomaly_monitor.hyperparameters import (
+    ACTIVATIONS,
+    DEVICES,
+    KINDS,
+    NOISE_TYPES,
+    SCALING_METHODS,
+    SCORE_TYPES,
+)
+from anomaly_monitor.preprocess import Scaler
 
 T = TypeVar("T")
 
-KINDS: tuple[str, ...] = ("vae", "dae", "sae")
-SCORES: tuple[str, ...] = ("reconstruction", "elbo", "mc")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 #: Rows per forward pass when scoring (bounded memory: about 64k x features x 4 bytes).
 SCORE_BATCH_ROWS = 65536
@@ -266,13 +270,15 @@ class AutoencoderDetector(BaseDetector):
 
     # -- validation -----------------------------------------------------------------
 
-    def _validate_params(self) -> None:
+    def validate_params(self) -> None:
+        """Raise ``ValueError`` naming the first hyperparameter that is out of range or
+        of the wrong type (``fit`` calls it; so does ``anomaly-monitor check``)."""
         choices = {
             "kind": (self.kind, KINDS),
-            "activation": (self.activation, tuple(ACTIVATIONS)),
+            "activation": (self.activation, ACTIVATIONS),
             "scaling": (self.scaling, SCALING_METHODS),
             "noise": (self.noise, NOISE_TYPES),
-            "score_type": (self.score_type, SCORES),
+            "score_type": (self.score_type, SCORE_TYPES),
             "device": (self.device, DEVICES),
         }
         for name, (value, allowed) in choices.items():
@@ -334,7 +340,8 @@ class AutoencoderDetector(BaseDetector):
             raise ValueError(f"layer sizes must be positive; got {hidden} and {latent}")
         return hidden, latent
 
-    def _resolve_device(self) -> torch.device:
+    def resolve_device(self) -> torch.device:
+        """The torch device ``device`` names (``auto``: CUDA when available)."""
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -361,12 +368,12 @@ class AutoencoderDetector(BaseDetector):
         ``X`` is an ndarray or DataFrame (rows x features) without NaN or
         infinity; ``y`` is ignored. Returns ``self``.
         """
-        self._validate_params()
+        self.validate_params()
         array, names = check_matrix(X, min_rows=MIN_FIT_ROWS)
         self.n_features_in_ = array.shape[1]
         self.feature_names_in_ = names
         self.scaler_ = Scaler.fit(array, self.scaling)
-        self.device_ = self._resolve_device()
+        self.device_ = self.resolve_device()
         scaled_rows = self.scaler_.transform(array)
         self.hidden_dims_, self.latent_dim_ = self._architecture(scaled_rows)
         scaled = torch.from_numpy(scaled_rows).to(self.device_)

@@ -7,7 +7,9 @@ from itertools import pairwise
 
 from torch import Tensor, nn
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {
+from anomaly_monitor.hyperparameters import ACTIVATIONS
+
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "elu": nn.ELU,
     "tanh": nn.Tanh,
@@ -21,13 +23,13 @@ def mlp(sizes: Sequence[int], activation: str, *, last_activation: bool = False)
 
     The activation follows every layer but the last unless ``last_activation``.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if activation not in ACTIVATION_MODULES:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if last_activation or i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(ACTIVATION_MODULES[activation]())
     return nn.Sequential(*layers)
 
 

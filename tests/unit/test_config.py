@@ -155,3 +155,25 @@ def test_the_old_score_key_is_read_as_score_type(tmp_path):
     both = VALID.replace("epochs = 7", 'score = "elbo"\nscore_type = "mc"')
     with pytest.raises(ConfigError, match="sets both score and score_type"):
         load_settings(write(tmp_path, both), environ={})
+
+
+def test_the_activation_names_match_the_modules():
+    from anomaly_monitor.detectors.layers import ACTIVATION_MODULES
+    from anomaly_monitor.hyperparameters import ACTIVATIONS
+
+    assert tuple(ACTIVATION_MODULES) == ACTIVATIONS
+
+
+def test_reading_a_config_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "am.toml"
+    path.write_text('[[monitor]]\nname = "m"\ntable = "t"\ntimestamp_column = "ts"\n'
+                    'features = ["a"]\n'
+                    '[monitor.model]\nlatent_dim = 3\n')
+    code = ("import sys; from anomaly_monitor.config import load_settings; "
+            f"load_settings({str(path)!r}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
