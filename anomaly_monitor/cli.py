@@ -491,9 +491,13 @@ def models_rollback(app: App, monitor_name: str | None) -> None:
               show_default=True,
               help="CPU threads per scoring operation (batches are small: spare cores "
                    "serve other monitors and the readers).")
+@click.option("--reader", type=click.Choice(["auto", "plain"]), default="auto",
+              show_default=True,
+              help="How windows are read: auto (Arrow for full windows, where the driver "
+                   "has it) or plain (SQLAlchemy only, e.g. to rule the Arrow path out).")
 @pass_app
 def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
-        threads: int) -> None:
+        threads: int, reader: str) -> None:
     """Score new rows: the daemon, or a single pass with --once."""
     from prometheus_client import CollectorRegistry
 
@@ -507,7 +511,7 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
         logging.getLogger().setLevel(logging.INFO)
     registry = CollectorRegistry()
     worker = Worker(settings, app.engine, Metrics(registry), device=device,
-                    monitors=list(monitor_names) or None, threads=threads)
+                    monitors=list(monitor_names) or None, threads=threads, reader=reader)
     restore_signals = worker.install_signal_handlers()
     try:
         if once:

@@ -60,6 +60,8 @@ STOP_POLL_SECONDS = 0.5
 #: An error that is not a lost connection (a constraint, a missing table, a bug) pauses
 #: the monitor after this many consecutive failures instead of being retried forever.
 PAUSE_AFTER_FAILURES = 5
+#: Read paths: ``auto`` (Arrow for full windows where the driver has it), ``plain``.
+READERS: tuple[str, ...] = ("auto", "plain")
 #: ``run --once`` gives up on a monitor after this many consecutive failures.
 ONCE_MAX_FAILURES = 3
 
@@ -136,6 +138,7 @@ class Worker:
         monitors: list[str] | None = None,
         threads: int | None = None,
         clock: Clock | None = None,
+        reader: str = "auto",
     ) -> None:
         self.settings = settings
         self.clock = clock or Clock()
@@ -144,7 +147,10 @@ class Worker:
         self.models = ModelCache(device, threads=threads)
         chosen = [settings.monitor(name) for name in monitors] if monitors else settings.monitors
         self.monitors: dict[str, MonitorSettings] = {m.name: m for m in chosen}
-        self.states = {name: MonitorState() for name in self.monitors}
+        if reader not in READERS:
+            raise ValueError(f"reader must be one of {', '.join(READERS)}; got {reader!r}")
+        self.states = {name: MonitorState(read_state=ReadState(use_arrow=reader == "auto"))
+                       for name in self.monitors}
         self.stop_event = threading.Event()
         self.owner = worker_identity()
         metrics.init_monitors({m.name: m.interval_seconds for m in chosen})

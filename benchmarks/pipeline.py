@@ -43,6 +43,9 @@ LATENCY_SECONDS = 20.0
 LATENCY_ROWS_PER_SECOND = 200
 FEATURES = [f"f{i}" for i in range(N_FEATURES)]
 RESULTS = Path(__file__).parent / "results" / "pipeline.md"
+#: Two monitors on the same table, with their own cursors: one catches up through the
+#: default (Arrow) read path, the other with ``run --reader plain``.
+MONITORS = ("bench", "bench_plain")
 
 
 def make_rows(n: int, seed: int) -> np.ndarray:
@@ -159,12 +162,12 @@ def engine_scan(db: Database, after: int) -> float:
 def write_config(db: Database, path: Path, batch_size: int) -> Path:
     """A config for the benchmark's monitor."""
     features = ", ".join(f'"{f}"' for f in FEATURES)
-    path.write_text(
-        f'[database]\nurl = "{db.url}"\n\n[metrics]\nport = 0\n\n[[monitor]]\n'
-        f'name = "bench"\ntable = "readings"\ntimestamp_column = "ts"\n'
+    monitors = "".join(
+        f'[[monitor]]\nname = "{name}"\ntable = "readings"\ntimestamp_column = "ts"\n'
         f"features = [{features}]\nkind = \"dae\"\ninterval_seconds = {INTERVAL_SECONDS}\n"
         f"batch_size = {batch_size}\n\n[monitor.model]\nepochs = {TRAINING_EPOCHS}\n"
-        "n_estimators = 1\n")
+        "n_estimators = 1\n\n" for name in MONITORS)
+    path.write_text(f'[database]\nurl = "{db.url}"\n\n[metrics]\nport = 0\n\n{monitors}')
     return path
 
 
@@ -204,7 +207,7 @@ def latency(db: Database, config: Path, seed: int) -> tuple[float, float, int]:
     from anomaly_monitor.db import create_engine
 
     engine = create_engine(db.url)
-    daemon = subprocess.Popen(cli(config, "run"), stdout=subprocess.DEVNULL,
+    daemon = subprocess.Popen(cli(config, "run", "-m", "bench"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     inserted: dict[int, float] = {}
     flagged: dict[int, float] = {}
@@ -215,7 +218,8 @@ def latency(db: Database, config: Path, seed: int) -> tuple[float, float, int]:
         while not stop.is_set():
             with engine.connect() as conn:
                 rows = conn.execute(sa.text(
-                    "SELECT source_id FROM am_anomalies WHERE id > :seen ORDER BY id"),
+                    "SELECT source_id FROM am_anomalies WHERE id > :seen AND monitor = 'bench' "
+                    "ORDER BY id"),
                     {"seen": seen}).all()
                 top = conn.execute(sa.text("SELECT max(id) FROM am_anomalies")).scalar()
             now = time.perf_counter()
@@ -257,7 +261,7 @@ def latency(db: Database, config: Path, seed: int) -> tuple[float, float, int]:
 
 def train(db: Database, config: Path) -> None:
     """Migrate, and train + activate a model on the first rows."""
-    for args in (("db", "upgrade"), ("train", "bench", "--device", "cpu")):
+    for args in (("db", "upgrade"), *(("train", name, "--device", "cpu") for name in MONITORS)):
         subprocess.run(cli(config, *args), check=True, capture_output=True)
 
 
@@ -271,14 +275,18 @@ def measure(db: Database, rows: int, workdir: Path, batch_size: int) -> dict[str
     load(db, make_rows(rows, seed=2), start + dt.timedelta(seconds=TRAINING_ROWS))
     read_rows, read_seconds = plain_read(db, TRAINING_ROWS)
     scan_seconds = engine_scan(db, TRAINING_ROWS)
-    catchup_seconds, peak_mb = timed_process(cli(config, "run", "--once"))
-    startup_seconds, _ = timed_process(cli(config, "run", "--once"))
+    catchup_seconds, peak_mb = timed_process(cli(config, "run", "--once", "-m", "bench"))
+    plain_seconds, _ = timed_process(cli(config, "run", "--once", "-m", "bench_plain",
+                                         "--reader", "plain"))
+    startup_seconds, _ = timed_process(cli(config, "run", "--once", "-m", "bench"))
     p50, p99, flagged = latency(db, config, seed=3)
     catchup_rate = rows / max(catchup_seconds - startup_seconds, 1e-9)
+    plain_catchup_rate = rows / max(plain_seconds - startup_seconds, 1e-9)
     return {
         "database": db.name, "rows": rows, "read_rows": read_rows,
         "scan_rate": rows / scan_seconds, "plain_rate": read_rows / read_seconds,
         "catchup_rate": catchup_rate, "ratio": catchup_rate / (read_rows / read_seconds),
+        "plain_catchup_rate": plain_catchup_rate, "arrow_gain": catchup_rate / plain_catchup_rate,
         "of_scan": catchup_rate / (rows / scan_seconds), "startup": startup_seconds,
         "peak_mb": peak_mb, "p50": p50, "p99": p99, "latency_rows": flagged,
     }
@@ -291,14 +299,15 @@ def render(results: list[dict[str, Any]], batch_size: int) -> str:
         f"{PAGE_ROWS:,} for the plain read; batch_size {batch_size:,}; "
         f"interval {INTERVAL_SECONDS:g} s.", "",
         "| database | engine scan rows/s | plain read rows/s | run --once rows/s "
-        "| ratio to plain | of engine scan | start-up s | peak RSS MB | latency p50 s "
-        "| latency p99 s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| ratio to plain | of engine scan | run --once --reader plain rows/s | Arrow vs plain "
+        "| start-up s | peak RSS MB | latency p50 s | latency p99 s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['database']} | {r['scan_rate']:,.0f} | {r['plain_rate']:,.0f} "
             f"| {r['catchup_rate']:,.0f} | {r['ratio']:.2f}x | {r['of_scan']:.0%} "
+            f"| {r['plain_catchup_rate']:,.0f} | {r['arrow_gain']:.2f}x "
             f"| {r['startup']:.2f} | {r['peak_mb']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} |")
     return "\n".join(lines) + "\n"
 
