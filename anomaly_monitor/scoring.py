@@ -76,6 +76,10 @@ class BatchResult:
     caught_up: bool = True
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     severities: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    #: The cursor after this batch and the active version it read (``committed`` and
+    #: ``idle``), so that the rest of the poll need not read them again.
+    position: int | None = field(default=None, compare=False)
+    version: ModelVersion | None = field(default=None, repr=False, compare=False)
 
     @property
     def rows(self) -> int:
@@ -305,17 +309,18 @@ def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
 def _read_next(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
     started: dt.datetime, read_state: ReadState,
-) -> tuple[CursorState | None, LoadedModel | None, Window | None, str]:
-    """The cursor, the model and the next window; or a reason why there is none."""
+) -> tuple[CursorState | None, ModelVersion | None, LoadedModel | None, Window | None, str]:
+    """The cursor, the active version, its model and the next window; or a reason why
+    there is none."""
     with engine.connect() as connection:
         cursor = read_cursor(connection, monitor.name)
         if cursor is None:
-            return None, None, None, "no_model"
+            return None, None, None, None, "no_model"
         if cursor.paused:
-            return cursor, None, None, "paused"
+            return cursor, None, None, None, "paused"
         version = models.active_version(connection, monitor.name)
         if version is None:
-            return cursor, None, None, "no_model"
+            return cursor, None, None, None, "no_model"
         check_features(monitor, version)
         ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
                         if monitor.query_delay_seconds > 0 else None)
@@ -335,7 +340,7 @@ def _read_next(
                                  arrow=arrow)
         model = models.model(connection, version) if window.size else None
     read_state.last_rows = window.size
-    return cursor, model, window, "read"
+    return cursor, version, model, window, "read"
 
 
 def run_batch(
@@ -368,12 +373,12 @@ def run_batch(
             once.close()
     started = clock()
     t0 = time.perf_counter()
-    cursor, model, window, status = _read_next(engine, monitor, source, models, started,
-                                               read_state)
+    cursor, version, model, window, status = _read_next(engine, monitor, source, models,
+                                                        started, read_state)
     if cursor is None or window is None:
         return BatchResult(monitor.name, status)
     if model is None or window.last_id is None:
-        return BatchResult(monitor.name, "idle")
+        return BatchResult(monitor.name, "idle", position=cursor.position, version=version)
     full = window.size >= monitor.batch_size
     gaps = gap_ranges(np.concatenate([window.ids, [b.source_id for b in window.bad]])
                       if window.bad else window.ids,
@@ -386,7 +391,8 @@ def run_batch(
     batch = _batch_row(result, started, "window", gaps, t0)
     _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
             move=(cursor.position, window.last_id))
-    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)
+    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
+                               position=window.last_id, version=version)
 
 
 def sweep_late_rows(
@@ -397,6 +403,7 @@ def sweep_late_rows(
     *,
     lease: Lease | None = None,
     clock: Callable[[], dt.datetime] = utcnow,
+    known: tuple[int, ModelVersion] | None = None,
 ) -> BatchResult | None:
     """Score rows that became visible inside earlier batches' open gaps (late commits).
 
@@ -404,23 +411,27 @@ def sweep_late_rows(
     scored like a batch and written with a ``late`` batch record, and the gaps they
     fill are closed, all in one transaction. Gaps of batches older than
     ``GAP_RETENTION_SECONDS`` are closed after this last look. ``None`` when nothing
-    was found or closed.
+    was found or closed. ``known`` is the cursor position and active version when the
+    caller has just read them (the fenced commit still checks that they hold).
     """
     started = clock()
     t0 = time.perf_counter()
     with engine.connect() as connection:
-        cursor = read_cursor(connection, monitor.name)
-        version = models.active_version(connection, monitor.name) if cursor else None
-        if cursor is None or cursor.paused or version is None:
-            return None
+        if known is not None:
+            position, version = known
+        else:
+            cursor = read_cursor(connection, monitor.name)
+            found_version = models.active_version(connection, monitor.name) if cursor else None
+            if cursor is None or cursor.paused or found_version is None:
+                return None
+            position, version = cursor.position, found_version
         pending = connection.execute(
             sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
             .where(batches.c.monitor == monitor.name, batches.c.open_gaps.is_not(None))
             .order_by(batches.c.id.desc())
         ).all()
         ranges = [(int(a), int(b)) for row in pending for a, b in row.open_gaps]
-        window = read_ids(connection, source, ranges, cursor.position,
-                          features=version.features)
+        window = read_ids(connection, source, ranges, position, features=version.features)
         model = models.model(connection, version) if window.size else None
     expired = {row.id for row in pending
                if as_utc(row.started_at) < started - dt.timedelta(seconds=GAP_RETENTION_SECONDS)}
@@ -446,4 +457,5 @@ def sweep_late_rows(
         return None
     log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
                 monitor.name, result.rows)
-    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0)
+    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
+                               position=position, version=version)

@@ -294,7 +294,7 @@ class Worker:
             if result.caught_up or clock() >= deadline:
                 break
         if last is not None and last.status in ("committed", "idle"):
-            self._sweep(monitor)
+            self._sweep(monitor, last)
             self._report_poll(monitor, last)
         return state
 
@@ -347,13 +347,16 @@ class Worker:
         state.lease, state.lease_renewed = result.lease, self.clock.monotonic()
         return True
 
-    def _sweep(self, monitor: MonitorSettings) -> None:
+    def _sweep(self, monitor: MonitorSettings, last: BatchResult) -> None:
+        """Score late rows behind the cursor, at the position and version ``last`` read."""
         state = self.states[monitor.name]
         if state.lease is None:
             return
+        known = (last.position, last.version) if last.position is not None \
+            and last.version is not None else None
         try:
             late = sweep_late_rows(self.engine, monitor, self._source(monitor), self.models,
-                                   lease=state.lease)
+                                   lease=state.lease, known=known)
         except Exception as exc:  # the sweep must not kill the job
             self._failed(monitor, exc)
             return
@@ -379,10 +382,9 @@ class Worker:
     def _report_poll(self, monitor: MonitorSettings, last: BatchResult) -> None:
         try:
             with self.engine.connect() as connection:
-                cursor = read_cursor(connection, monitor.name)
-                backlog = (count_after(connection, self._source(monitor), cursor.position)
-                           if cursor else None)
-                model = self.models.active_version(connection, monitor.name)
+                # The poll's last batch read the cursor and the version: not read again.
+                backlog = (count_after(connection, self._source(monitor), last.position)
+                           if last.position is not None else None)
         except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
             log.warning("monitor %s: could not measure the backlog (%s)", monitor.name,
                         describe_error(exc, self.engine.url))
@@ -396,6 +398,7 @@ class Worker:
         self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)
         self.metrics.set_paused(monitor.name, False)
+        model = last.version
         if model is not None:
             self.metrics.set_model(monitor.name, str(model.version), model.kind,
                                    model.threshold, model.expected_ratio())
