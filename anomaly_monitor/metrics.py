@@ -18,7 +18,7 @@ from anomaly_monitor.source import REASONS
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from anomaly_monitor.scoring import BatchResult
+    from anomaly_monitor.batch import BatchResult
 
 PREFIX = "anomaly_monitor"
 OUTCOMES = ("success", "error")

@@ -9,6 +9,7 @@ tampered version can never become active.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -271,3 +272,54 @@ def set_threshold(
     )
     if result.rowcount != 1:
         raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+
+
+class ModelCache:
+    """The active version of each monitor and its loaded model. The version (and its
+    threshold) is re-read every batch, so activation and calibration need no restart;
+    the model is loaded only when there are rows to score, so an idle start is fast."""
+
+    def __init__(self, device: str = "auto", *, threads: int | None = None) -> None:
+        self.device = device
+        #: torch's CPU threads, set when the first model is loaded (``None``: as is).
+        self.threads = threads
+        self._versions: dict[str, ModelVersion] = {}
+        self._models: dict[str, LoadedModel] = {}
+
+    def active_version(self, connection: sa.Connection, monitor: str) -> ModelVersion | None:
+        """The active version's metadata, ``None`` when no version is active."""
+        row = connection.execute(
+            sa.select(model_versions.c.version, model_versions.c.threshold,
+                      model_versions.c.threshold_method)
+            .where(model_versions.c.monitor == monitor, model_versions.c.status == "active")
+        ).first()
+        if row is None:
+            self._versions.pop(monitor, None)
+            return None
+        meta = self._versions.get(monitor)
+        if meta is None or meta.version != row.version:
+            meta = get_version(connection, monitor, row.version)
+        elif meta.threshold != row.threshold:
+            meta = dataclasses.replace(meta, threshold=float(row.threshold),
+                                       threshold_method=row.threshold_method)
+        self._versions[monitor] = meta
+        return meta
+
+    def model(self, connection: sa.Connection, version: ModelVersion) -> LoadedModel:
+        """The loaded (and verified) model of ``version``, cached."""
+        loaded = self._models.get(version.monitor)
+        if loaded is None or loaded.version.version != version.version:
+            if self.threads is not None:
+                import torch  # loaded with the model anyway
+
+                torch.set_num_threads(self.threads)
+            loaded = load_model(connection, version.monitor, version.version, device=self.device)
+        if loaded.version != version:  # a new threshold on the same weights
+            loaded = LoadedModel(version, loaded.detector, loaded.severity)
+        self._models[version.monitor] = loaded
+        return loaded
+
+    def active(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
+        """The active model of ``monitor``, loaded; ``None`` when no version is active."""
+        version = self.active_version(connection, monitor)
+        return None if version is None else self.model(connection, version)

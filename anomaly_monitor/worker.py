@@ -23,6 +23,7 @@ from types import FrameType
 
 import sqlalchemy as sa
 
+from anomaly_monitor.batch import BatchResult, ReadState, run_batch, sweep_late_rows
 from anomaly_monitor.config import MonitorSettings, Settings, lease_duration
 from anomaly_monitor.cursors import (
     BatchConflictError,
@@ -35,15 +36,8 @@ from anomaly_monitor.cursors import (
 )
 from anomaly_monitor.db import describe_error
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.registry import RegistryError
-from anomaly_monitor.scoring import (
-    BatchResult,
-    ModelCache,
-    ReadState,
-    check_features,
-    run_batch,
-    sweep_late_rows,
-)
+from anomaly_monitor.registry import ModelCache, RegistryError
+from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import SchemaError, SourceTable, count_after, reflect_source
 from anomaly_monitor.tables import as_utc, batches
 

@@ -9,10 +9,12 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
-from anomaly_monitor import scoring
+from anomaly_monitor import batch
+from anomaly_monitor.batch import run_batch, sweep_late_rows
 from anomaly_monitor.db import create_engine
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.scoring import ModelCache, gap_ranges, run_batch, subtract_ids, sweep_late_rows
+from anomaly_monitor.registry import ModelCache
+from anomaly_monitor.scoring import gap_ranges, subtract_ids
 from anomaly_monitor.tables import batches
 from anomaly_monitor.worker import Worker
 from tests.helpers import (
@@ -53,7 +55,7 @@ def test_a_window_ends_before_a_gap_it_could_not_record(sparse):
     with engine.connect() as connection:
         spans = connection.execute(sa.select(batches.c.rows, batches.c.gaps)).all()
     assert sum(s.rows for s in spans) == 2500
-    assert max(len(s.gaps) for s in spans) <= scoring.MAX_GAP_RANGES
+    assert max(len(s.gaps) for s in spans) <= batch.MAX_GAP_RANGES
     # Fill every hole: the sweep reads them all (in chunks: fine on SQLite too).
     with engine.begin() as connection:
         connection.execute(table.insert(), rows(range(1001, 1000 + 2 * 2500, 2)))
@@ -74,7 +76,7 @@ def test_old_gaps_are_closed_after_a_last_look(sparse, monkeypatch):
     run_batch(engine, monitor, source, models)
     with engine.begin() as connection:
         connection.execute(table.insert(), rows([2001]))
-    monkeypatch.setattr(scoring, "GAP_RETENTION_SECONDS", 0.0)
+    monkeypatch.setattr(batch, "GAP_RETENTION_SECONDS", 0.0)
     late = sweep_late_rows(engine, monitor, source, models)
     assert late is not None and late.rows == 1  # found in the last look...
     with engine.connect() as connection:  # ...and every gap closed afterwards
@@ -83,7 +85,7 @@ def test_old_gaps_are_closed_after_a_last_look(sparse, monkeypatch):
 
 
 def test_a_long_open_transaction_is_read_past_once_and_its_rows_swept(pg_url, monkeypatch):
-    monkeypatch.setattr(scoring, "HORIZON_MAX_STALL_SECONDS", 0.3)
+    monkeypatch.setattr(batch, "HORIZON_MAX_STALL_SECONDS", 0.3)
     engine = create_engine(pg_url)
     table, monitor, _, _ = trained_plant(engine)
     registry = CollectorRegistry()

@@ -15,10 +15,10 @@ import sqlalchemy as sa
 import torch
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor.batch import run_batch
 from anomaly_monitor.lifecycle import activate_checked, train_monitor
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.registry import RegistryError, active_version
-from anomaly_monitor.scoring import ModelCache, run_batch
+from anomaly_monitor.registry import ModelCache, RegistryError, active_version
 from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import anomalies, batches, model_versions
 from anomaly_monitor.worker import Worker

@@ -8,10 +8,11 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor.batch import run_batch, sweep_late_rows
 from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.db import create_engine
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.scoring import ModelCache, run_batch, sweep_late_rows
+from anomaly_monitor.registry import ModelCache
 from anomaly_monitor.source import committed_before
 from anomaly_monitor.tables import batches
 from anomaly_monitor.worker import Worker

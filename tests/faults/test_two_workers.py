@@ -9,9 +9,10 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor.batch import run_batch
 from anomaly_monitor.cursors import BatchConflictError
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.scoring import ModelCache, run_batch
+from anomaly_monitor.registry import ModelCache
 from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import anomalies, batches
 from anomaly_monitor.worker import Worker

@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from anomaly_monitor.arrow_reader import ArrowReader
-from anomaly_monitor.scoring import ModelCache, ReadState, run_batch
+from anomaly_monitor.batch import ReadState, run_batch
+from anomaly_monitor.registry import ModelCache
 from anomaly_monitor.source import Window, read_window, reflect_source
 from tests.helpers import FEATURES, Sensors, insert_rows, monitor_settings, trained_plant
 

@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor.batch import run_batch
 from anomaly_monitor.config import ThresholdSettings
 from anomaly_monitor.cursors import BatchConflictError, read_cursor
 from anomaly_monitor.lifecycle import (
@@ -20,8 +21,13 @@ from anomaly_monitor.lifecycle import (
     train_monitor,
 )
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.registry import RegistryError, active_version, get_version, list_versions
-from anomaly_monitor.scoring import ModelCache, run_batch
+from anomaly_monitor.registry import (
+    ModelCache,
+    RegistryError,
+    active_version,
+    get_version,
+    list_versions,
+)
 from anomaly_monitor.source import SchemaError, reflect_source
 from anomaly_monitor.tables import anomalies, batches, model_versions, quarantine
 from anomaly_monitor.worker import Worker

@@ -1,0 +1,335 @@
+"""The batch step, ``run_batch``: read the rows after a monitor's cursor, score them,
+commit the result; and the late-row sweep.
+
+A batch reads its window outside any write transaction, scores it, then in ONE
+transaction advances the cursor with a compare-and-set on its old position and
+inserts the flagged rows, the quarantined rows and the batch record. If another
+writer moved the cursor meanwhile, the compare-and-set matches nothing and the
+whole batch rolls back (:class:`BatchConflictError`); the unique (monitor, source_id)
+keys are the second guard. A crash anywhere leaves all of the batch or none. The
+sweep (:func:`sweep_late_rows`) ends in the same commit path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+
+from anomaly_monitor.arrow_reader import ArrowReader
+from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
+from anomaly_monitor.db import is_postgresql
+from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
+from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
+from anomaly_monitor.source import SourceTable, Window, read_ids, read_window
+from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
+
+#: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
+MAX_GAP_RANGES = 1000
+#: Open gaps are swept for this long after their batch (a transaction open longer than
+#: this that commits into a gap is not seen); then they are closed.
+GAP_RETENTION_SECONDS = 3600.0
+#: A window is read through the Arrow reader when the previous one had this many rows
+#: (or was full).
+ARROW_MIN_ROWS = 2_000
+#: PostgreSQL: how long an open transaction may hold the read window back before the
+#: worker reads past it (the sweep then scores what that transaction commits).
+HORIZON_MAX_STALL_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one call of :func:`run_batch` did.
+
+    ``status`` is ``committed`` (a batch was written), ``idle`` (nothing to
+    read), ``paused`` or ``no_model`` (nothing was read).
+    """
+
+    monitor: str
+    status: str
+    scored: int = 0
+    flagged: int = 0
+    quarantined: int = 0
+    first_id: int | None = None
+    last_id: int | None = None
+    model_version: int | None = None
+    duration_seconds: float = 0.0
+    newest_timestamp: dt.datetime | None = None
+    caught_up: bool = True
+    quarantine_reasons: dict[str, int] = field(default_factory=dict)
+    severities: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    #: The cursor after this batch and the active version it read (``committed`` and
+    #: ``idle``), so that the rest of the poll need not read them again.
+    position: int | None = field(default=None, compare=False)
+    version: ModelVersion | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def rows(self) -> int:
+        """Rows consumed: scored plus quarantined."""
+        return self.scored + self.quarantined
+
+
+@dataclass
+class ReadState:
+    """Per-monitor memory of the read path: its Arrow reader (one ADBC connection) and
+    the open PostgreSQL transaction holding the window back."""
+
+    horizon: int | None = None
+    since: float = 0.0
+    arrow: ArrowReader | None = None
+    #: Rows in the last window read (it predicts the size of the next one).
+    last_rows: int = 0
+    #: Whether windows may be read through Arrow (a one-off batch does not bother).
+    use_arrow: bool = True
+
+    def plain(self, batch_size: int) -> bool:
+        """Whether to read the next window by the plain path: after a small window, for
+        a few rows are cheaper to read plainly than through the Arrow reader."""
+        return self.last_rows < min(ARROW_MIN_ROWS, batch_size)
+
+    def reader(self, engine: sa.Engine) -> ArrowReader | None:
+        """The Arrow reader for ``engine``, created on first use."""
+        if not self.use_arrow:
+            return None
+        if self.arrow is None or self.arrow.engine is not engine:
+            self.close()
+            self.arrow = ArrowReader(engine)
+        return self.arrow
+
+    def close(self) -> None:
+        """Close the Arrow reader's connection."""
+        if self.arrow is not None:
+            self.arrow.close()
+
+    def stalled(self, horizon: int | None, now: float) -> bool:
+        """Record the blocking horizon; whether that same one has blocked for too long
+        (it then stays "stalled", read past, until the transaction ends)."""
+        if horizon is None or horizon != self.horizon:
+            self.horizon, self.since = horizon, now
+            return False
+        return now - self.since > HORIZON_MAX_STALL_SECONDS
+
+
+def _commit(
+    engine: sa.Engine, monitor: str, lease: Lease | None, now: dt.datetime, window: Window,
+    flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *,
+    move: tuple[int, int] | None = None,
+    also: Callable[[sa.Connection], None] | None = None,
+) -> None:
+    """The one commit path of a batch: fence the cursor (moving it ``move = (from, to)``),
+    run ``also``, write the flagged and quarantined rows and the ``am_batches`` record
+    (none when ``batch`` is ``None``), in one transaction."""
+    with engine.begin() as connection:
+        fence(connection, monitor, lease, now, *(move or ()))
+        if also is not None:
+            also(connection)
+        if batch is not None:
+            _write_rows(connection, monitor, window, flagged, now)
+            connection.execute(batches.insert().values(**batch))
+
+
+def _write_rows(connection: sa.Connection, monitor: str, window: Window,
+                flagged: list[dict[str, Any]], now: dt.datetime) -> None:
+    if flagged:
+        connection.execute(anomalies.insert(), flagged)
+    if window.bad:
+        connection.execute(quarantine.insert(), [
+            {"monitor": monitor, "source_id": b.source_id, "reason": b.reason,
+             "detail": b.detail, "raw_values": b.raw_values, "quarantined_at": now}
+            for b in window.bad
+        ])
+
+
+def _result(
+    monitor: MonitorSettings, model: LoadedModel, window: Window,
+    flagged: list[dict[str, Any]], severities: npt.NDArray[np.float64], caught_up: bool,
+) -> BatchResult:
+    ids = list(window.ids) + [b.source_id for b in window.bad]
+    return BatchResult(
+        monitor.name, "committed", scored=len(window.ids), flagged=len(flagged),
+        quarantined=len(window.bad), first_id=int(min(ids)), last_id=int(max(ids)),
+        model_version=model.version.version, newest_timestamp=window.newest_timestamp(),
+        caught_up=caught_up,
+        quarantine_reasons=dict(Counter(b.reason for b in window.bad)), severities=severities,
+    )
+
+
+def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
+               gaps: list[list[int]], t0: float) -> dict[str, Any]:
+    return {
+        "monitor": result.monitor, "first_id": result.first_id, "last_id": result.last_id,
+        "rows": result.rows, "flagged": result.flagged, "quarantined": result.quarantined,
+        "model_version": result.model_version, "started_at": started,
+        "newest_timestamp": result.newest_timestamp, "kind": kind, "gaps": gaps or None,
+        # Only a window's gaps can still fill; a late batch's holes were swept already.
+        "open_gaps": (gaps or None) if kind == "window" else None,
+        "duration_seconds": time.perf_counter() - t0,
+    }
+
+
+def _read_next(
+    engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
+    started: dt.datetime, read_state: ReadState,
+) -> tuple[CursorState | None, ModelVersion | None, LoadedModel | None, Window | None, str]:
+    """The cursor, the active version, its model and the next window; or a reason why
+    there is none."""
+    with engine.connect() as connection:
+        cursor = read_cursor(connection, monitor.name)
+        if cursor is None:
+            return None, None, None, None, "no_model"
+        if cursor.paused:
+            return cursor, None, None, None, "paused"
+        version = models.active_version(connection, monitor.name)
+        if version is None:
+            return cursor, None, None, None, "no_model"
+        check_features(monitor, version)
+        ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
+                        if monitor.query_delay_seconds > 0 else None)
+        horizon = is_postgresql(engine)
+        arrow = read_state.reader(engine)
+        window = read_window(connection, source, cursor.position, monitor.batch_size,
+                             features=version.features, ready_before=ready_before,
+                             horizon=horizon, arrow=arrow,
+                             plain=read_state.plain(monitor.batch_size))
+        held = window.horizon if window.last_id is None else None
+        if horizon and read_state.stalled(held, time.monotonic()):
+            log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
+                        "%s back; reading past it (the sweep scores what it commits later)",
+                        monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
+            window = read_window(connection, source, cursor.position, monitor.batch_size,
+                                 features=version.features, ready_before=ready_before,
+                                 arrow=arrow)
+        model = models.model(connection, version) if window.size else None
+    read_state.last_rows = window.size
+    return cursor, version, model, window, "read"
+
+
+def run_batch(
+    engine: sa.Engine,
+    monitor: MonitorSettings,
+    source: SourceTable,
+    models: ModelCache,
+    *,
+    lease: Lease | None = None,
+    read_state: ReadState | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
+) -> BatchResult:
+    """Score the next window after the monitor's cursor and commit it atomically.
+
+    Reads at most ``monitor.batch_size`` rows in id order, stopping before rows
+    younger than ``query_delay_seconds`` and, on PostgreSQL, before rows that may
+    overtake a still-open transaction. Rows with NULL, NaN, infinite or
+    non-numeric values are quarantined with a reason; the others are scored and
+    those above the threshold inserted into ``am_anomalies``. The ids in the
+    window that were not visible are recorded as the batch's gaps for
+    :func:`sweep_late_rows`. Raises :class:`BatchConflictError` when the cursor
+    moved or ``lease`` was taken over meanwhile.
+    """
+    if read_state is None:  # a one-off batch: plain reads
+        once = ReadState(use_arrow=False)
+        try:
+            return run_batch(engine, monitor, source, models, lease=lease, read_state=once,
+                             clock=clock)
+        finally:
+            once.close()
+    started = clock()
+    t0 = time.perf_counter()
+    cursor, version, model, window, status = _read_next(engine, monitor, source, models,
+                                                        started, read_state)
+    if cursor is None or window is None:
+        return BatchResult(monitor.name, status)
+    if model is None or window.last_id is None:
+        return BatchResult(monitor.name, "idle", position=cursor.position, version=version)
+    full = window.size >= monitor.batch_size
+    gaps = gap_ranges(np.concatenate([window.ids, [b.source_id for b in window.bad]])
+                      if window.bad else window.ids,
+                      cursor.position, window.last_id)
+    if len(gaps) > MAX_GAP_RANGES:  # end the window before the first gap not recorded
+        window.truncate(gaps[MAX_GAP_RANGES][0])
+        gaps, full = gaps[:MAX_GAP_RANGES], True
+    flagged, severities = score_window(monitor.name, model, window, started)
+    result = _result(monitor, model, window, flagged, severities, caught_up=not full)
+    batch = _batch_row(result, started, "window", gaps, t0)
+    _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
+            move=(cursor.position, window.last_id))
+    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
+                               position=window.last_id, version=version)
+
+
+def sweep_late_rows(
+    engine: sa.Engine,
+    monitor: MonitorSettings,
+    source: SourceTable,
+    models: ModelCache,
+    *,
+    lease: Lease | None = None,
+    clock: Callable[[], dt.datetime] = utcnow,
+    known: tuple[int, ModelVersion] | None = None,
+) -> BatchResult | None:
+    """Score rows that became visible inside earlier batches' open gaps (late commits).
+
+    Every open gap is read (newest batches first, in chunks); rows found there are
+    scored like a batch and written with a ``late`` batch record, and the gaps they
+    fill are closed, all in one transaction. Gaps of batches older than
+    ``GAP_RETENTION_SECONDS`` are closed after this last look. ``None`` when nothing
+    was found or closed. ``known`` is the cursor position and active version when the
+    caller has just read them (the fenced commit still checks that they hold).
+    """
+    started = clock()
+    t0 = time.perf_counter()
+    with engine.connect() as connection:
+        if known is not None:
+            position, version = known
+        else:
+            cursor = read_cursor(connection, monitor.name)
+            found_version = models.active_version(connection, monitor.name) if cursor else None
+            if cursor is None or cursor.paused or found_version is None:
+                return None
+            position, version = cursor.position, found_version
+        pending = connection.execute(
+            sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
+            .where(batches.c.monitor == monitor.name, batches.c.open_gaps.is_not(None))
+            .order_by(batches.c.id.desc())
+        ).all()
+        ranges = [(int(a), int(b)) for row in pending for a, b in row.open_gaps]
+        window = read_ids(connection, source, ranges, position, features=version.features)
+        model = models.model(connection, version) if window.size else None
+    expired = {row.id for row in pending
+               if as_utc(row.started_at) < started - dt.timedelta(seconds=GAP_RETENTION_SECONDS)}
+    if window.size == 0 and not expired:
+        return None
+    found = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
+    flagged, severities = (score_window(monitor.name, model, window, started) if model
+                           else ([], None))
+
+    def close_gaps(connection: sa.Connection) -> None:
+        for row in pending:
+            left = [] if row.id in expired else subtract_ids(row.open_gaps, found)
+            if left != row.open_gaps:
+                connection.execute(batches.update().where(batches.c.id == row.id)
+                                   .values(open_gaps=left or None))
+
+    result = batch = None
+    if model is not None and severities is not None:
+        result = _result(monitor, model, window, flagged, severities, caught_up=True)
+        holes = gap_ranges(found, result.first_id - 1, result.last_id)
+        batch = _batch_row(result, started, "late", holes, t0)
+    _commit(engine, monitor.name, lease, clock(), window, flagged, batch, also=close_gaps)
+    if result is None:
+        return None
+    log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
+                monitor.name, result.rows)
+    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
+                               position=position, version=version)
