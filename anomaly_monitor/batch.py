@@ -197,14 +197,14 @@ def _read_next(
         check_features(monitor, version)
         ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
                         if monitor.query_delay_seconds > 0 else None)
-        horizon = is_postgresql(engine)
+        hold_back = is_postgresql(engine)  # stop at rows an open transaction may overtake
         arrow = read_state.reader(engine)
         window = read_window(connection, source, cursor.position, monitor.batch_size,
                              features=version.features, ready_before=ready_before,
-                             horizon=horizon, arrow=arrow,
+                             hold_back=hold_back, arrow=arrow,
                              plain=read_state.plain(monitor.batch_size))
         held = window.horizon if window.last_id is None else None
-        if horizon and read_state.stalled(held, time.monotonic()):
+        if hold_back and read_state.stalled(held, time.monotonic()):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)

@@ -386,7 +386,7 @@ def _cut_at(ids: Sequence[int], young: int, held: int) -> tuple[int, int | None]
 def _read_arrow(
     arrow: ArrowReader, build: Callable[[int], sa.Select[Any]], after_id: int,
     shape: Hashable, source: SourceTable, names: Sequence[str], limit: int,
-    ready_before: dt.datetime | None, horizon: bool,
+    ready_before: dt.datetime | None, hold_back: bool,
 ) -> tuple[Window, int | None, int | None] | None:
     """The window through the Arrow path, the id the horizon held back and the
     horizon; ``None`` when the plain path must read it. A full window that nothing
@@ -394,7 +394,7 @@ def _read_arrow(
     try:
         table = arrow.fetch(shape, build, after_id, expected_rows=limit)
         batch = ArrowWindow.from_table(
-            table, len(names), with_xmin=horizon,
+            table, len(names), with_xmin=hold_back,
             numeric_text=arrow.dialect.name == "postgresql",
             numeric_timestamps=isinstance(source.timestamp_column.type, NUMERIC_TYPES))
     except ArrowUnavailableError:
@@ -424,17 +424,18 @@ def read_window(
     *,
     features: Sequence[str] | None = None,
     ready_before: dt.datetime | None = None,
-    horizon: bool = False,
+    hold_back: bool = False,
     arrow: ArrowReader | None = None,
     plain: bool = False,
 ) -> Window:
     """Up to ``limit`` rows with id above ``after_id``, in id order.
 
     With ``ready_before``, the window stops at the first row whose timestamp is
-    not older than it. With ``horizon`` (PostgreSQL), it also stops at the first
+    not older than it. With ``hold_back`` (PostgreSQL), it also stops at the first
     row written by a transaction at or after the oldest one still open: a row
     with a lower id may still be in flight in that transaction, and reading past
-    it would skip that row. ``Window.held_back`` is the id where the horizon stopped.
+    it would skip that row: the snapshot's *horizon*, a transaction id, is in
+    ``Window.horizon``, and ``Window.held_back`` is the id where it stopped the window.
     With ``arrow``, the rows are read through its ADBC connection when it can; with
     ``plain`` too, this window is read by the plain path (it is expected to be small)
     and, if it comes back full, the next one is read ahead through ``arrow``.
@@ -444,24 +445,24 @@ def read_window(
     def build(after: int) -> sa.Select[Any]:
         query = (_select(source, names, False).where(source.id_column > after)
                  .order_by(source.id_column).limit(limit))
-        return query.add_columns(*horizon_columns()) if horizon else query
+        return query.add_columns(*horizon_columns()) if hold_back else query
 
     shape = (source.table.fullname, source.id_column.name, source.timestamp_column.name,
-             names, limit, horizon)
+             names, limit, hold_back)
     fast = None if arrow is None or plain else _read_arrow(
-        arrow, build, after_id, shape, source, names, limit, ready_before, horizon)
+        arrow, build, after_id, shape, source, names, limit, ready_before, hold_back)
     if fast is not None:
         window, held_back, xmin = fast
     else:
         rows = connection.execute(build(after_id)).all()
-        xmin = int(rows[0][-1]) if horizon and rows else None
+        xmin = int(rows[0][-1]) if hold_back and rows else None
         held = len(rows) if xmin is None else _first_held([r[-2] for r in rows], xmin)
         young = _first_young([r[1] for r in rows], ready_before, min(held + 1, len(rows)))
         stop, held_back = _cut_at([r[0] for r in rows], young, held)
         if arrow is not None and stop == len(rows) == limit:  # a backlog: read ahead
             arrow.read_ahead(shape, build, rows[-1][0], limit)
         rows = rows[:stop]
-        window = _window([r[:-2] for r in rows] if horizon else rows, names, False)
+        window = _window([r[:-2] for r in rows] if hold_back else rows, names, False)
     window.held_back, window.horizon = held_back, xmin
     return window
 
