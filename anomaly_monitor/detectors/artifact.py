@@ -23,8 +23,6 @@ import safetensors.torch
 import torch
 
 from anomaly_monitor.detectors.capacity import legacy_architecture
-from anomaly_monitor.detectors.training import TrainingHistory
-from anomaly_monitor.preprocess import Scaler
 
 if TYPE_CHECKING:
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
@@ -41,9 +39,6 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 #: Weights files larger than this are refused (a detector is a few MB at most).
 MAX_WEIGHTS_BYTES = 1024 * 1024 * 1024
-LATENT_CENTER = "latent.center"
-LATENT_WHITENING = "latent.whitening"
-_DTYPE_NAMES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16"}
 
 
 class ArtifactError(ValueError):
@@ -63,26 +58,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _tensor_specs(modules: list[torch.nn.Module], code_dim: int) -> dict[str, dict[str, Any]]:
-    specs = {
-        f"{i}.{name}": {"shape": list(t.shape), "dtype": _DTYPE_NAMES[t.dtype]}
-        for i, module in enumerate(modules)
-        for name, t in module.state_dict().items()
-    }
-    specs[LATENT_CENTER] = {"shape": [len(modules), code_dim], "dtype": "F32"}
-    specs[LATENT_WHITENING] = {"shape": [len(modules), code_dim, code_dim], "dtype": "F32"}
-    return specs
-
-
 def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]:
     """The manifest and the safetensors bytes of a fitted detector."""
-    tensors = {
-        f"{i}.{name}": t.detach().to("cpu").contiguous()
-        for i, module in enumerate(detector.modules_)
-        for name, t in module.state_dict().items()
-    }
-    tensors[LATENT_CENTER] = torch.from_numpy(detector.latent_center_)
-    tensors[LATENT_WHITENING] = torch.from_numpy(detector.latent_whitening_)
+    state, tensors = detector.export_state()
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME})
     params = detector.get_params()
     if params["hidden_dims"] is not None:
@@ -93,16 +71,9 @@ def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]
         "class": type(detector).__name__,
         "kind": detector.kind,
         "hyperparameters": params,
-        "architecture": {"hidden_dims": [int(h) for h in detector.hidden_dims_],
-                         "latent_dim": int(detector.latent_dim_)},
-        "n_features": detector.n_features_in_,
-        "feature_names": detector.feature_names_in_,
-        "scaling": detector.scaler_.to_dict(),
-        "error_scale": [float(v) for v in detector.error_scale_],
-        "term_gamma": [[float(v) for v in row] for row in detector.term_gamma_],
-        "tensors": _tensor_specs(detector.modules_, detector.latent_center_.shape[1]),
+        **state,
+        "tensors": detector.tensor_specs(detector.n_features_in_),
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
-        "training": [h.to_dict() for h in detector.history_],
         "versions": library_versions(),
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -193,16 +164,6 @@ def _architecture(manifest: dict[str, Any], n_features: int) -> tuple[tuple[int,
     return hidden, latent
 
 
-def _term_gamma(manifest: dict[str, Any]) -> np.ndarray | None:
-    """The score terms' gamma nulls (format 1 has none: it scores additively)."""
-    if manifest["format_version"] == 1:
-        return None
-    stats = np.asarray(manifest["term_gamma"], dtype=np.float32)
-    if stats.shape != (2, 2) or not (np.isfinite(stats).all() and (stats > 0).all()):
-        raise ArtifactError("the manifest's term_gamma is malformed")
-    return stats
-
-
 def restore_detector(
     cls: type[AutoencoderDetector],
     manifest: dict[str, Any],
@@ -229,43 +190,21 @@ def restore_detector(
         if "score" in params:  # format 1 named score_type "score"
             params["score_type"] = params.pop("score")
         params["device"] = device
-        detector = cls(**params)
-        detector.validate_params()
         n_features = int(manifest["n_features"])
-        detector.hidden_dims_, detector.latent_dim_ = _architecture(manifest, n_features)
-        # Shapes only: built on the meta device, so that a forged manifest asking for
-        # huge layers is refused (below) before any memory is allocated for them.
-        with torch.device("meta"):
-            expected = _tensor_specs(
-                [detector.build_module(n_features) for _ in range(detector.n_estimators)],
-                detector.latent_dim_,
-            )
-        if manifest.get("tensors") != expected:
-            raise ArtifactError("the manifest's tensor shapes do not match its hyperparameters")
-        _check_header(weights, expected)
-        tensors = safetensors.torch.load(weights)
-        detector.n_features_in_ = n_features
-        names = manifest.get("feature_names")
-        detector.feature_names_in_ = None if names is None else [str(n) for n in names]
-        detector.scaler_ = Scaler.from_dict(manifest["scaling"], n_features)
-        error_scale = np.asarray(manifest["error_scale"], dtype=np.float64)
-        if error_scale.shape != (n_features,) or not (error_scale > 0).all():
-            raise ArtifactError("the manifest's error_scale is malformed")
-        detector.error_scale_ = error_scale
-        detector.term_gamma_ = _term_gamma(manifest)
-        detector.device_ = detector.resolve_device()
-        detector.modules_ = []
-        for i in range(detector.n_estimators):
-            module = detector.build_module(n_features)
-            prefix = f"{i}."
-            module.load_state_dict(
-                {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                strict=True,
-            )
-            detector.modules_.append(module.to(detector.device_).eval())
-        detector.latent_center_ = tensors.pop(LATENT_CENTER).numpy()
-        detector.latent_whitening_ = tensors.pop(LATENT_WHITENING).numpy()
-        detector.history_ = [TrainingHistory() for _ in range(detector.n_estimators)]
+        hidden, latent = _architecture(manifest, n_features)
+        state = {**manifest, "architecture": {"hidden_dims": list(hidden), "latent_dim": latent},
+                 # Format 1 had no gamma nulls: its models score additively.
+                 "term_gamma": (None if manifest["format_version"] == 1
+                                else manifest["term_gamma"])}
+
+        def load_tensors(expected: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+            if manifest.get("tensors") != expected:
+                raise ArtifactError(
+                    "the manifest's tensor shapes do not match its hyperparameters")
+            _check_header(weights, expected)
+            return safetensors.torch.load(weights)
+
+        detector = cls.from_state(params, state, load_tensors)
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError, safetensors.SafetensorError) as exc:

@@ -22,6 +22,7 @@ from anomaly_monitor.detectors.base import (
 )
 from anomaly_monitor.detectors.capacity import auto_architecture
 from anomaly_monitor.detectors.sparse import SparseAutoencoder
+from anomaly_monitor.detectors.state import FittedStateMixin
 from anomaly_monitor.detectors.terms import (
     BatchTerms,
     code_term_of,
@@ -68,7 +69,7 @@ def _floored(means: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.maximum(means, max(float(means.mean()) * ERROR_SCALE_FLOOR, 1e-12))
 
 
-class AutoencoderDetector(BaseDetector):
+class AutoencoderDetector(FittedStateMixin, BaseDetector):
     """Anomaly detector scoring rows by the reconstruction error of an autoencoder.
 
     Scores follow PyOD's convention: **higher means more anomalous**. Two terms
