@@ -46,7 +46,8 @@ ARROW_MIN_ROWS = 2_000
 #: worker reads past it (the sweep then scores what that transaction commits).
 HORIZON_MAX_STALL_SECONDS = 60.0
 
-log = logging.getLogger(__name__)
+# The late-row and horizon warnings keep the logger name operators filter on.
+log = logging.getLogger("anomaly_monitor.scoring")
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,8 @@ def sweep_late_rows(
     fill are closed, all in one transaction. Gaps of batches older than
     ``GAP_RETENTION_SECONDS`` are closed after this last look. ``None`` when nothing
     was found or closed. ``known`` is the cursor position and active version when the
-    caller has just read them (the fenced commit still checks that they hold).
+    caller has just read them in a batch of the same poll (the fenced commit still
+    checks that the lease holds and the monitor is not paused).
     """
     started = clock()
     t0 = time.perf_counter()

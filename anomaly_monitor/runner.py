@@ -111,8 +111,6 @@ class MonitorState:
     read_state: ReadState = field(default_factory=ReadState)
 
 
-
-
 class MonitorRunner:
     """Runs one monitor's polls for a worker (``owner`` is the worker's lease identity)."""
 
@@ -193,6 +191,10 @@ class MonitorRunner:
             else Status(result.status)
         if result.status == "no_model":
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
+        if result.version is not None:  # before the batch's counters: scrapes see both
+            version = result.version
+            self.metrics.set_model(monitor.name, str(version.version), version.kind,
+                                   version.threshold, version.expected_ratio())
         if result.status == "committed":
             state.batches += 1
             state.rows += result.rows
@@ -293,7 +295,10 @@ class MonitorRunner:
             last = result
             if result.caught_up or clock() >= deadline:
                 break
-        if last is not None and last.status in ("committed", "idle"):
+        # Not after a pause, a lost lease or a failure ended the poll: the sweep would
+        # fail on the fence, and the backlog would be counted from a stale position.
+        if last is not None and last.status in ("committed", "idle") \
+                and state.status == Status.RUNNING and state.lease is not None:
             self._sweep(last)
             self._report_poll(last)
         return state
@@ -386,10 +391,6 @@ class MonitorRunner:
         self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)
         self.metrics.set_paused(monitor.name, False)
-        model = last.version
-        if model is not None:
-            self.metrics.set_model(monitor.name, str(model.version), model.kind,
-                                   model.threshold, model.expected_ratio())
 
     def _newest_scored(self) -> dt.datetime | None:
         """The newest source timestamp of the monitor's last batch (after a restart)."""
@@ -400,4 +401,3 @@ class MonitorRunner:
                 .order_by(batches.c.id.desc()).limit(1)
             ).scalar()
         return as_utc(value)
-

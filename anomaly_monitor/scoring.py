@@ -18,6 +18,7 @@ from anomaly_monitor.source import SchemaError, Window
 #: Feature contributions stored with each flagged row.
 TOP_FEATURES = 3
 
+
 def check_features(monitor: MonitorSettings, version: ModelVersion) -> None:
     """Refuse a model trained on other features than the monitor's configured list."""
     if monitor.features is not None and list(monitor.features) != list(version.features):
@@ -87,5 +88,3 @@ def subtract_ids(ranges: list[list[int]], found: npt.ArrayLike) -> list[list[int
         inside = found_ids[(found_ids >= a) & (found_ids <= b)]
         left += gap_ranges(inside, a - 1, b) if inside.size else [[a, b]]
     return left
-
-

@@ -186,4 +186,3 @@ class Worker:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s", signal.Signals(signum).name)
         self.stop()
-

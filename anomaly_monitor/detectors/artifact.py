@@ -60,6 +60,9 @@ def library_versions() -> dict[str, str]:
 
 def dump_detector(detector: AutoencoderDetector) -> tuple[dict[str, Any], bytes]:
     """The manifest and the safetensors bytes of a fitted detector."""
+    if detector.term_gamma_ is None:
+        raise ArtifactError("this model was loaded from a format-1 artifact, which scores "
+                            f"additively; format {FORMAT_VERSION} cannot hold it: retrain it")
     state, tensors = detector.export_state()
     weights = safetensors.torch.save(tensors, metadata={"format": FORMAT_NAME})
     params = detector.get_params()
@@ -159,9 +162,7 @@ def _architecture(manifest: dict[str, Any], n_features: int) -> tuple[tuple[int,
         if ((explicit[0] is not None and tuple(explicit[0]) != hidden)
                 or (explicit[1] is not None and explicit[1] != latent)):
             raise ArtifactError("the manifest's architecture does not match its hyperparameters")
-    if any(h < 1 for h in hidden) or latent < 1:
-        raise ArtifactError(f"the manifest's layer sizes are invalid: {hidden}, {latent}")
-    return hidden, latent
+    return hidden, latent  # their range is checked by from_state
 
 
 def restore_detector(
@@ -190,8 +191,11 @@ def restore_detector(
         if "score" in params:  # format 1 named score_type "score"
             params["score_type"] = params.pop("score")
         params["device"] = device
+        cls(**params).validate_params()  # the hyperparameters' own message comes first
         n_features = int(manifest["n_features"])
         hidden, latent = _architecture(manifest, n_features)
+        if manifest["format_version"] >= 2 and not isinstance(manifest["term_gamma"], list):
+            raise ArtifactError("the manifest's term_gamma is malformed")
         state = {**manifest, "architecture": {"hidden_dims": list(hidden), "latent_dim": latent},
                  # Format 1 had no gamma nulls: its models score additively.
                  "term_gamma": (None if manifest["format_version"] == 1

@@ -60,6 +60,8 @@ MAX_STATISTICS_ROWS = 200_000
 #: The sparse autoencoder's code is this many times the intrinsic dimension: only a
 #: ``sparsity_target`` share of its units is active for a row, so it must be wider.
 SPARSE_CODE_FACTOR = 2.0
+
+
 def _is_positive_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
 

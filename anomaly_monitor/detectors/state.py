@@ -42,7 +42,6 @@ def _checked_term_gamma(value: Any) -> npt.NDArray[np.float32] | None:
     return stats
 
 
-
 class FittedStateMixin:
     """Export and restore of :class:`AutoencoderDetector`'s fitted attributes."""
 
@@ -96,7 +95,8 @@ class FittedStateMixin:
 
         ``load_tensors(specs)`` returns the named tensors after checking that they
         have the shapes ``specs`` expects (it is called before anything is sized
-        from them). Raises ``ValueError`` for a malformed state.
+        from them). Raises ``ValueError``, ``KeyError`` or ``TypeError`` for a
+        malformed state.
         """
         detector = cls(**params)
         detector.validate_params()

@@ -170,3 +170,14 @@ def test_bad_manifests_are_refused(tmp_path, content, message):
         (path / WEIGHTS_FILE).write_bytes(b"")
     with pytest.raises(ArtifactError, match=message):
         AutoencoderDetector.load(path)
+
+
+def test_a_format_2_manifest_without_term_gamma_is_refused(saved, tmp_path):
+    """Format 2 always has the gamma nulls: without them the model would silently
+    score additively, like a format-1 model."""
+    path = _copy(saved["vae"][1], tmp_path / "model")
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["term_gamma"] = None
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="term_gamma is malformed"):
+        AutoencoderDetector.load(path)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from anomaly_monitor import AutoencoderDetector
-from anomaly_monitor.detectors.artifact import MANIFEST_FILE
+from anomaly_monitor.detectors.artifact import MANIFEST_FILE, ArtifactError
 from anomaly_monitor.detectors.capacity import auto_architecture, intrinsic_dimension
 
 
@@ -64,7 +64,7 @@ def test_explicit_sizes_win():
     assert detector.latent_dim == 7  # the hyperparameter itself is left as given
 
 
-def test_format_1_artifacts_still_load():
+def test_format_1_artifacts_still_load(tmp_path):
     # A real format-1 model, saved by the release before capacity came from the data
     # (tests/data/format1-vae, with the scores it gave then): no architecture in the
     # manifest (sizes followed from the feature count), score_type was called
@@ -78,3 +78,6 @@ def test_format_1_artifacts_still_load():
                                rtol=1e-5)
     np.testing.assert_allclose(loaded.feature_errors(expected["x"]), expected["shares"],
                                rtol=1e-5, atol=1e-7)
+    # The current format cannot hold its additive score: re-saving says so.
+    with pytest.raises(ArtifactError, match="format-1 artifact"):
+        loaded.save(tmp_path / "resaved")

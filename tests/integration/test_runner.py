@@ -1,0 +1,38 @@
+"""The per-monitor runner: what ends a poll, and what it does then."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+import anomaly_monitor.runner as runner_module
+from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.source import SchemaError
+from anomaly_monitor.worker import Worker
+from tests.helpers import Sensors, insert_rows, monitor_settings, settings, trained_plant
+
+
+def test_a_monitor_paused_mid_poll_keeps_its_reason_and_is_not_swept(engine, db_url,
+                                                                      monkeypatch):
+    sensors = Sensors()
+    table, monitor, _, _ = trained_plant(engine, monitor_settings(batch_size=10),
+                                         sensors=sensors)
+    insert_rows(engine, table, sensors.normal(30))
+    real_run_batch, calls, swept = runner_module.run_batch, [], []
+
+    def second_batch_finds_the_table_changed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise SchemaError("table 'readings' has no column 'f3' any more")
+        return real_run_batch(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_batch", second_batch_finds_the_table_changed)
+    monkeypatch.setattr(runner_module, "sweep_late_rows",
+                        lambda *a, **k: swept.append(1))
+    worker = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                    device="cpu")
+    state = worker.poll("plant")
+    assert state.status == "paused" and "no column 'f3'" in state.detail
+    assert state.rows == 10 and swept == []
+    with engine.connect() as connection:
+        assert "no column 'f3'" in read_cursor(connection, "plant").pause_reason
