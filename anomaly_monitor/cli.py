@@ -577,6 +577,11 @@ def status(app: App, as_json: bool) -> None:
              s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"])
             for s in states])
     for s in states:
+        lease = s["lease"]
+        if lease is not None:
+            verb = "held until" if not lease["expired"] else "expired at"
+            click.echo(f"monitor {s['monitor']}: lease {verb} {lease['expires_at']} (database "
+                       f"clock) by {lease['owner']}")
         if s["pause_reason"]:
             click.echo(f"paused by the worker (cleared when it next finds the problem fixed): "
                        f"{s['pause_reason']}")

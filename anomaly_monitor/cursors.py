@@ -31,7 +31,8 @@ from anomaly_monitor.identity import local_process_dead, parse_owner, worker_ide
 from anomaly_monitor.tables import Timestamp, as_utc, cursors, utcnow
 
 __all__ = ["BatchConflictError", "Claim", "CursorState", "Lease", "claim", "create_cursor",
-           "fence", "fenced", "read_cursor", "release", "set_paused", "worker_identity"]
+           "fence", "fenced", "lease_holder", "read_cursor", "release", "set_paused",
+           "worker_identity"]
 
 
 class BatchConflictError(RuntimeError):
@@ -58,6 +59,22 @@ def read_cursor(connection: sa.Connection, monitor: str) -> CursorState | None:
         return None
     return CursorState(int(row.position), bool(row.paused), row.pause_reason,
                        as_utc(row.updated_at))
+
+
+def lease_holder(connection: sa.Connection, monitor: str) -> dict[str, Any] | None:
+    """Who holds the monitor's lease and until when (database clock; ``expired`` when
+    that time has passed); ``None`` when the lease is free or there is no cursor."""
+    row = connection.execute(
+        sa.select(cursors.c.lease_owner, cursors.c.lease_token, cursors.c.lease_expires_at,
+                  (cursors.c.lease_expires_at < database_time()).label("expired"))
+        .where(cursors.c.monitor == monitor)
+    ).first()
+    if row is None or row.lease_owner is None:
+        return None
+    expires = as_utc(row.lease_expires_at)
+    return {"owner": row.lease_owner, "token": int(row.lease_token),
+            "expires_at": expires.isoformat() if expires else None,
+            "expired": bool(row.expired) if row.expired is not None else True}
 
 
 def create_cursor(connection: sa.Connection, monitor: str, position: Callable[[], int],

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
-from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.cursors import lease_holder, read_cursor
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import SchemaError, count_after, reflect_source
 from anomaly_monitor.tables import anomalies, as_utc, batches, utcnow
@@ -50,6 +50,7 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["cursor"] = cursor.position if cursor else None
     status["paused"] = bool(cursor and cursor.paused)
     status["pause_reason"] = cursor.pause_reason if cursor else None
+    status["lease"] = lease_holder(connection, monitor.name)
     try:
         source = reflect_source(connection, monitor)
         status["backlog"] = count_after(connection, source, cursor.position) if cursor else None

@@ -36,3 +36,21 @@ def test_a_monitor_paused_mid_poll_keeps_its_reason_and_is_not_swept(engine, db_
     assert state.rows == 10 and swept == []
     with engine.connect() as connection:
         assert "no column 'f3'" in read_cursor(connection, "plant").pause_reason
+
+
+def test_status_shows_who_holds_the_lease_until_when(engine, db_url):
+    from anomaly_monitor.report import monitor_status
+
+    _, monitor, _, _ = trained_plant(engine)
+    worker = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                    device="cpu")
+    with engine.connect() as connection:
+        assert monitor_status(connection, monitor)["lease"] is None
+    worker.poll("plant")
+    with engine.connect() as connection:
+        lease = monitor_status(connection, monitor)["lease"]
+    assert lease["owner"] == worker.owner and not lease["expired"]
+    assert lease["expires_at"].startswith("20")
+    worker.release_leases()
+    with engine.connect() as connection:
+        assert monitor_status(connection, monitor)["lease"] is None
