@@ -108,6 +108,8 @@ class MonitorState:
     lease_renewed: float = 0.0
     #: The lease holder this standby last logged that it waits for.
     waiting_for: str | None = None
+    #: The (version, threshold) last published to the model metrics.
+    reported_model: tuple[int, float] | None = None
     read_state: ReadState = field(default_factory=ReadState)
 
 
@@ -191,10 +193,13 @@ class MonitorRunner:
             else Status(result.status)
         if result.status == "no_model":
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
-        if result.version is not None:  # before the batch's counters: scrapes see both
-            version = result.version
+        version = result.version
+        # Before the batch's counters, so that scrapes see both; only when the version or
+        # its threshold changed (the expected ratio is computed from its severity scale).
+        if version is not None and state.reported_model != (version.version, version.threshold):
             self.metrics.set_model(monitor.name, str(version.version), version.kind,
                                    version.threshold, version.expected_ratio())
+            state.reported_model = (version.version, version.threshold)
         if result.status == "committed":
             state.batches += 1
             state.rows += result.rows
