@@ -25,13 +25,15 @@ import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 
-from anomaly_monitor.arrow_reader import ArrowReader
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
+from anomaly_monitor.reading.arrow import ArrowReader
+from anomaly_monitor.reading.values import Window
+from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
-from anomaly_monitor.source import SourceTable, Window, read_ids, read_window
+from anomaly_monitor.source import SourceTable, read_ids
 from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
 
 #: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
@@ -42,6 +44,9 @@ GAP_RETENTION_SECONDS = 3600.0
 #: A window is read through the Arrow reader when the previous one had this many rows
 #: (or was full).
 ARROW_MIN_ROWS = 2_000
+#: An Arrow reader (an ADBC connection, on SQLite a reader process) unused for this long
+#: is closed at the end of a poll; a catch-up opens it again.
+ARROW_IDLE_SECONDS = 120.0
 #: PostgreSQL: how long an open transaction may hold the read window back before the
 #: worker reads past it (the sweep then scores what that transaction commits).
 HORIZON_MAX_STALL_SECONDS = 60.0
@@ -84,8 +89,9 @@ class BatchResult:
 
 @dataclass
 class ReadState:
-    """Per-monitor memory of the read path: its Arrow reader (one ADBC connection) and
-    the open PostgreSQL transaction holding the window back."""
+    """Per-monitor memory of the read path: its Arrow reader (one ADBC connection, open
+    while it is used: :meth:`close_idle`) and the open PostgreSQL transaction holding
+    the window back."""
 
     horizon: int | None = None
     since: float = 0.0
@@ -110,8 +116,15 @@ class ReadState:
         return self.arrow
 
     def close(self) -> None:
-        """Close the Arrow reader's connection."""
+        """Close the Arrow reader's connection (a later read opens it again)."""
         if self.arrow is not None:
+            self.arrow.close()
+
+    def close_idle(self) -> None:
+        """Close the Arrow reader's connection if it went unused for
+        ``ARROW_IDLE_SECONDS`` (a monitor that caught up reads its few new rows by the
+        plain path)."""
+        if self.arrow is not None and self.arrow.idle_for() > ARROW_IDLE_SECONDS:
             self.arrow.close()
 
     def stalled(self, horizon: int | None, now: float) -> bool:

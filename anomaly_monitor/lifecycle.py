@@ -28,6 +28,8 @@ from anomaly_monitor.calibration import (
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
 from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.reading.values import Window
+from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
@@ -44,10 +46,8 @@ from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
     SchemaError,
     SourceTable,
-    Window,
     newest_id,
     read_training,
-    read_window,
     reflect_source,
 )
 

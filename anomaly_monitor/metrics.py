@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from anomaly_monitor.source import REASONS
+from anomaly_monitor.reading.values import REASONS
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

@@ -276,6 +276,12 @@ class MonitorRunner:
     ) -> MonitorState:
         """Run batches until caught up, out of budget, stopped, or (with
         ``max_failures``) failed that many times in a row."""
+        try:
+            return self._poll(budget_seconds, max_failures)
+        finally:
+            self.state.read_state.close_idle()
+
+    def _poll(self, budget_seconds: float | None, max_failures: int | None) -> MonitorState:
         monitor, state = self.monitor, self.state
         if budget_seconds is None:
             budget_seconds = max(MIN_JOB_BUDGET_SECONDS,

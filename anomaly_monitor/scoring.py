@@ -12,8 +12,9 @@ import numpy as np
 import numpy.typing as npt
 
 from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel, ModelVersion
-from anomaly_monitor.source import SchemaError, Window
+from anomaly_monitor.source import SchemaError
 
 #: Feature contributions stored with each flagged row.
 TOP_FEATURES = 3

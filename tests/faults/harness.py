@@ -18,8 +18,9 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import load_model
-from anomaly_monitor.source import read_window, reflect_source
+from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import anomalies, batches, quarantine
 from tests.helpers import FEATURES, Sensors
 

@@ -12,8 +12,8 @@ from anomaly_monitor.batch import run_batch, sweep_late_rows
 from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.db import create_engine
 from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.reading.horizon import committed_before
 from anomaly_monitor.registry import ModelCache
-from anomaly_monitor.source import committed_before
 from anomaly_monitor.tables import batches
 from anomaly_monitor.worker import Worker
 from tests.helpers import (

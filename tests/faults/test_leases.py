@@ -190,7 +190,7 @@ def reader_processes(marker: str) -> list[int]:
                 command = handle.read().decode(errors="replace")
         except OSError:
             continue
-        if "anomaly_monitor.arrow_backends" in command and marker in command:
+        if "anomaly_monitor.reading.backends" in command and marker in command:
             found.append(int(entry))
     return found
 

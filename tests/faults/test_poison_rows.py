@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from anomaly_monitor.batch import run_batch
 from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.reading.values import REASONS
 from anomaly_monitor.registry import ModelCache
-from anomaly_monitor.source import REASONS
 from anomaly_monitor.tables import anomalies, batches, quarantine
 from tests.helpers import (
     FEATURES,

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from anomaly_monitor.source import REASONS, _to_matrix, json_value, to_timestamp
+from anomaly_monitor.reading.values import REASONS, json_value, to_matrix, to_timestamp
 
 NAMES = ("a", "b", "c")
 
@@ -17,7 +17,7 @@ NAMES = ("a", "b", "c")
 def test_reasons_for_each_kind_of_bad_value():
     rows = [(1.0, 2, Decimal("3.5")), (None, 1.0, 1.0), (1.0, float("nan"), 1.0),
             (1.0, 1.0, float("-inf")), ("abc", 1.0, 1.0), (True, 0, 1)]
-    matrix, bad, reasons = _to_matrix(rows, NAMES)
+    matrix, bad, reasons = to_matrix(rows, NAMES)
     assert bad == [1, 2, 3, 4]
     assert [r[0] for r in reasons] == ["null", "nan", "infinite", "non_numeric"]
     assert "a: str 'abc'" in reasons[3][1]
@@ -33,7 +33,7 @@ values = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
 
 @given(st.lists(st.tuples(values, values, values), min_size=1, max_size=20))
 def test_every_row_is_either_finite_or_quarantined(rows):
-    matrix, bad, reasons = _to_matrix(rows, NAMES)
+    matrix, bad, reasons = to_matrix(rows, NAMES)
     good = np.setdiff1d(np.arange(len(rows)), bad)
     assert np.isfinite(matrix[good]).all()
     assert all(r[0] in REASONS for r in reasons)

@@ -5,8 +5,8 @@ and a Python object per value; converting those to numpy costs more than scoring
 them. The ADBC drivers read a result straight into Arrow columns (PostgreSQL
 through binary ``COPY``), which numpy takes over without per-row objects.
 
-The query is the same SQLAlchemy ``Select`` the plain path runs, compiled with its
-parameters inline: they are only integers this package produced (ids, a limit);
+The query is the same SQLAlchemy ``Select`` the plain path runs
+(:class:`~anomaly_monitor.reading.query.WindowQuery`), compiled once per shape;
 identifiers come from the reflected table, quoted by SQLAlchemy. Any failure here
 (a driver not installed, a value the driver cannot type, a lost connection) makes
 the caller fall back to the plain path, which reads every value as it is and
@@ -19,9 +19,8 @@ import contextlib
 import datetime as dt
 import importlib.util
 import logging
-import operator
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, overload
 
@@ -29,9 +28,12 @@ import numpy as np
 import numpy.typing as npt
 import sqlalchemy as sa
 from sqlalchemy.engine import URL
+from sqlalchemy.sql.compiler import SQLCompiler
 
-from anomaly_monitor.arrow_backends import Backend, ChildBackend, Pending, ThreadBackend
 from anomaly_monitor.db import SQLITE_BUSY_TIMEOUT_SECONDS, postgresql_connect_args
+from anomaly_monitor.reading.backends import Backend, ChildBackend, Pending, ThreadBackend
+from anomaly_monitor.reading.query import WindowQuery
+from anomaly_monitor.reading.values import BadRow, Window, describe_bad, first_young
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -41,13 +43,11 @@ if TYPE_CHECKING:
 #: every batch.
 RETRY_AFTER_SECONDS = 300.0
 
-#: A cached query's integer parameter is compiled as this literal, then replaced.
-PLACEHOLDER = -7_361_492_058_217_603_391
 #: A page read ahead is used only this soon after its read started (a catch-up uses
 #: it within milliseconds; one left over from an earlier poll is read again).
 READ_AHEAD_MAX_AGE_SECONDS = 5.0
 #: Compiled query shapes kept per reader.
-MAX_TEMPLATES = 64
+MAX_COMPILED = 64
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def _postgresql_target(engine: sa.Engine) -> str | None:
 class ArrowReader:
     """Reads keyset pages of the source table as Arrow through ADBC, one page ahead.
 
-    ``fetch`` runs a query and returns an Arrow table, or raises
-    :class:`ArrowUnavailableError`; after a failure the reader stands aside for
+    ``read`` runs a window query and returns its :class:`ArrowPage`, or ``None``
+    when the plain path must read it; after a failure the reader stands aside for
     ``RETRY_AFTER_SECONDS``. ``read_ahead`` starts the next page's read so that it
     runs while the current page is scored; a different next request discards it.
     Not thread-safe: use one per monitor.
@@ -96,20 +96,22 @@ class ArrowReader:
         self._clock = clock
         self._backend: Backend | None = None
         self._resume_at = 0.0
-        self._templates: dict[Hashable, str] = {}
+        self._compiled: dict[Hashable, SQLCompiler] = {}
         self._ahead: tuple[str, Pending, float] | None = None
         #: Reads served by the Arrow path, and how many of them had been read ahead.
         self.fetches = 0
         self.read_ahead_hits = 0
         #: Seconds between the start of the last page's read and its use.
         self.page_age_seconds = 0.0
+        #: When a query was last submitted (``clock``): :meth:`idle_for`.
+        self._used_at = clock()
         backend = engine.url.get_backend_name()
         self._target = (_sqlite_target(engine.url) if backend == "sqlite"
                         else _postgresql_target(engine) if backend == "postgresql" else None)
 
     @property
     def usable(self) -> bool:
-        """Whether the next :meth:`fetch` will try the Arrow path."""
+        """Whether the next :meth:`read` will try the Arrow path."""
         return self._target is not None and self._clock() >= self._resume_at
 
     def _open(self) -> Backend:
@@ -127,19 +129,13 @@ class ArrowReader:
                 if self.dialect.name == "sqlite" else ThreadBackend(target))
         return self._backend
 
-    def _sql(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int) -> str:
-        # Compiling a wide select costs milliseconds, a good part of a batch: compile
-        # each shape once with a placeholder integer inline, then put the value there.
-        template = self._templates.get(key)
-        if template is None:
-            template = str(build(PLACEHOLDER).compile(
-                dialect=self.dialect, compile_kwargs={"literal_binds": True}))
-            if template.count(str(PLACEHOLDER)) != 1:
-                raise ArrowUnavailableError("the query does not take exactly one integer")
-            if len(self._templates) >= MAX_TEMPLATES:
-                self._templates.clear()
-            self._templates[key] = template
-        return template.replace(str(PLACEHOLDER), str(operator.index(value)))
+    def _sql(self, query: WindowQuery, after_id: int) -> str:
+        compiled = self._compiled.get(query.key)
+        if compiled is None:
+            if len(self._compiled) >= MAX_COMPILED:
+                self._compiled.clear()
+            compiled = self._compiled[query.key] = query.compile(self.dialect)
+        return WindowQuery.sql(compiled, after_id)
 
     def _take(self, sql: str, batch_rows: int) -> pa.Table:
         """The page for ``sql``: the one read ahead if it matches and is recent, else
@@ -156,40 +152,48 @@ class ArrowReader:
             with contextlib.suppress(Exception):  # not wanted; only wait for it
                 pending.result()
         self.page_age_seconds = 0.0
+        self._used_at = self._clock()
         return self._open().submit(sql, batch_rows).result()
 
-    def fetch(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int, *,
-              expected_rows: int = 0) -> pa.Table:
-        """The result of ``build(value)`` as an Arrow table; ``key`` names the query's
-        shape (everything ``build`` depends on besides ``value``, an integer). A page
-        read ahead for the same query is used if it is at most
-        ``READ_AHEAD_MAX_AGE_SECONDS`` old (``page_age_seconds`` says how old)."""
+    def read(self, query: WindowQuery, after_id: int) -> ArrowPage | None:
+        """The page of ``query`` after ``after_id``, or ``None`` when the plain path
+        must read it (the reader is standing aside, or this read failed: it then
+        stands aside). A page read ahead for the same query is used if it is at most
+        ``READ_AHEAD_MAX_AGE_SECONDS`` old (its ``age_seconds`` says how old)."""
         if not self.usable:
-            raise ArrowUnavailableError("the Arrow path is standing aside")
+            return None
         try:
-            table = self._take(self._sql(key, build, value), expected_rows)
+            table = self._take(self._sql(query, after_id), query.limit)
             self.fetches += 1
-            return table
+            return ArrowPage.from_table(
+                table, query.features, with_xmin=query.hold_back,
+                numeric_text=self.dialect.name == "postgresql",
+                numeric_timestamps=query.source.epoch_timestamps,
+                age_seconds=self.page_age_seconds)
         except ArrowUnavailableError:
-            raise
-        except Exception as exc:
+            return None
+        except Exception as exc:  # a lost connection, a column Arrow cannot convert
             self.stand_aside(exc)
-            raise ArrowUnavailableError(str(exc)) from None
+            return None
 
-    def read_ahead(self, key: Hashable, build: Callable[[int], sa.Select[Any]], value: int,
-                   expected_rows: int) -> None:
-        """Start reading the page ``build(value)`` now, for a :meth:`fetch` soon: the
-        caller found the last page full, so that the next one is read while this one
-        is scored."""
+    def read_ahead(self, query: WindowQuery, after_id: int) -> None:
+        """Start reading the page of ``query`` after ``after_id`` now, for a
+        :meth:`read` soon: the caller found the last page full, so that the next one
+        is read while this one is scored."""
         if not self.usable or self._ahead is not None:
             return
         try:
-            sql = self._sql(key, build, value)
-            self._ahead = (sql, self._open().submit(sql, expected_rows), self._clock())
+            sql = self._sql(query, after_id)
+            self._ahead = (sql, self._open().submit(sql, query.limit), self._clock())
+            self._used_at = self._ahead[2]
         except ArrowUnavailableError:
             return
         except Exception as exc:
             self.stand_aside(exc)
+
+    def idle_for(self) -> float:
+        """Seconds since this reader last submitted a query."""
+        return self._clock() - self._used_at
 
     def stand_aside(self, exc: BaseException) -> None:
         """Log ``exc`` and use the plain path for ``RETRY_AFTER_SECONDS``."""
@@ -305,28 +309,31 @@ def _integers(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
 
 
 @dataclass
-class ArrowWindow:
-    """A window read as Arrow, as numpy: ids, feature values (NaN where NULL) with their
+class ArrowPage:
+    """A page read as Arrow, as numpy: ids, feature values (NaN where NULL) with their
     NULL mask, the timestamps left in Arrow, and on PostgreSQL each row's ``xmin`` and
-    the snapshot's horizon."""
+    the snapshot's horizon; ``age_seconds``: how long before its use its read began."""
 
     ids: npt.NDArray[np.int64]
     timestamps: pa.ChunkedArray
     values: npt.NDArray[np.float64]
     nulls: npt.NDArray[np.bool_]
     xmins: npt.NDArray[np.int64] | None
+    features: tuple[str, ...]
     horizon: int | None = None
+    age_seconds: float = 0.0
 
     @classmethod
-    def from_table(cls, table: pa.Table, n_features: int, *, with_xmin: bool,
-                   numeric_text: bool, numeric_timestamps: bool) -> ArrowWindow:
+    def from_table(cls, table: pa.Table, features: tuple[str, ...], *, with_xmin: bool,
+                   numeric_text: bool, numeric_timestamps: bool,
+                   age_seconds: float = 0.0) -> ArrowPage:
         """Columns: id, timestamp, the features, then ``xmin`` and the horizon when
         ``with_xmin``. Raises ``pyarrow.ArrowInvalid`` for a column the plain path must
         read: a feature that is not a number, a boolean or a decimal (text only with
         ``numeric_text``: PostgreSQL's exact NUMERIC text, whereas SQLite renders the
         REALs of a column that also holds text or BLOBs with 7 digits), or, with
         ``numeric_timestamps`` (an epoch column), timestamps that came back as text."""
-
+        n_features = len(features)
         columns = [_storage(table.column(i)) for i in range(2 + n_features)]
         for j in range(n_features):
             _check_numeric(columns[2 + j].type, numeric_text, f"feature column {j}")
@@ -343,24 +350,38 @@ class ArrowWindow:
         xmins = _integers(table.column(2 + n_features)) if with_xmin else None
         horizon = (int(table.column(3 + n_features)[0].as_py())
                    if with_xmin and n else None)
-        return cls(_integers(table.column(0)), columns[1], values, nulls, xmins, horizon)
+        return cls(_integers(table.column(0)), columns[1], values, nulls, xmins, features,
+                   horizon, age_seconds)
 
-    def first_young(self, ready_before: dt.datetime) -> int | None:
-        """The index of the first row whose timestamp is not older than ``ready_before``;
-        ``None`` when the timestamps are not an Arrow timestamp type (parse them)."""
+    def first_young(self, ready_before: dt.datetime, stop: int) -> int:
+        """The index of the first row whose timestamp is not older than
+        ``ready_before`` (vectorised for an Arrow timestamp type; other timestamps are
+        parsed, and only among the first ``stop`` rows)."""
         import pyarrow as pa
 
         kind = self.timestamps.type
         if not pa.types.is_timestamp(kind):
-            return None
+            return first_young(ArrowValues(self.timestamps), ready_before, stop)
         # A naive timestamp column holds UTC wall time, as the plain path assumes.
         stamps = self.timestamps.cast(pa.timestamp("us", kind.tz)).to_numpy()
         limit = np.datetime64(ready_before.astimezone(dt.UTC).replace(tzinfo=None), "us")
         young = np.flatnonzero(stamps >= limit)  # NaT (NULL) is never young
         return int(young[0]) if young.size else len(self.ids)
 
-    def head(self, stop: int) -> ArrowWindow:
-        """The first ``stop`` rows."""
-        return ArrowWindow(self.ids[:stop], self.timestamps.slice(0, stop),
-                           self.values[:stop], self.nulls[:stop],
-                           None if self.xmins is None else self.xmins[:stop], self.horizon)
+    def window(self, stop: int) -> Window:
+        """The first ``stop`` rows as a :class:`Window`: NULL, NaN and infinite values
+        are quarantined as on the plain path."""
+        ids, values, nulls = self.ids[:stop], self.values[:stop], self.nulls[:stop]
+        suspects = np.flatnonzero(~np.isfinite(values).all(axis=1) | nulls.any(axis=1))
+        raw = [[None if null else value for value, null in zip(values[i], nulls[i],
+                                                                strict=True)]
+               for i in suspects]
+        bad_index, reasons = describe_bad(raw, self.features, range(len(raw)), values[suspects])
+        keep = np.ones(len(ids), dtype=bool)
+        keep[suspects[bad_index]] = False
+        bad = [BadRow(int(ids[suspects[k]]), *reasons[n]) for n, k in enumerate(bad_index)]
+        stamps = self.timestamps.slice(0, stop)
+        if not keep.all():
+            stamps = stamps.filter(keep)
+        return Window(ids[keep], ArrowValues(stamps), values[keep], bad, None,
+                      int(ids[-1]) if len(ids) else None)

@@ -1,9 +1,9 @@
-"""Where an :class:`~anomaly_monitor.arrow_reader.ArrowReader` runs its ADBC queries.
+"""Where an :class:`~anomaly_monitor.reading.arrow.ArrowReader` runs its ADBC queries.
 
 * PostgreSQL: an ADBC connection in this process, queried on one worker thread so
   that the next window can be read while the current one is scored.
 * SQLite: an ADBC connection in a child process (``python -m
-  anomaly_monitor.arrow_backends FILE``) that sends each result back as an Arrow IPC
+  anomaly_monitor.reading.backends FILE``) that sends each result back as an Arrow IPC
   stream. The ADBC driver links its own copy of SQLite; two copies of SQLite in one
   process drop each other's POSIX locks on the database file (closing either one's
   file descriptor releases both), which lets one delete the WAL under the other
@@ -191,7 +191,7 @@ class ChildBackend:
             self.close()  # reap the dead one and close its pipes
         if self._process is None:
             self._process = subprocess.Popen(  # noqa: S603 (our own module, no shell)
-                [sys.executable, "-m", "anomaly_monitor.arrow_backends", self._path,
+                [sys.executable, "-m", "anomaly_monitor.reading.backends", self._path,
                  str(self._busy_timeout_ms), str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
                 env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -286,7 +286,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def child_main(argv: list[str]) -> None:
-    """The reader process's entry point (``python -m anomaly_monitor.arrow_backends``)."""
+    """The reader process's entry point (``python -m anomaly_monitor.reading.backends``)."""
     # The parent decides when this process ends (by closing its input, or by dying):
     # a Ctrl-C or SIGTERM sent to the whole process group is the parent's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

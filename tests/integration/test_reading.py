@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from anomaly_monitor.arrow_reader import ArrowReader
 from anomaly_monitor.batch import ReadState, run_batch
+from anomaly_monitor.reading.arrow import ArrowReader
+from anomaly_monitor.reading.values import Window
+from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import ModelCache
-from anomaly_monitor.source import Window, read_window, reflect_source
+from anomaly_monitor.source import reflect_source
 from tests.helpers import FEATURES, Sensors, insert_rows, monitor_settings, trained_plant
 
 BASE = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -211,3 +213,38 @@ def test_features_in_a_different_order_than_the_table(engine, table):
     plain, fast, arrow = _both(engine, source, 0, 100)
     assert arrow.fetches == 1
     _same(plain, fast)
+
+
+def test_the_window_query_renders_only_integers_into_its_compiled_sql(engine, table):
+    from anomaly_monitor.reading.query import WindowQuery
+
+    _, source = table
+    query = WindowQuery(source, source.features, 500, engine.dialect.name == "postgresql")
+    compiled = query.compile(engine.dialect)
+    first, second = WindowQuery.sql(compiled, 41), WindowQuery.sql(compiled, 10**15)
+    assert "> 41" in first and f"> {10**15}" in second
+    assert first.replace("> 41", "> X") == second.replace(f"> {10**15}", "> X")
+    with pytest.raises(TypeError):
+        WindowQuery.sql(compiled, "1 OR 1=1")  # type: ignore[arg-type]
+    # The plain reader runs the same statement through SQLAlchemy.
+    with engine.connect() as connection:
+        rows = connection.execute(query.statement, query.params(0)).all()
+    assert rows == []
+
+
+def test_an_idle_arrow_reader_gives_its_connection_back(engine):
+    from anomaly_monitor.batch import ARROW_IDLE_SECONDS
+
+    monitor = monitor_settings(batch_size=1000)
+    table, monitor, source, _ = trained_plant(engine, monitor, rows=600)
+    insert_rows(engine, table, Sensors(seed=6).normal(2500))
+    state, models = ReadState(), ModelCache("cpu")
+    for _ in range(3):
+        run_batch(engine, monitor, source, models, read_state=state)
+    assert state.arrow is not None and state.arrow._backend is not None
+    state.close_idle()  # just used: kept for the next catch-up
+    assert state.arrow._backend is not None
+    state.arrow._used_at -= ARROW_IDLE_SECONDS + 1
+    state.close_idle()
+    assert state.arrow._backend is None
+    assert run_batch(engine, monitor, source, models, read_state=state).status == "idle"

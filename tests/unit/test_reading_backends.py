@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from anomaly_monitor.arrow_backends import BackendError, ChildBackend
+from anomaly_monitor.reading.backends import BackendError, ChildBackend
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_a_reader_process_dying_mid_query_is_an_error_and_is_restarted(database)
 
 
 def test_the_postgresql_connection_string_keeps_the_engines_timeouts():
-    from anomaly_monitor.arrow_reader import _postgresql_target
     from anomaly_monitor.db import create_engine
+    from anomaly_monitor.reading.arrow import _postgresql_target
 
     engine = create_engine("postgresql://u:pw@db.example:5433/monitor"
                            "?options=-csearch_path%3Dother&prepare_threshold=0&sslmode=require")
