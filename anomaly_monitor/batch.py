@@ -5,8 +5,8 @@ A batch reads its window outside any write transaction, scores it, then in ONE
 transaction advances the cursor with a compare-and-set on its old position and
 inserts the flagged rows, the quarantined rows and the batch record. If another
 writer moved the cursor meanwhile, the compare-and-set matches nothing and the
-whole batch rolls back (:class:`BatchConflictError`); the unique (monitor, source_id)
-keys are the second guard. A crash anywhere leaves all of the batch or none. The
+whole batch rolls back (:class:`BatchConflictError`); the unique (monitor, generation,
+source_id) keys are the second guard. A crash anywhere leaves all of the batch or none. The
 sweep (:func:`sweep_late_rows`) ends in the same commit path.
 """
 
@@ -33,7 +33,7 @@ from anomaly_monitor.reading.values import Window
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
-from anomaly_monitor.source import SourceTable, read_ids
+from anomaly_monitor.source import SourceTable, check_position, read_ids
 from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
 
 #: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
@@ -47,6 +47,11 @@ ARROW_MIN_ROWS = 2_000
 #: An Arrow reader (an ADBC connection, on SQLite a reader process) unused for this long
 #: is closed at the end of a poll; a catch-up opens it again.
 ARROW_IDLE_SECONDS = 120.0
+#: With ``query_delay_seconds``, a row stamped more than this far in the future is
+#: scored at once rather than waited for (it is mis-stamped), and counted.
+FUTURE_TOLERANCE_SECONDS = 3600.0
+#: The warning about such rows is repeated at most this often per monitor.
+FUTURE_WARNING_SECONDS = 600.0
 #: PostgreSQL: how long an open transaction may hold the read window back before the
 #: worker reads past it (the sweep then scores what that transaction commits).
 HORIZON_MAX_STALL_SECONDS = 60.0
@@ -76,9 +81,12 @@ class BatchResult:
     caught_up: bool = True
     quarantine_reasons: dict[str, int] = field(default_factory=dict)
     severities: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
-    #: The cursor after this batch and the active version it read (``committed`` and
-    #: ``idle``), so that the rest of the poll need not read them again.
+    #: Rows stamped too far in the future to wait for (scored at once).
+    future_rows: int = 0
+    #: The cursor after this batch, its generation and the active version it read
+    #: (``committed`` and ``idle``), so that the rest of the poll need not read them again.
     position: int | None = field(default=None, compare=False)
+    generation: int = field(default=0, compare=False)
     version: ModelVersion | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -100,6 +108,8 @@ class ReadState:
     last_rows: int = 0
     #: Whether windows may be read through Arrow (a one-off batch does not bother).
     use_arrow: bool = True
+    #: When rows stamped in the future were last warned about (``time.monotonic``).
+    future_warned_at: float | None = None
 
     def plain(self, batch_size: int) -> bool:
         """Whether to read the next window by the plain path: after a small window, for
@@ -138,30 +148,33 @@ class ReadState:
 
 def _commit(
     engine: sa.Engine, monitor: str, lease: Lease | None, now: dt.datetime, window: Window,
-    flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *,
-    move: tuple[int, int] | None = None,
+    flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *, generation: int,
+    move: tuple[int, int, dt.datetime | None] | None = None,
     also: Callable[[sa.Connection], None] | None = None,
 ) -> None:
-    """The one commit path of a batch: fence the cursor (moving it ``move = (from, to)``),
-    run ``also``, write the flagged and quarantined rows and the ``am_batches`` record
-    (none when ``batch`` is ``None``), in one transaction."""
+    """The one commit path of a batch: fence the cursor (moving it ``move = (from, to,
+    timestamp of the row at to)``), run ``also``, write the flagged and quarantined rows
+    under the cursor's ``generation`` and the ``am_batches`` record (none when
+    ``batch`` is ``None``), in one transaction."""
     with engine.begin() as connection:
         fence(connection, monitor, lease, now, *(move or ()))
         if also is not None:
             also(connection)
         if batch is not None:
-            _write_rows(connection, monitor, window, flagged, now)
+            _write_rows(connection, monitor, generation, window, flagged, now)
             connection.execute(batches.insert().values(**batch))
 
 
-def _write_rows(connection: sa.Connection, monitor: str, window: Window,
+def _write_rows(connection: sa.Connection, monitor: str, generation: int, window: Window,
                 flagged: list[dict[str, Any]], now: dt.datetime) -> None:
     if flagged:
-        connection.execute(anomalies.insert(), flagged)
+        connection.execute(anomalies.insert(), [{**row, "generation": generation}
+                                                for row in flagged])
     if window.bad:
         connection.execute(quarantine.insert(), [
             {"monitor": monitor, "source_id": b.source_id, "reason": b.reason,
-             "detail": b.detail, "raw_values": b.raw_values, "quarantined_at": now}
+             "detail": b.detail, "raw_values": b.raw_values, "quarantined_at": now,
+             "generation": generation}
             for b in window.bad
         ])
 
@@ -193,6 +206,24 @@ def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
     }
 
 
+def _note_future_rows(monitor: str, window: Window, future_from: dt.datetime,
+                      read_state: ReadState) -> None:
+    """Count the window's rows stamped at or after ``future_from`` (scored without
+    waiting for them); warn, at most every ``FUTURE_WARNING_SECONDS``."""
+    count, first = window.count_from(future_from)
+    window.future_rows = count
+    if not count:
+        return
+    now = time.monotonic()
+    if read_state.future_warned_at is None or \
+            now - read_state.future_warned_at >= FUTURE_WARNING_SECONDS:
+        read_state.future_warned_at = now
+        log.warning("monitor %s: %d row(s) stamped over %.0f s in the future (first id %s) "
+                    "are scored now rather than held back by query_delay_seconds; check "
+                    "the clock of whatever writes them", monitor, count,
+                    FUTURE_TOLERANCE_SECONDS, first)
+
+
 def _read_next(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
     started: dt.datetime, read_state: ReadState,
@@ -209,13 +240,15 @@ def _read_next(
         if version is None:
             return cursor, None, None, None, "no_model"
         check_features(monitor, version)
-        ready_before = (started - dt.timedelta(seconds=monitor.query_delay_seconds)
-                        if monitor.query_delay_seconds > 0 else None)
+        ready_before = future_from = None
+        if monitor.query_delay_seconds > 0:
+            ready_before = started - dt.timedelta(seconds=monitor.query_delay_seconds)
+            future_from = started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
         hold_back = is_postgresql(engine)  # stop at rows an open transaction may overtake
         arrow = read_state.reader(engine)
         window = read_window(connection, source, cursor.position, monitor.batch_size,
                              features=version.features, ready_before=ready_before,
-                             hold_back=hold_back, arrow=arrow,
+                             future_from=future_from, hold_back=hold_back, arrow=arrow,
                              plain=read_state.plain(monitor.batch_size))
         held = window.horizon if window.last_id is None else None
         if hold_back and read_state.stalled(held, time.monotonic()):
@@ -224,9 +257,13 @@ def _read_next(
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
             window = read_window(connection, source, cursor.position, monitor.batch_size,
                                  features=version.features, ready_before=ready_before,
-                                 arrow=arrow)
+                                 future_from=future_from, arrow=arrow)
+        check_position(connection, source, cursor.position, cursor.position_timestamp,
+                       caught_up=window.last_id is None and window.held_back is None)
         model = models.model(connection, version) if window.size else None
     read_state.last_rows = window.size
+    if future_from is not None:
+        _note_future_rows(monitor.name, window, future_from, read_state)
     return cursor, version, model, window, "read"
 
 
@@ -265,7 +302,8 @@ def run_batch(
     if cursor is None or window is None:
         return BatchResult(monitor.name, status)
     if model is None or window.last_id is None:
-        return BatchResult(monitor.name, "idle", position=cursor.position, version=version)
+        return BatchResult(monitor.name, "idle", position=cursor.position,
+                           generation=cursor.generation, version=version)
     full = window.size >= monitor.batch_size
     gaps = gap_ranges(np.concatenate([window.ids, [b.source_id for b in window.bad]])
                       if window.bad else window.ids,
@@ -274,12 +312,18 @@ def run_batch(
         window.truncate(gaps[MAX_GAP_RANGES][0])
         gaps, full = gaps[:MAX_GAP_RANGES], True
     flagged, severities = score_window(monitor.name, model, window, started)
-    result = _result(monitor, model, window, flagged, severities, caught_up=not full)
+    result = dataclasses.replace(
+        _result(monitor, model, window, flagged, severities, caught_up=not full),
+        future_rows=window.future_rows)
     batch = _batch_row(result, started, "window", gaps, t0)
+    # The timestamp of the row the cursor moves to (unknown when it was quarantined).
+    last_stamp = window.newest_timestamp() if len(window.ids) and \
+        int(window.ids[-1]) == window.last_id else None
     _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
-            move=(cursor.position, window.last_id))
+            generation=cursor.generation, move=(cursor.position, window.last_id, last_stamp))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
-                               position=window.last_id, version=version)
+                               position=window.last_id, generation=cursor.generation,
+                               version=version)
 
 
 def sweep_late_rows(
@@ -290,7 +334,7 @@ def sweep_late_rows(
     *,
     lease: Lease | None = None,
     clock: Callable[[], dt.datetime] = utcnow,
-    known: tuple[int, ModelVersion] | None = None,
+    known: tuple[int, int, ModelVersion] | None = None,
 ) -> BatchResult | None:
     """Score rows that became visible inside earlier batches' open gaps (late commits).
 
@@ -298,21 +342,21 @@ def sweep_late_rows(
     scored like a batch and written with a ``late`` batch record, and the gaps they
     fill are closed, all in one transaction. Gaps of batches older than
     ``GAP_RETENTION_SECONDS`` are closed after this last look. ``None`` when nothing
-    was found or closed. ``known`` is the cursor position and active version when the
-    caller has just read them in a batch of the same poll (the fenced commit still
-    checks that the lease holds and the monitor is not paused).
+    was found or closed. ``known`` is the cursor position, its generation and the
+    active version when the caller has just read them in a batch of the same poll
+    (the fenced commit still checks that the lease holds and the monitor is not paused).
     """
     started = clock()
     t0 = time.perf_counter()
     with engine.connect() as connection:
         if known is not None:
-            position, version = known
+            position, generation, version = known
         else:
             cursor = read_cursor(connection, monitor.name)
             found_version = models.active_version(connection, monitor.name) if cursor else None
             if cursor is None or cursor.paused or found_version is None:
                 return None
-            position, version = cursor.position, found_version
+            position, generation, version = cursor.position, cursor.generation, found_version
         pending = connection.execute(
             sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
             .where(batches.c.monitor == monitor.name, batches.c.open_gaps.is_not(None))
@@ -341,7 +385,8 @@ def sweep_late_rows(
         result = _result(monitor, model, window, flagged, severities, caught_up=True)
         holes = gap_ranges(found, result.first_id - 1, result.last_id)
         batch = _batch_row(result, started, "late", holes, t0)
-    _commit(engine, monitor.name, lease, clock(), window, flagged, batch, also=close_gaps)
+    _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
+            generation=generation, also=close_gaps)
     if result is None:
         return None
     log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",

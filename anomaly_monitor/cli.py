@@ -206,15 +206,45 @@ def db_upgrade(app: App, revision: str) -> None:
                f"{migrate.current_revision(app.engine)}")
 
 
-@db.command("downgrade")
+@db.command("downgrade", context_settings={"ignore_unknown_options": True})
 @click.argument("revision", default="-1")
+@click.option("--yes", is_flag=True, help="Do not ask before dropping every am_ table.")
 @pass_app
-def db_downgrade(app: App, revision: str) -> None:
-    """Migrate the database down to REVISION (default: one step; 'base' drops all)."""
+def db_downgrade(app: App, revision: str, yes: bool) -> None:
+    """Migrate the database down to REVISION (default -1: one step; 'base' drops every
+    am_ table, stored models and history included, and asks first)."""
     from anomaly_monitor import migrate
 
+    try:
+        target = migrate.downgrade_target(app.engine, revision)
+    except ValueError as exc:
+        raise CliError(f"migration: {exc}", EXIT_USAGE) from None
+    if target is None and not yes:
+        lost = _stored_rows(app)
+        question = (f"db downgrade {revision} drops every am_ table of "
+                    f"{redact(app.settings.database_url)}: {lost}")
+        if not sys.stdin.isatty():
+            raise CliError(f"{question}; give --yes to do it", EXIT_USAGE)
+        if not click.confirm(f"{question}. Drop them?", default=False, err=True):
+            raise CliError("nothing was dropped")
     migrate.downgrade(app.engine, revision)
     click.echo(f"database is at revision {migrate.current_revision(app.engine) or 'base'}")
+
+
+def _stored_rows(app: App) -> str:
+    """What the am_ tables hold, for the question before dropping them."""
+    from anomaly_monitor import tables
+
+    names = {"model versions": tables.model_versions, "flagged rows": tables.anomalies,
+             "quarantined rows": tables.quarantine, "batches": tables.batches}
+    inspector = sa.inspect(app.engine)
+    counts = []
+    with app.engine.connect() as connection:
+        for label, table in names.items():
+            if inspector.has_table(table.name):
+                n = connection.execute(sa.select(sa.func.count()).select_from(table)).scalar()
+                counts.append(f"{n} {label}")
+    return ", ".join(counts) or "no am_ tables"
 
 
 @db.command("current")
@@ -612,6 +642,61 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None, limit: int,
              r["model_version"],
              ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
             for r in rows])
+
+
+@main.command("cursor")
+@click.argument("monitor")
+@click.option("--reset-to", "reset_to", type=int, metavar="ID",
+              help="Score the rows with ids above ID next.")
+@click.option("--to-start", is_flag=True, help="Score every row of the table, lowest id first.")
+@click.option("--to-end", is_flag=True, help="Skip the backlog: score only rows added later.")
+@click.option("--force", is_flag=True,
+              help="Move it even while a live worker holds the lease (its batch rolls back).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def cursor(app: App, monitor: str, reset_to: int | None, to_start: bool, to_end: bool,
+           force: bool, as_json: bool) -> None:
+    """Show MONITOR's cursor, or move it (after the table's ids restarted, to rescore
+    rows or to skip a backlog). Moving it back starts a new generation: rows scored
+    from there are recorded beside the older records of the same ids."""
+    from anomaly_monitor.cursors import LeaseHeldError
+    from anomaly_monitor.report import cursor_report, move_cursor
+
+    chosen = [name for name, on in (("--reset-to", reset_to is not None),
+                                    ("--to-start", to_start), ("--to-end", to_end)) if on]
+    if len(chosen) > 1:
+        raise CliError(f"{' and '.join(chosen)} conflict: give one", EXIT_USAGE)
+    if force and not chosen:
+        raise CliError("--force needs --reset-to, --to-start or --to-end", EXIT_USAGE)
+    settings = app.settings.monitor(monitor)
+    _require_schema(app)
+    target = "start" if to_start else "end" if to_end else reset_to
+    if target is not None:
+        try:
+            with app.engine.begin() as connection:
+                moved = move_cursor(connection, settings, target, force=force)
+        except LeaseHeldError as exc:
+            raise CliError(str(exc)) from None
+        except LookupError as exc:
+            raise CliError(str(exc)) from None
+    with app.engine.connect() as connection:
+        report = cursor_report(connection, settings)
+    if target is not None:
+        report["moved"] = moved
+    if as_json:
+        _echo_json(report)
+        return
+    if target is not None:
+        click.echo(moved["summary"])
+    click.echo(f"monitor {monitor}: cursor {report['position']} (generation "
+               f"{report['generation']}); table {report['table']}: newest id "
+               f"{report['newest_id']}, {report['backlog']} row(s) after the cursor")
+    if report["paused"]:
+        click.echo(f"paused: {report['pause_reason']}")
+    lease = report["lease"]
+    if lease is not None and not lease["expired"]:
+        click.echo(f"lease held until {lease['expires_at']} (database clock) by "
+                   f"{lease['owner']}")
 
 
 @main.command()

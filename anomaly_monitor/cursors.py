@@ -28,11 +28,11 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from anomaly_monitor.identity import local_process_dead, parse_owner, worker_identity
-from anomaly_monitor.tables import Timestamp, as_utc, cursors, utcnow
+from anomaly_monitor.tables import Timestamp, as_utc, batches, cursors, utcnow
 
-__all__ = ["BatchConflictError", "Claim", "CursorState", "Lease", "claim", "create_cursor",
-           "fence", "fenced", "lease_holder", "read_cursor", "release", "set_paused",
-           "worker_identity"]
+__all__ = ["BatchConflictError", "Claim", "CursorState", "Lease", "LeaseHeldError", "Reset",
+           "claim", "create_cursor", "fence", "fenced", "lease_holder", "read_cursor",
+           "release", "reset_cursor", "set_paused", "worker_identity"]
 
 
 class BatchConflictError(RuntimeError):
@@ -47,18 +47,23 @@ class CursorState:
     paused: bool
     pause_reason: str | None
     updated_at: dt.datetime | None
+    generation: int = 0
+    #: The source timestamp of the row at ``position`` when the cursor moved there.
+    position_timestamp: dt.datetime | None = None
 
 
 def read_cursor(connection: sa.Connection, monitor: str) -> CursorState | None:
     """The monitor's cursor, ``None`` before its first model is activated."""
     row = connection.execute(
         sa.select(cursors.c.position, cursors.c.paused, cursors.c.pause_reason,
-                  cursors.c.updated_at).where(cursors.c.monitor == monitor)
+                  cursors.c.updated_at, cursors.c.generation, cursors.c.position_timestamp)
+        .where(cursors.c.monitor == monitor)
     ).first()
     if row is None:
         return None
     return CursorState(int(row.position), bool(row.paused), row.pause_reason,
-                       as_utc(row.updated_at))
+                       as_utc(row.updated_at), int(row.generation),
+                       as_utc(row.position_timestamp))
 
 
 def lease_holder(connection: sa.Connection, monitor: str) -> dict[str, Any] | None:
@@ -271,15 +276,17 @@ def fenced(lease: Lease | None) -> list[sa.ColumnElement[bool]]:
 def fence(
     connection: sa.Connection, monitor: str, lease: Lease | None, now: dt.datetime,
     position: int | None = None, new_position: int | None = None,
+    new_position_timestamp: dt.datetime | None = None,
 ) -> None:
-    """Touch the cursor row (and move it from ``position`` to ``new_position``) if the
-    lease and the position still hold; else raise :class:`BatchConflictError`, whose
-    caller rolls the batch back."""
+    """Touch the cursor row (and move it from ``position`` to ``new_position``, whose
+    row has ``new_position_timestamp``) if the lease and the position still hold; else
+    raise :class:`BatchConflictError`, whose caller rolls the batch back."""
     conditions = [cursors.c.monitor == monitor, cursors.c.paused == sa.false(), *fenced(lease)]
     values: dict[str, Any] = {"updated_at": now}
     if position is not None:
         conditions.append(cursors.c.position == position)
         values["position"] = new_position
+        values["position_timestamp"] = new_position_timestamp
     if connection.execute(cursors.update().where(*conditions).values(**values)).rowcount != 1:
         raise BatchConflictError(
             f"monitor {monitor!r}: {_conflict(connection, monitor, lease, position)}; "
@@ -300,3 +307,69 @@ def _conflict(connection: sa.Connection, monitor: str, lease: Lease | None,
     if row.paused:
         return "the monitor was paused"
     return f"the cursor moved from {position} to {row.position}"
+
+
+class LeaseHeldError(RuntimeError):
+    """A live worker holds the monitor's lease (see :func:`reset_cursor`)."""
+
+
+@dataclass(frozen=True)
+class Reset:
+    """What :func:`reset_cursor` did."""
+
+    old_position: int
+    new_position: int
+    old_generation: int
+    new_generation: int
+    was_paused: bool
+    lease_taken_from: str | None
+    gaps_closed: int
+
+
+def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
+                 force: bool = False) -> Reset:
+    """Move the monitor's cursor to ``position`` (rows with higher ids are scored next)
+    and resume it.
+
+    Moving it back starts a new *generation*: the rows scored from there are flagged
+    and quarantined under it, so that a table whose ids restarted has its new rows
+    recorded beside (not instead of) the old ones; the old batches' open id gaps are
+    closed (their ids now name other rows). A worker scoring from the old position
+    cannot commit (its compare-and-set on the position fails). Raises
+    :class:`LeaseHeldError` while a live worker holds the lease of a monitor that is
+    not paused, unless ``force``: the lease is then taken from it, and its current
+    batch rolls back. Raises ``LookupError`` when the monitor has no cursor yet.
+    """
+    row = connection.execute(
+        sa.select(cursors.c.position, cursors.c.generation, cursors.c.paused,
+                  cursors.c.lease_owner, cursors.c.lease_expires_at,
+                  (cursors.c.lease_expires_at < database_time()).label("expired"))
+        .where(cursors.c.monitor == monitor).with_for_update()
+    ).first()
+    if row is None:
+        raise LookupError(f"monitor {monitor!r} has no cursor yet (no model was activated)")
+    live = row.lease_owner is not None and row.lease_expires_at is not None \
+        and not row.expired and not leader_dead(connection, row.lease_owner, False)
+    if live and not row.paused and not force:
+        raise LeaseHeldError(
+            f"monitor {monitor!r}: worker {row.lease_owner} is scoring it (lease until "
+            f"{as_utc(row.lease_expires_at)}, database clock); stop it first, or use "
+            "--force (its current batch then rolls back)")
+    taken = live and not row.paused
+    back = position < int(row.position)
+    generation = int(row.generation) + (1 if back else 0)
+    values: dict[str, Any] = {
+        "position": position, "generation": generation, "position_timestamp": None,
+        "paused": False, "pause_reason": None, "updated_at": utcnow()}
+    if taken:  # the token rises: the old leader's fence fails at once
+        values.update(lease_owner=None, lease_expires_at=None,
+                      lease_token=cursors.c.lease_token + 1)
+    connection.execute(cursors.update().where(cursors.c.monitor == monitor).values(**values))
+    closed = 0
+    if back:
+        closed = connection.execute(
+            batches.update().where(batches.c.monitor == monitor,
+                                   batches.c.open_gaps.is_not(None))
+            .values(open_gaps=None)).rowcount
+    return Reset(int(row.position), position, int(row.generation), generation,
+                 bool(row.paused), row.lease_owner if taken else None, closed)

@@ -75,6 +75,13 @@ class Metrics:
         self.paused = Gauge(f"{PREFIX}_paused",
                             "1 while the monitor is paused (the reason is in 'status').",
                             labels, registry=registry)
+        self.id_restarts = Counter(
+            f"{PREFIX}_id_restarts", "Times the table's ids were found no longer to continue "
+            "from the cursor (the monitor pauses until the cursor is moved).", labels,
+            registry=registry)
+        self.future_rows = Counter(
+            f"{PREFIX}_future_rows", "Rows stamped over an hour in the future, scored "
+            "without waiting for query_delay_seconds.", labels, registry=registry)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -83,7 +90,8 @@ class Metrics:
         for monitor, interval in monitors.items():
             for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
-                           self.expected_ratio, self.severity, self.late_rows, self.paused):
+                           self.expected_ratio, self.severity, self.late_rows, self.paused,
+                           self.id_restarts, self.future_rows):
                 metric.labels(monitor)
             self.interval.labels(monitor).set(interval)
             for reason in REASONS:
@@ -115,6 +123,8 @@ class Metrics:
         self.rows_flagged.labels(monitor).inc(result.flagged)
         for reason, count in result.quarantine_reasons.items():
             self.rows_quarantined.labels(monitor, reason).inc(count)
+        if result.future_rows:
+            self.future_rows.labels(monitor).inc(result.future_rows)
         self.batch_duration.labels(monitor).observe(result.duration_seconds)
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))
@@ -122,6 +132,10 @@ class Metrics:
     def set_paused(self, monitor: str, paused: bool) -> None:
         """Whether the monitor is paused (1) or running (0)."""
         self.paused.labels(monitor).set(1 if paused else 0)
+
+    def observe_id_restart(self, monitor: str) -> None:
+        """Count a table found restarted under the cursor."""
+        self.id_restarts.labels(monitor).inc()
 
     def observe_late_rows(self, monitor: str, rows: int) -> None:
         """Count rows found behind the cursor and scored late."""

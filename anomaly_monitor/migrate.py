@@ -50,6 +50,34 @@ def downgrade(engine: sa.Engine, revision: str = "-1") -> None:
         command.downgrade(alembic_config(connection), revision)
 
 
+def downgrade_target(engine: sa.Engine, revision: str) -> str | None:
+    """The revision ``db downgrade REVISION`` would end at (``None``: base, no tables);
+    ``ValueError`` for a revision that does not exist or is not below the current one."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config())
+    current = current_revision(engine)
+    if revision == "base":
+        return None
+    if revision.startswith("-") and revision[1:].isdigit():
+        target = current
+        for _ in range(int(revision[1:])):
+            if target is None:
+                raise ValueError(f"cannot go down {revision[1:]} revision(s) from "
+                                 f"{current or 'base'}")
+            down = script.get_revision(target).down_revision
+            target = down if isinstance(down, str) or down is None else down[0]
+        return target
+    try:
+        found = script.get_revision(revision)
+    except Exception:  # alembic's own errors for an unknown or ambiguous revision
+        found = None
+    if found is None:
+        raise ValueError(f"no revision {revision!r} (known: "
+                         f"{', '.join(r.revision for r in script.walk_revisions())}, base)")
+    return found.revision
+
+
 def current_revision(engine: sa.Engine) -> str | None:
     """The revision the database is at, ``None`` before the first upgrade."""
     from alembic.runtime.migration import MigrationContext

@@ -8,9 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
-from anomaly_monitor.cursors import lease_holder, read_cursor
+from anomaly_monitor.cursors import lease_holder, read_cursor, reset_cursor
 from anomaly_monitor.registry import active_version, get_version
-from anomaly_monitor.source import SchemaError, count_after, reflect_source
+from anomaly_monitor.source import SchemaError, count_after, oldest_id, reflect_source
 from anomaly_monitor.tables import anomalies, as_utc, batches, utcnow
 
 RECENT_WINDOW = dt.timedelta(hours=24)
@@ -48,6 +48,7 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["threshold_method"] = version.threshold_method if version else None
     cursor = read_cursor(connection, monitor.name)
     status["cursor"] = cursor.position if cursor else None
+    status["generation"] = cursor.generation if cursor else None
     status["paused"] = bool(cursor and cursor.paused)
     status["pause_reason"] = cursor.pause_reason if cursor else None
     status["lease"] = lease_holder(connection, monitor.name)
@@ -61,9 +62,10 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     last = _last_batch(connection, monitor.name)
     status["last_batch"] = last
     newest = last["newest_timestamp"] if last else None
-    status["lag_seconds"] = (
-        round((now - dt.datetime.fromisoformat(newest)).total_seconds(), 1) if newest else None
-    )
+    lag = (now - dt.datetime.fromisoformat(newest)).total_seconds() if newest else None
+    # A newest row stamped ahead of this clock is no lag (the metric clamps it too).
+    status["lag_seconds"] = round(max(0.0, lag), 1) if lag is not None else None
+    status["newest_in_future"] = lag is not None and lag < 0
     status["anomalies_24h"] = int(connection.execute(
         sa.select(sa.func.count()).select_from(anomalies).where(
             anomalies.c.monitor == monitor.name, anomalies.c.scored_at >= now - RECENT_WINDOW)
@@ -84,17 +86,64 @@ def list_anomalies(
     since: dt.datetime | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Flagged rows of ``monitor``, newest source id first."""
+    """Flagged rows of ``monitor``, newest cursor generation and source id first."""
     query = sa.select(anomalies).where(anomalies.c.monitor == monitor)
     if since is not None:
         query = query.where(anomalies.c.scored_at >= since)
-    rows = connection.execute(query.order_by(anomalies.c.source_id.desc()).limit(limit)).all()
+    rows = connection.execute(query.order_by(anomalies.c.generation.desc(),
+                                             anomalies.c.source_id.desc()).limit(limit)).all()
     return [
         {
             "source_id": r.source_id, "source_timestamp": _iso(as_utc(r.source_timestamp)),
             "score": r.score, "threshold": r.threshold, "severity": round(r.severity, 1),
             "model_version": r.model_version, "top_features": r.contributions,
-            "scored_at": _iso(as_utc(r.scored_at)),
+            "scored_at": _iso(as_utc(r.scored_at)), "generation": r.generation,
         }
         for r in rows
     ]
+
+
+def cursor_report(connection: sa.Connection, monitor: MonitorSettings) -> dict[str, Any]:
+    """The monitor's cursor, the table's id range after it, pause and lease."""
+    cursor = read_cursor(connection, monitor.name)
+    if cursor is None:
+        raise LookupError(f"monitor {monitor.name!r} has no cursor yet (no model was "
+                          f"activated; run: anomaly-monitor train {monitor.name})")
+    source = reflect_source(connection, monitor)
+    newest = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
+    return {"monitor": monitor.name, "table": source.table.fullname,
+            "position": cursor.position, "generation": cursor.generation,
+            "newest_id": newest, "backlog": count_after(connection, source, cursor.position),
+            "paused": cursor.paused, "pause_reason": cursor.pause_reason,
+            "lease": lease_holder(connection, monitor.name)}
+
+
+def move_cursor(connection: sa.Connection, monitor: MonitorSettings, target: int | str, *,
+                force: bool = False) -> dict[str, Any]:
+    """Move the cursor to an id, to the table's ``"start"`` (before its lowest id) or
+    ``"end"`` (its newest id); see :func:`~anomaly_monitor.cursors.reset_cursor`."""
+    source = reflect_source(connection, monitor)
+    if target == "start":
+        lowest = oldest_id(connection, source)
+        position = lowest - 1 if lowest is not None else 0
+    elif target == "end":
+        newest = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
+        position = int(newest) if newest is not None else 0
+    else:
+        position = int(target)
+    reset = reset_cursor(connection, monitor.name, position, force=force)
+    parts = [f"monitor {monitor.name}: cursor moved from {reset.old_position} to "
+             f"{reset.new_position}"]
+    if reset.new_generation != reset.old_generation:
+        parts.append(f"; generation {reset.old_generation} -> {reset.new_generation} (rows "
+                     f"scored from here are recorded beside the older records of the same "
+                     f"ids; {reset.gaps_closed} batch(es) with open id gaps closed)")
+    if reset.was_paused:
+        parts.append("; the monitor was paused and is resumed")
+    if reset.lease_taken_from:
+        parts.append(f"; the lease was taken from {reset.lease_taken_from}, whose current "
+                     f"batch rolls back")
+    return {"old_position": reset.old_position, "position": reset.new_position,
+            "old_generation": reset.old_generation, "generation": reset.new_generation,
+            "resumed": reset.was_paused, "lease_taken_from": reset.lease_taken_from,
+            "summary": "".join(parts)}

@@ -35,7 +35,14 @@ from anomaly_monitor.db import describe_error
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache, RegistryError
 from anomaly_monitor.scoring import check_features
-from anomaly_monitor.source import SchemaError, SourceTable, count_after, reflect_source
+from anomaly_monitor.source import (
+    IdsRestartedError,
+    SchemaError,
+    SourceTable,
+    check_position,
+    count_after,
+    reflect_source,
+)
 from anomaly_monitor.tables import as_utc, batches
 
 # The daemon's log lines keep the logger name operators filter on.
@@ -160,13 +167,20 @@ class MonitorRunner:
                 state.source = reflect_source(connection, monitor)
         return state.source
 
-    def _pause(self, reason: str) -> None:
+    def _pause(self, reason: str, *, restarted: bool = False) -> None:
+        """Pause the monitor with ``reason``: logged and written once, not again while
+        it stays paused for the same reason."""
         monitor = self.monitor
         state = self.state
+        again = state.status == Status.PAUSED and state.detail == reason
         state.status, state.detail, state.source = Status.PAUSED, reason, None
         state.read_state.close()
-        log.error("monitor %s paused: %s", monitor.name, reason)
         self.metrics.set_paused(monitor.name, True)
+        if again:
+            return
+        log.error("monitor %s paused: %s", monitor.name, reason)
+        if restarted:
+            self.metrics.observe_id_restart(monitor.name)
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, reason)
 
@@ -180,6 +194,11 @@ class MonitorRunner:
         if model is not None:
             check_features(monitor, model.version)
             source.feature_columns(model.version.features)
+        with self.engine.connect() as connection:
+            cursor = read_cursor(connection, monitor.name)
+            if cursor is not None:  # a restarted table stays paused until the cursor moves
+                check_position(connection, source, cursor.position, cursor.position_timestamp,
+                               caught_up=True)
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, None)
         log.info("monitor %s resumed", monitor.name)
@@ -248,7 +267,7 @@ class MonitorRunner:
             result = run_batch(self.engine, monitor, self._source(), self.models,
                                lease=state.lease, read_state=state.read_state)
         except (SchemaError, RegistryError) as exc:
-            self._pause(str(exc))
+            self._pause(str(exc), restarted=isinstance(exc, IdsRestartedError))
             return None
         except BatchConflictError as exc:
             log.warning("%s", exc)
@@ -370,8 +389,8 @@ class MonitorRunner:
         state = self.state
         if state.lease is None:
             return
-        known = (last.position, last.version) if last.position is not None \
-            and last.version is not None else None
+        known = (last.position, last.generation, last.version) \
+            if last.position is not None and last.version is not None else None
         try:
             late = sweep_late_rows(self.engine, monitor, self._source(), self.models,
                                    lease=state.lease, known=known)

@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
-from anomaly_monitor.reading.query import select_rows
-from anomaly_monitor.reading.values import Window, rows_to_window
+from anomaly_monitor.reading.query import raw, select_rows
+from anomaly_monitor.reading.values import Window, rows_to_window, to_timestamp
 
 NUMERIC_TYPES = (sa.Integer, sa.Float, sa.Numeric, sa.Boolean)
 #: Rows per page when streaming training data.
@@ -28,6 +28,11 @@ RANGES_PER_QUERY = 200
 
 class SchemaError(ValueError):
     """The source table or a configured column is missing or has the wrong type."""
+
+
+class IdsRestartedError(SchemaError):
+    """The table's ids no longer continue from the cursor (the table was recreated,
+    emptied or truncated with its sequence restarted): rows would go unscored."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,12 @@ def newest_id(connection: sa.Connection, source: SourceTable) -> int:
     return int(value) if value is not None else 0
 
 
+def oldest_id(connection: sa.Connection, source: SourceTable) -> int | None:
+    """The smallest id in the table, ``None`` when it is empty."""
+    value = connection.execute(sa.select(sa.func.min(source.id_column))).scalar()
+    return int(value) if value is not None else None
+
+
 def count_after(connection: sa.Connection, source: SourceTable, after_id: int) -> int:
     """How many rows have an id above ``after_id`` (the backlog)."""
     query = sa.select(sa.func.count()).select_from(source.table).where(
@@ -220,3 +231,39 @@ def read_training(
         after = window.last_id
         if len(rows) < page_rows:
             return
+
+
+def _timestamp_at(connection: sa.Connection, source: SourceTable,
+                  source_id: int) -> tuple[bool, dt.datetime | None]:
+    """Whether the row ``source_id`` exists, and its timestamp."""
+    row = connection.execute(
+        sa.select(raw(source.timestamp_column)).where(source.id_column == source_id)
+    ).first()
+    return (False, None) if row is None else (True, to_timestamp(row[0]))
+
+
+def check_position(connection: sa.Connection, source: SourceTable, position: int,
+                   position_timestamp: dt.datetime | None, *, caught_up: bool) -> None:
+    """Raise :class:`IdsRestartedError` when the table no longer continues from the
+    cursor: the row at ``position`` holds another timestamp than when the cursor moved
+    there (``position_timestamp``; not checked when unknown), or, ``caught_up`` (nothing
+    was found after the cursor), the table's newest id is below the cursor."""
+    hint = (f"rows with lower ids are not scored until the cursor is moved: "
+            f"anomaly-monitor cursor {source.monitor} --to-start (or --reset-to ID)")
+    if position_timestamp is not None:
+        exists, stamp = _timestamp_at(connection, source, position)
+        if exists and stamp != position_timestamp:
+            raise IdsRestartedError(
+                f"monitor {source.monitor!r}: the row at the cursor (id {position}) of table "
+                f"{source.table.fullname!r} changed: its timestamp was "
+                f"{position_timestamp.isoformat()}, now "
+                f"{stamp.isoformat() if stamp else 'none'}; the table was replaced or its "
+                f"ids restarted; {hint}")
+    if caught_up:
+        newest = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
+        if newest is not None and int(newest) < position:
+            raise IdsRestartedError(
+                f"monitor {source.monitor!r}: the newest id of table "
+                f"{source.table.fullname!r} is {int(newest)}, below the cursor ({position}): "
+                f"its ids restarted (recreated, emptied, or truncated with RESTART "
+                f"IDENTITY); {hint}")

@@ -80,6 +80,11 @@ cursors = sa.Table(
     sa.Column("lease_owner", sa.String(200)),
     sa.Column("lease_token", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("lease_expires_at", Timestamp),
+    # Raised by a cursor reset below the position (the table's ids restarted): the
+    # flagged and quarantined rows are keyed by it.
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    # The source timestamp of the row at the position, to notice that it changed.
+    sa.Column("position_timestamp", Timestamp),
 )
 
 anomalies = sa.Table(
@@ -94,7 +99,8 @@ anomalies = sa.Table(
     sa.Column("model_version", sa.Integer, nullable=False),
     sa.Column("contributions", Json, nullable=False),
     sa.Column("scored_at", Timestamp, nullable=False),
-    sa.UniqueConstraint("monitor", "source_id"),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    sa.UniqueConstraint("monitor", "generation", "source_id"),
     sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
 )
 
@@ -107,7 +113,8 @@ quarantine = sa.Table(
     sa.Column("detail", sa.Text, nullable=False),
     sa.Column("raw_values", Json, nullable=False),
     sa.Column("quarantined_at", Timestamp, nullable=False),
-    sa.UniqueConstraint("monitor", "source_id"),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    sa.UniqueConstraint("monitor", "generation", "source_id"),
 )
 
 batches = sa.Table(

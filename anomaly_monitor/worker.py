@@ -15,6 +15,7 @@ import signal
 import threading
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -40,6 +41,26 @@ STOP_POLL_SECONDS = 0.5
 READERS: tuple[str, ...] = ("auto", "plain")
 #: ``run --once`` gives up on a monitor after this many consecutive failures.
 ONCE_MAX_FAILURES = 3
+#: A wall-clock step larger than this (seconds, against the monotonic clock, between
+#: two stop checks) reschedules every monitor's next poll to now.
+CLOCK_STEP_SECONDS = 2.0
+
+
+class ClockStepWatch:
+    """Notices the wall clock stepping (an NTP correction, a resumed VM): the scheduler
+    times its jobs by the wall clock, so a step back would hold every poll back by
+    its size, and a step forward would fire a burst of missed runs."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.offset = clock.time() - clock.monotonic()
+
+    def step(self) -> float:
+        """Seconds the wall clock stepped since the last call (0 when within
+        ``CLOCK_STEP_SECONDS``); negative for a step back."""
+        offset = self.clock.time() - self.clock.monotonic()
+        step, self.offset = offset - self.offset, offset
+        return step if abs(step) > CLOCK_STEP_SECONDS else 0.0
 
 
 class Worker:
@@ -158,14 +179,28 @@ class Worker:
                               args=[name], id=name, name=f"monitor {name}", next_run_time=now)
         scheduler.start()
         log.info("running %d monitor(s): %s", len(self.monitors), ", ".join(self.monitors))
+        watch = ClockStepWatch(self.clock)
         try:
             while not self.stop_event.wait(STOP_POLL_SECONDS):
-                pass
+                step = watch.step()
+                if step:
+                    self._reschedule(scheduler, step)
         finally:
             log.info("stopping: letting the current batches finish")
             scheduler.shutdown(wait=True)
             self.release_leases()
             log.info("stopped")
+
+    def _reschedule(self, scheduler: Any, step: float) -> None:
+        log.warning("the wall clock stepped %s by %.0f s; polling every monitor now and "
+                    "timing its interval from there", "back" if step < 0 else "forward",
+                    abs(step))
+        now = dt.datetime.now(dt.UTC)
+        for name in self.monitors:
+            try:
+                scheduler.modify_job(name, next_run_time=now)
+            except Exception as exc:  # a job that ended meanwhile (shutdown)
+                log.debug("monitor %s: not rescheduled: %s", name, exc)
 
     def preload_models(self) -> None:
         """Load each monitor's active model now, so that the first rows to arrive are

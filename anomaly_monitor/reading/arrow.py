@@ -308,6 +308,10 @@ def _integers(column: pa.ChunkedArray) -> npt.NDArray[np.int64]:
     return (plain if plain is not None else column.to_numpy()).astype(np.int64, copy=False)
 
 
+def _datetime64(moment: dt.datetime) -> np.datetime64:
+    return np.datetime64(moment.astimezone(dt.UTC).replace(tzinfo=None), "us")
+
+
 @dataclass
 class ArrowPage:
     """A page read as Arrow, as numpy: ids, feature values (NaN where NULL) with their
@@ -353,19 +357,23 @@ class ArrowPage:
         return cls(_integers(table.column(0)), columns[1], values, nulls, xmins, features,
                    horizon, age_seconds)
 
-    def first_young(self, ready_before: dt.datetime, stop: int) -> int:
+    def first_young(self, ready_before: dt.datetime, stop: int,
+                    future_from: dt.datetime | None = None) -> int:
         """The index of the first row whose timestamp is not older than
-        ``ready_before`` (vectorised for an Arrow timestamp type; other timestamps are
-        parsed, and only among the first ``stop`` rows)."""
+        ``ready_before`` and not at or after ``future_from`` (vectorised for an Arrow
+        timestamp type; other timestamps are parsed, and only among the first ``stop``
+        rows)."""
         import pyarrow as pa
 
         kind = self.timestamps.type
         if not pa.types.is_timestamp(kind):
-            return first_young(ArrowValues(self.timestamps), ready_before, stop)
+            return first_young(ArrowValues(self.timestamps), ready_before, stop, future_from)
         # A naive timestamp column holds UTC wall time, as the plain path assumes.
         stamps = self.timestamps.cast(pa.timestamp("us", kind.tz)).to_numpy()
-        limit = np.datetime64(ready_before.astimezone(dt.UTC).replace(tzinfo=None), "us")
-        young = np.flatnonzero(stamps >= limit)  # NaT (NULL) is never young
+        young = stamps >= _datetime64(ready_before)  # NaT (NULL) is never young
+        if future_from is not None:
+            young &= stamps < _datetime64(future_from)
+        young = np.flatnonzero(young)
         return int(young[0]) if young.size else len(self.ids)
 
     def window(self, stop: int) -> Window:

@@ -275,11 +275,12 @@ def _exit_with_parent(parent: int) -> None:
     """End this process, quietly, as soon as its parent is gone (even mid-query, when
     the closed input pipe would only be noticed at the next request)."""
     import threading
-    import time
+
+    never = threading.Event()
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(PARENT_CHECK_SECONDS)
+            never.wait(PARENT_CHECK_SECONDS)  # a monotonic wait, whatever the wall clock does
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()

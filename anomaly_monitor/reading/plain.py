@@ -37,11 +37,13 @@ class PlainPage:
         horizon = int(rows[0][-1]) if rows else None
         return cls([r[:-2] for r in rows], query.features, ids, xmins, horizon)
 
-    def first_young(self, ready_before: dt.datetime, stop: int) -> int:
+    def first_young(self, ready_before: dt.datetime, stop: int,
+                    future_from: dt.datetime | None = None) -> int:
         """The index of the first of the first ``stop`` rows not older than
-        ``ready_before`` (the number of rows when there is none)."""
+        ``ready_before`` and not stamped at or after ``future_from`` (the number of rows
+        when there is none)."""
         stamps = [r[1] for r in self.rows[:stop]]
-        found = first_young(stamps, ready_before, stop)
+        found = first_young(stamps, ready_before, stop, future_from)
         return found if found < len(stamps) else len(self.rows)
 
     def window(self, stop: int) -> Window:

@@ -109,6 +109,8 @@ class Window:
     last_id: int | None = None
     held_back: int | None = None
     horizon: int | None = None
+    #: Rows stamped too far in the future to be waited for (see ``count_from``).
+    future_rows: int = 0
 
     def truncate(self, below_id: int) -> None:
         """Drop the rows with ids at or above ``below_id``."""
@@ -133,6 +135,12 @@ class Window:
         """The timestamps of the first and last scorable rows (by id)."""
         return (self.timestamp(0), self.newest_timestamp()) if self.raw_timestamps \
             else (None, None)
+
+    def count_from(self, moment: dt.datetime) -> tuple[int, int | None]:
+        """How many scorable rows are stamped at or after ``moment``, and the first's id."""
+        found = [i for i in range(len(self.raw_timestamps))
+                 if (stamp := self.timestamp(i)) is not None and stamp >= moment]
+        return len(found), (int(self.ids[found[0]]) if found else None)
 
     @property
     def size(self) -> int:
@@ -193,11 +201,15 @@ def rows_to_window(
                   int(ids[-1]) if len(ids) else None)
 
 
-def first_young(stamps: Sequence[Any], ready_before: dt.datetime, stop: int) -> int:
+def first_young(stamps: Sequence[Any], ready_before: dt.datetime, stop: int,
+                future_from: dt.datetime | None = None) -> int:
     """The index of the first of ``stamps[:stop]`` not older than ``ready_before``
-    (``len(stamps)`` when there is none); unreadable timestamps are never young."""
+    (``len(stamps)`` when there is none). Unreadable timestamps are never young, nor
+    are those at or after ``future_from`` (mis-stamped: waiting for them would stop
+    the monitor until then)."""
     for i in range(min(stop, len(stamps))):
         stamp = to_timestamp(stamps[i])
-        if stamp is not None and stamp >= ready_before:
+        if stamp is not None and stamp >= ready_before and (
+                future_from is None or stamp < future_from):
             return i
     return len(stamps)

@@ -37,9 +37,11 @@ class Page(Protocol):
     #: How long before its use the page's read began (a page read ahead is older).
     age_seconds: float
 
-    def first_young(self, ready_before: dt.datetime, stop: int) -> int:
-        """The index of the first row not older than ``ready_before`` (only the first
-        ``stop`` rows need be looked at); the number of rows when there is none."""
+    def first_young(self, ready_before: dt.datetime, stop: int,
+                    future_from: dt.datetime | None = None) -> int:
+        """The index of the first row not older than ``ready_before`` and not stamped
+        at or after ``future_from`` (only the first ``stop`` rows need be looked at);
+        the number of rows when there is none."""
         ...
 
     def window(self, stop: int) -> Window:
@@ -47,14 +49,16 @@ class Page(Protocol):
         ...
 
 
-def window_end(page: Page, ready_before: dt.datetime | None) -> tuple[int, int | None]:
+def window_end(page: Page, ready_before: dt.datetime | None,
+               future_from: dt.datetime | None = None) -> tuple[int, int | None]:
     """Where the window stops, and the id the horizon held back (``None`` when it did not).
 
     The window ends before the first row written by a transaction not committed
     before the snapshot's horizon (a row with a lower id may still be in flight) and
     before the first row not older than ``ready_before``, whichever comes first.
     ``ready_before`` is moved back by the page's age, so that a page read ahead is
-    judged by when it was read.
+    judged by when it was read. A row stamped at or after ``future_from`` does not
+    end the window: it is mis-stamped, and waiting for it would wait until then.
     """
     n = len(page.ids)
     held = (n if page.xmins is None or page.horizon is None
@@ -62,7 +66,7 @@ def window_end(page: Page, ready_before: dt.datetime | None) -> tuple[int, int |
     young = n
     if ready_before is not None:
         ready_before -= dt.timedelta(seconds=page.age_seconds)
-        young = page.first_young(ready_before, min(held + 1, n))
+        young = page.first_young(ready_before, min(held + 1, n), future_from)
     return (held, int(page.ids[held])) if held < young else (young, None)
 
 
@@ -74,6 +78,7 @@ def read_window(
     *,
     features: Sequence[str] | None = None,
     ready_before: dt.datetime | None = None,
+    future_from: dt.datetime | None = None,
     hold_back: bool = False,
     arrow: ArrowReader | None = None,
     plain: bool = False,
@@ -81,10 +86,11 @@ def read_window(
     """Up to ``limit`` rows with id above ``after_id``, in id order.
 
     With ``ready_before``, the window stops at the first row whose timestamp is
-    not older than it. With ``hold_back`` (PostgreSQL), it also stops at the first
-    row written by a transaction at or after the oldest one still open
-    (:func:`window_end`): the snapshot's *horizon*, a transaction id, is in
-    ``Window.horizon``, and ``Window.held_back`` is the id where it stopped the window.
+    not older than it (and not at or after ``future_from``). With ``hold_back``
+    (PostgreSQL), it also stops at the first row written by a transaction at or
+    after the oldest one still open (:func:`window_end`): the snapshot's *horizon*,
+    a transaction id, is in ``Window.horizon``, and ``Window.held_back`` is the id
+    where it stopped the window.
     With ``arrow``, the rows are read through its ADBC connection when it can; with
     ``plain`` too, this window is read by the plain path (it is expected to be small)
     and, if it comes back full, the next one is read ahead through ``arrow``.
@@ -94,7 +100,7 @@ def read_window(
     page: Page | None = None if arrow is None or plain else arrow.read(query, after_id)
     if page is None:
         page = PlainPage.read(connection, query, after_id)
-    stop, held_back = window_end(page, ready_before)
+    stop, held_back = window_end(page, ready_before, future_from)
     if arrow is not None and stop == len(page.ids) == limit:  # a backlog: read ahead
         arrow.read_ahead(query, int(page.ids[-1]))
     window = page.window(stop)

@@ -242,7 +242,23 @@ def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):
     assert "up to date" in cli("db", "current")
     out = cli("check", expect=2)  # the example's table does not exist yet
     assert "table 'readings' does not exist" in out
-    assert "revision base" in cli("db", "downgrade", "base")
+    assert "give --yes" in cli("db", "downgrade", "base", expect=2)  # stdin is no terminal
+    assert "up to date" in cli("db", "current")  # nothing was dropped
+    assert "revision base" in cli("db", "downgrade", "base", "--yes")
+
+
+def test_db_downgrade_takes_relative_revisions_and_names_what_base_drops(tmp_path):
+    path = tmp_path / "am.toml"
+    path.write_text(CONFIG.format(url=f"sqlite:///{tmp_path / 'x.db'}", port=0, features='"f0"'))
+    cli("--config", path, "db", "upgrade")
+    assert "at revision 0002" in cli("--config", path, "db", "downgrade", "-1")
+    assert "at revision 0001" in cli("--config", path, "db", "downgrade")
+    out = cli("--config", path, "db", "downgrade", "-1", expect=2)  # 0001 -> base
+    assert "drops every am_ table" in out and "0 model versions" in out
+    assert "no revision 'nosuch'" in cli("--config", path, "db", "downgrade", "nosuch",
+                                         expect=2)
+    assert "cannot go down 3" in cli("--config", path, "db", "downgrade", "-3", expect=2)
+    assert "revision base" in cli("--config", path, "db", "downgrade", "-1", "--yes")
 
 
 def scrape(port):

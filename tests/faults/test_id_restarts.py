@@ -1,0 +1,168 @@
+"""Ids that restart under a running monitor (the table emptied, recreated, or truncated
+with its sequence restarted): the monitor pauses loudly instead of skipping every new
+row, and ``anomaly-monitor cursor`` moves the cursor so that they are all scored once."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor.cli import main
+from anomaly_monitor.cursors import LeaseHeldError, read_cursor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.report import monitor_status, move_cursor
+from anomaly_monitor.tables import anomalies, batches, quarantine
+from anomaly_monitor.worker import Worker
+from tests.helpers import (
+    Sensors,
+    bulk_insert,
+    insert_rows,
+    monitor_settings,
+    settings,
+    trained_plant,
+)
+
+
+def _restart_ids(engine: sa.Engine, table: sa.Table) -> None:
+    """Empty the table and restart its ids, the way each database does it."""
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
+        else:  # INTEGER PRIMARY KEY without AUTOINCREMENT: ids start again at 1
+            connection.execute(table.delete())
+
+
+def _scored(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return int(connection.execute(sa.select(sa.func.coalesce(sa.func.sum(batches.c.rows), 0))
+                                      ).scalar())
+
+
+@pytest.fixture
+def running(engine, db_url):
+    sensors = Sensors(seed=4)
+    table, monitor, _, _ = trained_plant(engine, monitor_settings(), sensors=sensors)
+    worker = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                    device="cpu")
+    insert_rows(engine, table, sensors.anomalous(5))
+    insert_rows(engine, table, sensors.normal(300))
+    assert worker.poll("plant").status == "running"
+    return engine, table, sensors, monitor, worker
+
+
+def _restarts(worker: Worker) -> float:
+    return worker.metrics.registry.get_sample_value(
+        "anomaly_monitor_id_restarts_total", {"monitor": "plant"})
+
+
+def test_ids_that_restart_pause_the_monitor_until_the_cursor_moves(running):
+    engine, table, sensors, monitor, worker = running
+    with engine.connect() as connection:
+        before = read_cursor(connection, "plant")
+        old_flags = connection.execute(sa.select(sa.func.count()).select_from(anomalies)).scalar()
+    assert before.position > 400 and old_flags >= 5
+    scored_before = _scored(engine)
+    _restart_ids(engine, table)
+    new_ids = insert_rows(engine, table, sensors.anomalous(5)) + \
+        insert_rows(engine, table, sensors.normal(395))
+    assert max(new_ids) < before.position
+
+    state = worker.poll("plant")
+    assert state.status == "paused" and "restarted" in state.detail
+    assert f"cursor {monitor.name} --to-start" in state.detail
+    assert _restarts(worker) == 1
+    assert worker.metrics.registry.get_sample_value(
+        "anomaly_monitor_paused", {"monitor": "plant"}) == 1
+    with engine.connect() as connection:
+        status = monitor_status(connection, monitor)
+    assert status["state"] == "paused" and "below the cursor" in status["pause_reason"]
+    # It stays paused, without flapping or logging again, until the cursor moves.
+    for _ in range(3):
+        assert worker.poll("plant").status == "paused"
+    assert _restarts(worker) == 1 and _scored(engine) == scored_before
+
+    with engine.begin() as connection:
+        moved = move_cursor(connection, monitor, "start")
+    assert (moved["position"], moved["generation"], moved["resumed"]) == (0, 1, True)
+    assert worker.poll("plant").status == "running"
+    assert _scored(engine) - scored_before == 400  # every new row once
+    with engine.connect() as connection:
+        flagged = connection.execute(
+            sa.select(anomalies.c.generation, sa.func.count()).group_by(anomalies.c.generation)
+            .order_by(anomalies.c.generation)).all()
+    # The old records are kept; the new rows' flags, with the same ids, beside them.
+    assert flagged[0] == (0, old_flags) and flagged[1][0] == 1 and flagged[1][1] >= 5
+    assert worker.poll("plant").status == "running" and _scored(engine) - scored_before == 400
+
+
+def test_a_table_refilled_past_the_cursor_is_noticed_by_the_row_at_the_cursor(running):
+    engine, table, sensors, _, worker = running
+    with engine.connect() as connection:
+        position = read_cursor(connection, "plant").position
+    _restart_ids(engine, table)
+    bulk_insert(engine, table, sensors.normal(position + 50))  # ids pass the old cursor
+    state = worker.poll("plant")
+    assert state.status == "paused" and f"row at the cursor (id {position})" in state.detail
+    assert _restarts(worker) == 1
+
+
+def test_rows_quarantined_after_a_reset_are_kept_apart_from_the_old_ones(running):
+    engine, table, sensors, monitor, worker = running
+    broken = [list(r) for r in sensors.normal(3)]
+    broken[1][0] = None
+    insert_rows(engine, table, broken)
+    assert worker.poll("plant").status == "running"
+    _restart_ids(engine, table)
+    insert_rows(engine, table, broken)  # the same ids again, one of them broken again
+    assert worker.poll("plant").status == "paused"
+    with engine.begin() as connection:
+        move_cursor(connection, monitor, "start")
+    assert worker.poll("plant").status == "running"
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(quarantine.c.generation, quarantine.c.source_id)
+                                  .order_by(quarantine.c.generation)).all()
+    assert [g for g, _ in rows] == [0, 1] and rows[1][1] == 2
+
+
+def test_the_cursor_is_not_moved_under_a_live_worker_unless_forced(running):
+    engine, table, sensors, monitor, worker = running
+    assert worker.states["plant"].lease is not None  # it leads, and is alive
+    with pytest.raises(LeaseHeldError, match="is scoring it"), engine.begin() as connection:
+        move_cursor(connection, monitor, 0)
+    with engine.begin() as connection:
+        moved = move_cursor(connection, monitor, "end", force=True)
+    assert moved["lease_taken_from"] == worker.owner
+    insert_rows(engine, table, sensors.normal(10))
+    # The old leader's next poll finds its lease gone, claims it again and scores on.
+    state = worker.poll("plant")
+    state = worker.poll("plant") if state.status == "standby" else state
+    assert state.status == "running"
+
+
+def test_the_cursor_command(running, tmp_path):
+    engine, _, _, monitor, worker = running
+    worker.release_leases()
+    path = tmp_path / "am.toml"
+    path.write_text(f'[database]\nurl = "{engine.url.render_as_string(hide_password=False)}"\n'
+                    '[[monitor]]\nname = "plant"\ntable = "readings"\ntimestamp_column = "ts"\n'
+                    f'features = {list(monitor.features)!r}\n'.replace("'", '"'))
+
+    def cli(*args: str, expect: int = 0) -> str:
+        result = CliRunner().invoke(main, ["--config", str(path), "cursor", *args])
+        assert result.exit_code == expect, result.output
+        assert "Traceback" not in result.output
+        return result.output
+
+    with engine.connect() as connection:
+        position = read_cursor(connection, "plant").position
+    assert f"cursor {position} (generation 0)" in cli("plant")
+    assert "conflict" in cli("plant", "--to-start", "--to-end", expect=2)
+    assert "--force needs" in cli("plant", "--force", expect=2)
+    out = cli("plant", "--reset-to", str(position - 100))
+    assert f"moved from {position} to {position - 100}" in out and "generation 0 -> 1" in out
+    assert "100 row(s) after the cursor" in out
+    assert "moved from" in cli("plant", "--reset-to", str(position))  # forward: same generation
+    assert "(generation 1)" in cli("plant")
+    assert "nosuch" in cli("nosuch", expect=2)
