@@ -244,7 +244,9 @@ def _read_next(
         if monitor.query_delay_seconds > 0:
             ready_before = started - dt.timedelta(seconds=monitor.query_delay_seconds)
             future_from = started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
-        hold_back = is_postgresql(engine)  # stop at rows an open transaction may overtake
+        # Stop at rows an open transaction may overtake (a view has no xmin: its
+        # monitor relies on query_delay_seconds, which reflect_source requires).
+        hold_back = is_postgresql(engine) and not source.is_view
         arrow = read_state.reader(engine)
         window = read_window(connection, source, cursor.position, monitor.batch_size,
                              features=version.features, ready_before=ready_before,

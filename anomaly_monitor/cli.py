@@ -9,7 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,6 +143,14 @@ class Group(click.Group):
 pass_app = click.make_pass_decorator(App)
 
 
+class UtcFormatter(logging.Formatter):
+    """Log times in UTC, ISO 8601 with a ``Z``, like every other time this program shows."""
+
+    converter = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -165,8 +175,9 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 def main(ctx: click.Context, config: str | None, verbose: int) -> None:
     """Watch SQL tables for anomalous rows with autoencoder detectors."""
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(UtcFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     # APScheduler logs every job run at INFO; keep that for -vv.
     for noisy in ("apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
@@ -274,10 +285,9 @@ def _require_schema(app: App) -> None:
 @main.command()
 @pass_app
 def check(app: App) -> None:
-    """Check the config, the database connection and every monitor's table."""
-    from anomaly_monitor.registry import active_version, load_model
-    from anomaly_monitor.scoring import check_features
-    from anomaly_monitor.source import reflect_source
+    """Check the config, the database and every monitor's table, timestamps, privileges
+    and active model; every problem is reported, then the exit status is 2."""
+    from anomaly_monitor.checks import check_monitor, check_writes
 
     settings = app.settings
     click.echo(f"config {settings.path}: ok ({len(settings.monitors)} monitor(s))")
@@ -286,22 +296,18 @@ def check(app: App) -> None:
     click.echo(f"database {redact(settings.database_url)}: reachable")
     _require_schema(app)
     click.echo("am_ tables: up to date")
+    problems = []
     with app.engine.connect() as connection:
+        findings = [check_writes(connection)]
         for monitor in settings.monitors:
-            check_model_params(settings, monitor)
-            source = reflect_source(connection, monitor)
-            click.echo(f"monitor {monitor.name}: table {monitor.table} ok, "
-                       f"{len(source.features)} features ({', '.join(source.features)})")
-            number = active_version(connection, monitor.name)
-            if number is None:
-                click.echo(f"monitor {monitor.name}: no active model yet "
-                           f"(run: anomaly-monitor train {monitor.name})")
-                continue
-            model = load_model(connection, monitor.name, number, device="cpu")
-            check_features(monitor, model.version)
-            source.feature_columns(model.version.features)
-            click.echo(f"monitor {monitor.name}: model version {number} verified "
-                       f"(sha256 {model.version.artifact_sha256[:12]})")
+            findings += check_monitor(connection, settings, monitor)
+    for finding in findings:
+        click.echo(finding.message if finding.ok else f"PROBLEM: {finding.message}")
+        if not finding.ok:
+            problems.append(finding.message)
+    if problems:
+        raise CliError(f"check found {len(problems)} problem(s):\n  "
+                       + "\n  ".join(problems), EXIT_USAGE)
 
 
 # -- train / calibrate ------------------------------------------------------------------
@@ -542,6 +548,7 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
     registry = CollectorRegistry()
     worker = Worker(settings, app.engine, Metrics(registry), device=device,
                     monitors=list(monitor_names) or None, threads=threads, reader=reader)
+    worker.check_reload = lambda: _check_new_config(app, monitor_names)
     restore_signals = worker.install_signal_handlers()
     try:
         if once:
@@ -554,6 +561,30 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
             worker.run_forever(install_signals=False)
     finally:
         restore_signals()
+    if worker.reload_requested:
+        _restart_process(app)
+
+
+def _check_new_config(app: App, monitor_names: Sequence[str]) -> None:
+    """Read the configuration again (SIGHUP); raises when it is invalid."""
+    settings = load_settings(app.config)
+    for name in monitor_names:
+        settings.monitor(name)
+    if not settings.monitors:
+        raise ConfigError(f"{settings.path}: no [[monitor]] configured")
+
+
+def _restart_process(app: App) -> None:
+    """Replace this process with a fresh ``run`` of the same command line (after
+    SIGHUP): configuration, models and connections are set up again; the pid stays."""
+    app.close()
+    logging.getLogger(__name__).info("restarting with the configuration read afresh")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable,  # noqa: S606 (this program's own command line, no shell)
+             [sys.executable, "-m", "anomaly_monitor", *sys.argv[1:]])
 
 
 def _run_once(app: App, worker: Any) -> None:

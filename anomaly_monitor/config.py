@@ -64,6 +64,9 @@ class MonitorSettings:
     interval_seconds: float = 30.0
     batch_size: int = 10_000
     query_delay_seconds: float = 0.0
+    #: How a timestamp column of epoch numbers is read: ``s``, ``ms``, ``us``, ``ns``,
+    #: or ``auto`` (each value by its size: below 1e11 seconds, then ms, us, ns).
+    timestamp_unit: str = "auto"
     lease_seconds: float | None = None
     threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
     model: Mapping[str, Any] = field(default_factory=dict)
@@ -146,6 +149,11 @@ def _port(v: Any) -> bool:
     return _is_int(v) and 0 <= v <= 65535
 
 
+#: Epoch timestamps: units per second; ``auto`` reads each number by its size.
+TIMESTAMP_UNITS: dict[str, float] = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+TIMESTAMP_UNIT_CHOICES: tuple[str, ...] = ("auto", *TIMESTAMP_UNITS)
+
+
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], bool]:
     return lambda v: v in choices
 
@@ -176,6 +184,8 @@ _MONITOR: dict[str, Check] = {
     "interval_seconds": (_positive, "a positive number of seconds"),
     "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer 1-1000000"),
     "query_delay_seconds": (_non_negative, "a non-negative number of seconds"),
+    "timestamp_unit": (_one_of(TIMESTAMP_UNIT_CHOICES),
+                       f"one of {', '.join(TIMESTAMP_UNIT_CHOICES)}"),
     "lease_seconds": (_positive, "a positive number of seconds"),
     "threshold": (lambda v: isinstance(v, dict), "a table"),
     "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
@@ -339,7 +349,8 @@ port = 9108
 name = "plant"                  # letters, digits, _ . - ; used in metric labels
 table = "readings"              # the watched table (optionally: schema = "public")
 id_column = "id"                # increasing integer key
-timestamp_column = "ts"         # when the row was produced
+timestamp_column = "ts"         # when the row was produced (its event time)
+# timestamp_unit = "auto"       # epoch-number timestamps: auto (by size) | s | ms | us | ns
 # features = ["f0", "f1"]       # default: every numeric column but id, timestamp, label
 # label_column = "is_anomaly"   # optional 0/1 column: method "labels", dry-run precision/recall
 kind = "vae"                    # vae | dae | sae

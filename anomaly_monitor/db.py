@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
 
 from anomaly_monitor.identity import APPLICATION_NAME
+
+log = logging.getLogger(__name__)
 
 #: A connection attempt gives up after this many seconds.
 CONNECT_TIMEOUT_SECONDS = 10
@@ -62,27 +66,44 @@ def _normalise(url: URL) -> URL:
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the source's writers and the scorer's reader work at the same time.
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # WAL lets the source's writers and the scorer's reader work at the same time. The
+    # mode stays with the file: say so the first time this switches it.
+    mode = cursor.execute("PRAGMA journal_mode").fetchone()
+    if mode is not None and str(mode[0]).lower() not in ("wal", "memory"):
+        cursor.execute("PRAGMA journal_mode=WAL")
+        log.warning("switched the SQLite file to WAL journal mode (it stays so; writers and "
+                    "the monitor's reads then do not block each other; PRAGMA "
+                    "journal_mode=DELETE switches it back)")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_SECONDS * 1000:d}")
     cursor.close()
 
 
-def postgresql_connect_args() -> dict[str, Any]:
-    """The libpq parameters every PostgreSQL connection of this package uses (they
-    take precedence over the same parameters in the URL)."""
-    return {
-        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
-        "options": " ".join((
-            f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
-            f"-c lock_timeout={LOCK_TIMEOUT_MS}",
-            f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}",
-        )),
+def _server_settings() -> dict[str, int]:
+    return {"statement_timeout": STATEMENT_TIMEOUT_MS, "lock_timeout": LOCK_TIMEOUT_MS,
+            "idle_in_transaction_session_timeout": IDLE_IN_TRANSACTION_TIMEOUT_MS}
+
+
+def postgresql_connect_args(url: URL | None = None) -> dict[str, Any]:
+    """The libpq parameters every PostgreSQL connection of this package uses: its
+    timeouts, except those the URL's own ``options`` (``-c statement_timeout=...``) or
+    ``connect_timeout`` set, which win; and its ``application_name``, always."""
+    given = url.query.get("options") if url is not None else None
+    given = " ".join(given) if isinstance(given, tuple) else given
+    # "-c name=value" or "--name=value", the two forms libpq's options take.
+    named = set(re.findall(r"(?:-c\s*|--)([A-Za-z_.]+)\s*=", given or ""))
+    options = [given] if given else []
+    options += [f"-c {name}={value}" for name, value in _server_settings().items()
+                if name not in named]
+    args: dict[str, Any] = {
+        "options": " ".join(options),
         # Names this process's sessions, so that a successor can tell when they are all
         # gone (a dead lease holder: anomaly_monitor.cursors).
         "application_name": APPLICATION_NAME,
     }
+    if url is None or "connect_timeout" not in url.query:
+        args["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+    return args
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
@@ -95,7 +116,7 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     if parsed.get_backend_name() == "sqlite":
         options.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
     elif parsed.get_backend_name() == "postgresql":
-        options.setdefault("connect_args", postgresql_connect_args())
+        options.setdefault("connect_args", postgresql_connect_args(parsed))
     try:
         engine = sa.create_engine(parsed, **options)
     except (sa.exc.ArgumentError, ImportError, ValueError) as exc:

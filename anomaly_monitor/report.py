@@ -10,10 +10,38 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import lease_holder, read_cursor, reset_cursor
 from anomaly_monitor.registry import active_version, get_version
-from anomaly_monitor.source import SchemaError, count_after, oldest_id, reflect_source
+from anomaly_monitor.source import (
+    SchemaError,
+    SourceTable,
+    count_after,
+    oldest_id,
+    reflect_source,
+)
 from anomaly_monitor.tables import anomalies, as_utc, batches, utcnow
 
 RECENT_WINDOW = dt.timedelta(hours=24)
+#: PostgreSQL: ``status`` gives up counting one monitor's backlog after this long, so
+#: that one slow table does not hold up (or fail) every monitor's line.
+STATUS_COUNT_TIMEOUT_MS = 5000
+
+
+def _bounded_count(connection: sa.Connection, source: SourceTable, position: int) -> int:
+    """The backlog; -1 when counting it took over ``STATUS_COUNT_TIMEOUT_MS``."""
+    if connection.dialect.name != "postgresql":
+        return count_after(connection, source, position)
+    setting = sa.func.set_config("statement_timeout", str(STATUS_COUNT_TIMEOUT_MS), True)
+    try:
+        with connection.begin_nested():  # the timeout ends with the savepoint
+            before = connection.execute(sa.select(sa.func.current_setting(
+                "statement_timeout"))).scalar()
+            connection.execute(sa.select(setting))
+            count = count_after(connection, source, position)
+            connection.execute(sa.select(sa.func.set_config("statement_timeout", before, True)))
+            return count
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "57014":  # query_canceled
+            return -1
+        raise
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -54,8 +82,12 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["lease"] = lease_holder(connection, monitor.name)
     try:
         source = reflect_source(connection, monitor)
-        status["backlog"] = count_after(connection, source, cursor.position) if cursor else None
-        status["source_error"] = None
+        status["backlog"] = _bounded_count(connection, source, cursor.position) \
+            if cursor else None
+        status["source_error"] = None if status["backlog"] != -1 else (
+            f"counting the rows after the cursor took over {STATUS_COUNT_TIMEOUT_MS} ms")
+        if status["backlog"] == -1:
+            status["backlog"] = None
     except SchemaError as exc:
         status["backlog"] = None
         status["source_error"] = str(exc)

@@ -15,9 +15,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.config import TIMESTAMP_UNITS, MonitorSettings
 from anomaly_monitor.reading.query import raw, select_rows
-from anomaly_monitor.reading.values import Window, rows_to_window, to_timestamp
+from anomaly_monitor.reading.values import (
+    Window,
+    epoch_unit,
+    rows_to_window,
+    to_timestamp,
+)
 
 NUMERIC_TYPES = (sa.Integer, sa.Float, sa.Numeric, sa.Boolean)
 #: Rows per page when streaming training data.
@@ -45,6 +50,10 @@ class SourceTable:
     timestamp_column: sa.Column[Any]
     features: tuple[str, ...]
     label_column: sa.Column[Any] | None = None
+    #: How epoch-number timestamps are read (see ``MonitorSettings.timestamp_unit``).
+    timestamp_unit: str = "auto"
+    #: Whether the source is a view (no transaction horizon on PostgreSQL).
+    is_view: bool = False
 
     def feature_columns(self, names: Sequence[str] | None = None) -> list[sa.Column[Any]]:
         """The columns for ``names`` (default: the configured features), checked."""
@@ -92,6 +101,8 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
         raise SchemaError(f"monitor {monitor.name!r}: schema {monitor.schema!r} does not exist")
     names = set(inspector.get_table_names(schema=monitor.schema))
     names |= set(inspector.get_view_names(schema=monitor.schema))
+    if connection.dialect.name == "postgresql":
+        names |= set(inspector.get_materialized_view_names(schema=monitor.schema))
     if monitor.table not in names:
         raise SchemaError(
             f"monitor {monitor.name!r}: table {monitor.table!r} does not exist in the database"
@@ -124,7 +135,18 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
                     f"monitor {monitor.name!r}: {name!r} is the id, timestamp or label "
                     "column and cannot be a feature"
                 )
-    source = SourceTable(monitor.name, table, id_column, ts_column, features, label)
+    views = set(inspector.get_view_names(schema=monitor.schema))
+    if connection.dialect.name == "postgresql":
+        views |= set(inspector.get_materialized_view_names(schema=monitor.schema))
+    is_view = monitor.table in views
+    if is_view and connection.dialect.name == "postgresql" and monitor.query_delay_seconds <= 0:
+        raise SchemaError(
+            f"monitor {monitor.name!r}: {monitor.table!r} is a view; PostgreSQL gives a "
+            "view's rows no transaction id to hold a window back while older transactions "
+            "are still open, so rows could be skipped: set query_delay_seconds (e.g. 60) "
+            "to read rows once they are that old")
+    source = SourceTable(monitor.name, table, id_column, ts_column, features, label,
+                         monitor.timestamp_unit, is_view)
     source.feature_columns()
     return source
 
@@ -147,7 +169,8 @@ def read_ids(
         rows += connection.execute(select_rows(source, names)
                                    .where(within, source.id_column <= up_to)).all()
     unique = {r[0]: r for r in rows}  # ranges from different batches never overlap; be sure
-    return rows_to_window([unique[i] for i in sorted(unique)], names, False)
+    return rows_to_window([unique[i] for i in sorted(unique)], names, False,
+                          source.timestamp_unit)
 
 
 def newest_id(connection: sa.Connection, source: SourceTable) -> int:
@@ -175,17 +198,32 @@ def _label_column(source: SourceTable) -> sa.Column[Any]:
     return source.label_column
 
 
+def epoch_scale(connection: sa.Connection, source: SourceTable) -> float:
+    """Units per second of an epoch timestamp column: the configured unit, or with
+    ``auto`` the unit of the newest row's value (seconds for an empty table)."""
+    if source.timestamp_unit != "auto":
+        return TIMESTAMP_UNITS[source.timestamp_unit]
+    newest = connection.execute(
+        sa.select(source.timestamp_column).where(source.timestamp_column.is_not(None))
+        .order_by(source.id_column.desc()).limit(1)).scalar()
+    try:
+        return TIMESTAMP_UNITS[epoch_unit(float(newest))] if newest is not None else 1.0
+    except (TypeError, ValueError):
+        return 1.0
+
+
 def _training_bounds(
     connection: sa.Connection, source: SourceTable, since: dt.datetime | None,
     until: dt.datetime | None, limit: int | None,
 ) -> list[sa.ColumnElement[bool]]:
     ts = source.timestamp_column
     conditions: list[sa.ColumnElement[bool]] = []
+    scale = epoch_scale(connection, source) if since or until else 1.0
     for bound, inclusive in ((since, True), (until, False)):
         if bound is None:
             continue
-        # An epoch column is compared in seconds, a date/time column as a datetime.
-        value: Any = bound.timestamp() if isinstance(ts.type, NUMERIC_TYPES) else bound
+        # An epoch column is compared in its unit, a date/time column as a datetime.
+        value: Any = bound.timestamp() * scale if source.epoch_timestamps else bound
         parameter = sa.bindparam(None, value, type_=ts.type)
         conditions.append(ts >= parameter if inclusive else ts < parameter)
     if limit is not None:
@@ -226,7 +264,7 @@ def read_training(
         rows = connection.execute(query.order_by(source.id_column).limit(page_rows)).all()
         if not rows:
             return
-        window = rows_to_window(rows, source.features, with_label)
+        window = rows_to_window(rows, source.features, with_label, source.timestamp_unit)
         yield window
         after = window.last_id
         if len(rows) < page_rows:
@@ -239,7 +277,7 @@ def _timestamp_at(connection: sa.Connection, source: SourceTable,
     row = connection.execute(
         sa.select(raw(source.timestamp_column)).where(source.id_column == source_id)
     ).first()
-    return (False, None) if row is None else (True, to_timestamp(row[0]))
+    return (False, None) if row is None else (True, to_timestamp(row[0], source.timestamp_unit))
 
 
 def check_position(connection: sa.Connection, source: SourceTable, position: int,

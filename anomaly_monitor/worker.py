@@ -4,7 +4,9 @@ Each job (``max_instances=1``, coalesced) polls its monitor: batches until it is
 caught up, its time budget is spent or a stop is requested (the runner handles
 leases, errors, pauses and metrics); the other monitors keep running whatever
 one of them does. SIGTERM and SIGINT let the current batch commit or roll back,
-then the process exits 0.
+then the process exits 0; SIGHUP does the same, then ``run`` starts again in the
+same process with the configuration read afresh (refused, and logged, while the new
+configuration is invalid).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import datetime as dt
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -44,6 +47,38 @@ ONCE_MAX_FAILURES = 3
 #: A wall-clock step larger than this (seconds, against the monotonic clock, between
 #: two stop checks) reschedules every monitor's next poll to now.
 CLOCK_STEP_SECONDS = 2.0
+
+
+#: After logging that a monitor's poll was skipped (the previous one still ran), the
+#: scheduler's further such warnings for it are counted, and logged this often.
+SKIPPED_LOG_SECONDS = 600.0
+
+
+class SkippedRunFilter(logging.Filter):
+    """Rate-limits APScheduler's "skipped: maximum number of running instances reached"
+    warning (one per interval per monitor while a poll runs long, e.g. in a database
+    outage): the first per monitor, then one every ``SKIPPED_LOG_SECONDS`` with the
+    count of those left out."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self.last: dict[str, float] = {}
+        self.hidden: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "maximum number of running instances" not in str(record.msg):
+            return True
+        job = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
+        now = self.clock()
+        if job in self.last and now - self.last[job] < SKIPPED_LOG_SECONDS:
+            self.hidden[job] = self.hidden.get(job, 0) + 1
+            return False
+        hidden = self.hidden.pop(job, 0)
+        self.last[job] = now
+        if hidden:
+            record.msg = f"{record.msg} ({hidden} more since the last such warning)"
+        return True
 
 
 class ClockStepWatch:
@@ -88,6 +123,11 @@ class Worker:
         chosen = [settings.monitor(name) for name in monitors] if monitors else settings.monitors
         self.monitors: dict[str, MonitorSettings] = {m.name: m for m in chosen}
         self.stop_event = threading.Event()
+        #: Set by SIGHUP (when ``check_reload`` accepts): the caller restarts the process.
+        self.reload_requested = False
+        #: Called on SIGHUP before stopping; raises to refuse the reload (e.g. the new
+        #: configuration is invalid), which is logged while the worker goes on.
+        self.check_reload: Callable[[], None] | None = None
         self.owner = worker_identity()
         self.runners = {
             m.name: MonitorRunner(m, engine, metrics, self.models, owner=self.owner,
@@ -147,12 +187,15 @@ class Worker:
         return False
 
     def install_signal_handlers(self) -> Callable[[], None]:
-        """Let SIGTERM and SIGINT stop the worker after the current batch.
+        """Let SIGTERM and SIGINT stop the worker after the current batch, and SIGHUP
+        ask for a reload (:attr:`reload_requested`: stop the same way, then the caller
+        starts afresh with the configuration read again).
 
         Returns a function that restores the previous handlers.
         """
         previous = {sig: signal.signal(sig, self._on_signal)
                     for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
 
         def restore() -> None:
             for sig, handler in previous.items():
@@ -168,6 +211,8 @@ class Worker:
         if install_signals:
             self.install_signal_handlers()
         self.preload_models()
+        skipped = SkippedRunFilter()
+        logging.getLogger("apscheduler.scheduler").addFilter(skipped)
         scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max(1, min(len(self.monitors), 8)))},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
@@ -189,6 +234,7 @@ class Worker:
             log.info("stopping: letting the current batches finish")
             scheduler.shutdown(wait=True)
             self.release_leases()
+            logging.getLogger("apscheduler.scheduler").removeFilter(skipped)
             log.info("stopped")
 
     def _reschedule(self, scheduler: Any, step: float) -> None:
@@ -220,4 +266,16 @@ class Worker:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s", signal.Signals(signum).name)
+        self.stop()
+
+    def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        if self.check_reload is not None:
+            try:
+                self.check_reload()
+            except Exception as exc:
+                log.error("received SIGHUP, but not reloading: %s; going on as before", exc)
+                return
+        log.info("received SIGHUP: stopping after the current batches to start again with "
+                 "the configuration read afresh")
+        self.reload_requested = True
         self.stop()

@@ -71,7 +71,7 @@ def _postgresql_target(engine: sa.Engine) -> str | None:
         from psycopg.conninfo import make_conninfo
 
         _, params = engine.dialect.create_connect_args(engine.url)
-        params = {**params, **postgresql_connect_args()}
+        params = {**params, **postgresql_connect_args(engine.url)}
         known = {option.keyword.decode() for option in pq.Conninfo.get_defaults()}
         return make_conninfo("", **{k: v for k, v in params.items()
                                     if k in known and v is not None})
@@ -169,7 +169,8 @@ class ArrowReader:
                 table, query.features, with_xmin=query.hold_back,
                 numeric_text=self.dialect.name == "postgresql",
                 numeric_timestamps=query.source.epoch_timestamps,
-                age_seconds=self.page_age_seconds)
+                age_seconds=self.page_age_seconds,
+                timestamp_unit=query.source.timestamp_unit)
         except ArrowUnavailableError:
             return None
         except Exception as exc:  # a lost connection, a column Arrow cannot convert
@@ -326,11 +327,12 @@ class ArrowPage:
     features: tuple[str, ...]
     horizon: int | None = None
     age_seconds: float = 0.0
+    timestamp_unit: str = "auto"
 
     @classmethod
     def from_table(cls, table: pa.Table, features: tuple[str, ...], *, with_xmin: bool,
                    numeric_text: bool, numeric_timestamps: bool,
-                   age_seconds: float = 0.0) -> ArrowPage:
+                   age_seconds: float = 0.0, timestamp_unit: str = "auto") -> ArrowPage:
         """Columns: id, timestamp, the features, then ``xmin`` and the horizon when
         ``with_xmin``. Raises ``pyarrow.ArrowInvalid`` for a column the plain path must
         read: a feature that is not a number, a boolean or a decimal (text only with
@@ -355,7 +357,7 @@ class ArrowPage:
         horizon = (int(table.column(3 + n_features)[0].as_py())
                    if with_xmin and n else None)
         return cls(_integers(table.column(0)), columns[1], values, nulls, xmins, features,
-                   horizon, age_seconds)
+                   horizon, age_seconds, timestamp_unit)
 
     def first_young(self, ready_before: dt.datetime, stop: int,
                     future_from: dt.datetime | None = None) -> int:
@@ -367,7 +369,8 @@ class ArrowPage:
 
         kind = self.timestamps.type
         if not pa.types.is_timestamp(kind):
-            return first_young(ArrowValues(self.timestamps), ready_before, stop, future_from)
+            return first_young(ArrowValues(self.timestamps), ready_before, stop, future_from,
+                               self.timestamp_unit)
         # A naive timestamp column holds UTC wall time, as the plain path assumes.
         stamps = self.timestamps.cast(pa.timestamp("us", kind.tz)).to_numpy()
         young = stamps >= _datetime64(ready_before)  # NaT (NULL) is never young
@@ -392,4 +395,4 @@ class ArrowPage:
         if not keep.all():
             stamps = stamps.filter(keep)
         return Window(ids[keep], ArrowValues(stamps), values[keep], bad, None,
-                      int(ids[-1]) if len(ids) else None)
+                      int(ids[-1]) if len(ids) else None, timestamp_unit=self.timestamp_unit)

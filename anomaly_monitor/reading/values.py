@@ -17,14 +17,31 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from anomaly_monitor.config import TIMESTAMP_UNITS
 from anomaly_monitor.tables import as_utc
 
 #: Quarantine reasons (the ``reason`` label of ``rows_quarantined_total``).
 REASONS = ("null", "nan", "infinite", "non_numeric")
 
 
-def to_timestamp(value: Any) -> dt.datetime | None:
-    """A source timestamp (datetime, date, epoch seconds or ISO text) as aware UTC."""
+#: ``auto``: an epoch number below this (absolute) is seconds (years to 5138), below
+#: 1000 times it milliseconds, then microseconds, then nanoseconds.
+AUTO_SECONDS_BELOW = 1e11
+
+
+def epoch_unit(number: float) -> str:
+    """The unit an epoch ``number`` is read in by ``auto``: by its size."""
+    size = abs(number)
+    for unit, limit in (("s", 1.0), ("ms", 1e3), ("us", 1e6)):
+        if size < AUTO_SECONDS_BELOW * limit:
+            return unit
+    return "ns"
+
+
+def to_timestamp(value: Any, unit: str = "auto") -> dt.datetime | None:
+    """A source timestamp (datetime, date, ISO text, or an epoch number in ``unit``:
+    ``s``, ``ms``, ``us``, ``ns``, or ``auto`` by its size) as aware UTC; ``None`` when
+    it is none of these."""
     if value is None:
         return None
     if isinstance(value, dt.datetime):
@@ -32,10 +49,11 @@ def to_timestamp(value: Any) -> dt.datetime | None:
     if isinstance(value, dt.date):
         return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     if isinstance(value, int | float | Decimal) and not isinstance(value, bool):
-        seconds = float(value)
-        if math.isfinite(seconds):
+        number = float(value)
+        if math.isfinite(number):
+            scale = TIMESTAMP_UNITS[epoch_unit(number) if unit == "auto" else unit]
             try:
-                return dt.datetime.fromtimestamp(seconds, dt.UTC)
+                return dt.datetime.fromtimestamp(number / scale, dt.UTC)
             except (OverflowError, OSError, ValueError):
                 return None
         return None
@@ -44,8 +62,8 @@ def to_timestamp(value: Any) -> dt.datetime | None:
             return as_utc(dt.datetime.fromisoformat(value))
         except ValueError:
             pass
-        try:  # numeric text (e.g. a NUMERIC epoch column read as text): epoch seconds
-            return to_timestamp(float(value))
+        try:  # numeric text (e.g. a NUMERIC epoch column read as text)
+            return to_timestamp(float(value), unit)
         except ValueError:
             return None
     return None
@@ -111,6 +129,8 @@ class Window:
     horizon: int | None = None
     #: Rows stamped too far in the future to be waited for (see ``count_from``).
     future_rows: int = 0
+    #: How epoch-number timestamps are read (``TIMESTAMP_UNITS`` or ``auto``).
+    timestamp_unit: str = "auto"
 
     def truncate(self, below_id: int) -> None:
         """Drop the rows with ids at or above ``below_id``."""
@@ -125,7 +145,7 @@ class Window:
 
     def timestamp(self, index: int) -> dt.datetime | None:
         """The timestamp of scorable row ``index`` as aware UTC (``None`` if unreadable)."""
-        return to_timestamp(self.raw_timestamps[index])
+        return to_timestamp(self.raw_timestamps[index], self.timestamp_unit)
 
     def newest_timestamp(self) -> dt.datetime | None:
         """The timestamp of the scorable row with the highest id."""
@@ -183,7 +203,8 @@ def to_matrix(
 
 
 def rows_to_window(
-    rows: Sequence[Sequence[Any]], features: Sequence[str], with_label: bool
+    rows: Sequence[Sequence[Any]], features: Sequence[str], with_label: bool,
+    timestamp_unit: str = "auto",
 ) -> Window:
     """A window of driver rows ``(id, timestamp[, label], *features)``, in id order."""
     ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -198,17 +219,17 @@ def rows_to_window(
     bad = [BadRow(int(ids[i]), *reasons[k]) for k, i in enumerate(bad_index)]
     stamps = [r[1] for r, k in zip(rows, keep, strict=True) if k]
     return Window(ids[keep], stamps, matrix[keep], bad, labels,
-                  int(ids[-1]) if len(ids) else None)
+                  int(ids[-1]) if len(ids) else None, timestamp_unit=timestamp_unit)
 
 
 def first_young(stamps: Sequence[Any], ready_before: dt.datetime, stop: int,
-                future_from: dt.datetime | None = None) -> int:
+                future_from: dt.datetime | None = None, unit: str = "auto") -> int:
     """The index of the first of ``stamps[:stop]`` not older than ``ready_before``
     (``len(stamps)`` when there is none). Unreadable timestamps are never young, nor
     are those at or after ``future_from`` (mis-stamped: waiting for them would stop
     the monitor until then)."""
     for i in range(min(stop, len(stamps))):
-        stamp = to_timestamp(stamps[i])
+        stamp = to_timestamp(stamps[i], unit)
         if stamp is not None and stamp >= ready_before and (
                 future_from is None or stamp < future_from):
             return i

@@ -96,7 +96,8 @@ def test_prometheus_and_alertmanager_configs_are_valid():
 def test_the_systemd_unit_verifies_and_is_hardened(tmp_path):
     text = (DEPLOY / "systemd" / "anomaly-monitor.service").read_text()
     for setting in ("NoNewPrivileges=yes", "ProtectSystem=strict", "User=anomaly-monitor",
-                    "ProtectHome=yes", "PrivateTmp=yes"):
+                    "ProtectHome=yes", "PrivateTmp=yes", "Restart=always",
+                    "ExecReload=/bin/kill -HUP $MAINPID"):
         assert setting in text
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

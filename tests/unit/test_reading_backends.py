@@ -71,6 +71,23 @@ def test_the_postgresql_connection_string_keeps_the_engines_timeouts():
     engine = create_engine("postgresql://u:pw@db.example:5433/monitor"
                            "?options=-csearch_path%3Dother&prepare_threshold=0&sslmode=require")
     conninfo = _postgresql_target(engine)
-    assert "statement_timeout=60000" in conninfo and "search_path" not in conninfo
+    # The URL's own options are kept (they were dropped before), the timeouts added.
+    assert "statement_timeout=60000" in conninfo and "search_path=other" in conninfo
     assert "prepare_threshold" not in conninfo  # psycopg's, not libpq's
     assert "sslmode=require" in conninfo and "port=5433" in conninfo
+
+
+def test_the_urls_own_timeouts_win_over_the_built_in_ones():
+    from sqlalchemy.engine import make_url
+
+    from anomaly_monitor.db import postgresql_connect_args
+
+    url = make_url("postgresql://u@h/db?options=-c%20statement_timeout%3D5000"
+                   "%20--lock_timeout%3D100&connect_timeout=3")
+    args = postgresql_connect_args(url)
+    assert "statement_timeout=5000" in args["options"]
+    assert "statement_timeout=60000" not in args["options"]
+    assert "lock_timeout=100" in args["options"] and "-c lock_timeout" not in args["options"]
+    assert "idle_in_transaction_session_timeout=" in args["options"]
+    assert "connect_timeout" not in args  # the URL's 3 s stands
+    assert args["application_name"].startswith("anomaly-monitor ")
