@@ -62,6 +62,9 @@ DRY_RUN_RECENT_ROWS = 10_000
 #: Target false-positive rates of the dry run's candidates, beside the configured one.
 DRY_RUN_RATES = (0.01, 0.001, 0.0001)
 SECONDS_PER_DAY = 86_400.0
+#: Storing a trained version is tried this many times when another ``train`` of the
+#: same monitor took the next version number at the same moment.
+STORE_ATTEMPTS = 5
 
 
 class TrainingError(ValueError):
@@ -249,13 +252,28 @@ def train_monitor(
                             for q in ("0.5", "0.9", "0.99", "0.999")},
         "auroc": _auroc(scores, labels) if labels is not None else None,
     }
-    with engine.begin() as connection:
-        version = store_version(connection, monitor.name, detector, threshold, scores,
-                                training=training, validation=validation)
-        if activate_version:
-            version = activate_checked(connection, monitor, source, version.version)
+    for attempt in range(1, STORE_ATTEMPTS + 1):
+        try:
+            with engine.begin() as connection:
+                version = store_version(connection, monitor.name, detector, threshold, scores,
+                                        training=training, validation=validation)
+                if activate_version:
+                    version = activate_checked(connection, monitor, source, version.version)
+            break
+        except (sa.exc.IntegrityError, sa.exc.OperationalError) as exc:
+            # Another train stored the number read as next (UNIQUE (monitor, version)),
+            # or on SQLite committed after this transaction's snapshot: read it again.
+            if not _raced(exc) or attempt == STORE_ATTEMPTS:
+                raise
     return TrainReport(version, int(n_fit), data.skipped, time.perf_counter() - started,
                        activate_version)
+
+
+def _raced(exc: sa.exc.DBAPIError) -> bool:
+    """Whether storing a version failed because another train stored one meanwhile."""
+    message = str(exc.orig).lower()
+    return ("unique" in message or "duplicate key" in message) if isinstance(
+        exc, sa.exc.IntegrityError) else "database is locked" in message
 
 
 def _iso(value: dt.datetime | None) -> str | None:

@@ -57,6 +57,9 @@ BACKOFF_MAX_SECONDS = 60.0
 #: An error that is not a lost connection (a constraint, a missing table, a bug) pauses
 #: the monitor after this many consecutive failures instead of being retried forever.
 PAUSE_AFTER_FAILURES = 5
+#: A running worker reflects its monitor's table again this often (seconds), so that a
+#: column changed under it (e.g. to TEXT) pauses it as it would pause a fresh worker.
+REFLECT_SECONDS = 60.0
 
 
 def renew_period(monitor: MonitorSettings) -> float:
@@ -106,6 +109,7 @@ class MonitorState:
     failures: int = 0
     retry_at: float = 0.0
     source: SourceTable | None = None
+    reflected_at: float = 0.0
     batches: int = 0
     rows: int = 0
     flagged: int = 0
@@ -160,11 +164,15 @@ class MonitorRunner:
         state.lease = None
 
     def _source(self) -> SourceTable:
+        """The monitor's reflected table, reflected again every ``REFLECT_SECONDS`` so
+        that a running worker notices a changed table as a fresh one would."""
         monitor = self.monitor
         state = self.state
-        if state.source is None:
+        now = self.clock.monotonic()
+        if state.source is None or now - state.reflected_at >= REFLECT_SECONDS:
             with self.engine.connect() as connection:
                 state.source = reflect_source(connection, monitor)
+            state.reflected_at = now
         return state.source
 
     def _pause(self, reason: str, *, restarted: bool = False) -> None:

@@ -342,3 +342,35 @@ def test_training_window_since_until(plant):
     training = report.version.training
     assert training["first_id"] == 201 and training["last_id"] == 1000
     assert training["rows"] + training["holdout_rows"] == 800
+
+
+def test_two_trains_at_once_both_store_a_version(plant, db_url):
+    """Another train stores the next version number between this one's read of it and
+    its insert: this one takes the number after (no raw UNIQUE error)."""
+    from anomaly_monitor.db import create_engine
+
+    engine, _, monitor, _, _ = plant
+    other = create_engine(db_url)
+    columns = [c for c in model_versions.c if c.name != "id"]
+    raced = []
+
+    def race(_conn, _cursor, statement, *_args):
+        if not raced and statement.lstrip().upper().startswith("INSERT INTO AM_MODEL_VERSIONS"):
+            raced.append(True)
+            copy = [model_versions.c.version + 1 if c.name == "version" else
+                    sa.literal("candidate").label("status") if c.name == "status" else c
+                    for c in columns]
+            with other.begin() as connection:
+                connection.execute(model_versions.insert().from_select(
+                    [c.name for c in columns], sa.select(*copy).where(
+                        model_versions.c.version == 1)))
+
+    sa.event.listen(engine, "before_cursor_execute", race)
+    try:
+        report = train_monitor(engine, monitor, device="cpu")
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", race)
+        other.dispose()
+    assert raced and report.version.version == 3 and report.version.status == "active"
+    with engine.connect() as connection:
+        assert [v.version for v in list_versions(connection, "plant")] == [3, 2, 1]
