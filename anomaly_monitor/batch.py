@@ -33,7 +33,7 @@ from anomaly_monitor.reading.values import Window
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
-from anomaly_monitor.source import SourceTable, check_position, read_ids
+from anomaly_monitor.source import SourceTable, check_position, read_gaps
 from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
 
 #: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
@@ -41,6 +41,12 @@ MAX_GAP_RANGES = 1000
 #: Open gaps are swept for this long after their batch (a transaction open longer than
 #: this that commits into a gap is not seen); then they are closed.
 GAP_RETENTION_SECONDS = 3600.0
+#: A batch's open gaps are read at every sweep while it is younger than this (late
+#: commits are almost always young); then at twice this age, four times, ... and a last
+#: time at ``GAP_RETENTION_SECONDS``: about 6 reads in its last 59 minutes, not 1 a poll.
+EAGER_SWEEP_SECONDS = 60.0
+#: Due batches whose gap lists are read per query.
+DUE_BATCHES_PER_QUERY = 500
 #: A window is read through the Arrow reader when the previous one had this many rows
 #: (or was full).
 ARROW_MIN_ROWS = 2_000
@@ -110,6 +116,15 @@ class ReadState:
     use_arrow: bool = True
     #: When rows stamped in the future were last warned about (``time.monotonic``).
     future_warned_at: float | None = None
+    #: Rows the last window kept when it ended before a gap it could not record (sparse
+    #: ids): the next reads about twice that, not a whole batch it would mostly drop.
+    gap_rows: int | None = None
+
+    def limit(self, batch_size: int) -> int:
+        """How many rows to read for the next window."""
+        if self.gap_rows is None:
+            return batch_size
+        return min(batch_size, max(MAX_GAP_RANGES, 2 * self.gap_rows))
 
     def plain(self, batch_size: int) -> bool:
         """Whether to read the next window by the plain path: after a small window, for
@@ -226,7 +241,7 @@ def _note_future_rows(monitor: str, window: Window, future_from: dt.datetime,
 
 def _read_next(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
-    started: dt.datetime, read_state: ReadState,
+    started: dt.datetime, read_state: ReadState, limit: int,
 ) -> tuple[CursorState | None, ModelVersion | None, LoadedModel | None, Window | None, str]:
     """The cursor, the active version, its model and the next window; or a reason why
     there is none."""
@@ -248,16 +263,16 @@ def _read_next(
         # monitor relies on query_delay_seconds, which reflect_source requires).
         hold_back = is_postgresql(engine) and not source.is_view
         arrow = read_state.reader(engine)
-        window = read_window(connection, source, cursor.position, monitor.batch_size,
+        window = read_window(connection, source, cursor.position, limit,
                              features=version.features, ready_before=ready_before,
                              future_from=future_from, hold_back=hold_back, arrow=arrow,
-                             plain=read_state.plain(monitor.batch_size))
+                             plain=read_state.plain(limit))
         held = window.horizon if window.last_id is None else None
         if hold_back and read_state.stalled(held, time.monotonic()):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
-            window = read_window(connection, source, cursor.position, monitor.batch_size,
+            window = read_window(connection, source, cursor.position, limit,
                                  features=version.features, ready_before=ready_before,
                                  future_from=future_from, arrow=arrow)
         check_position(connection, source, cursor.position, cursor.position_timestamp,
@@ -299,20 +314,23 @@ def run_batch(
             once.close()
     started = clock()
     t0 = time.perf_counter()
+    limit = read_state.limit(monitor.batch_size)
     cursor, version, model, window, status = _read_next(engine, monitor, source, models,
-                                                        started, read_state)
+                                                        started, read_state, limit)
     if cursor is None or window is None:
         return BatchResult(monitor.name, status)
     if model is None or window.last_id is None:
         return BatchResult(monitor.name, "idle", position=cursor.position,
                            generation=cursor.generation, version=version)
-    full = window.size >= monitor.batch_size
+    full = window.size >= limit
     gaps = gap_ranges(np.concatenate([window.ids, [b.source_id for b in window.bad]])
                       if window.bad else window.ids,
                       cursor.position, window.last_id)
+    read_state.gap_rows = None
     if len(gaps) > MAX_GAP_RANGES:  # end the window before the first gap not recorded
         window.truncate(gaps[MAX_GAP_RANGES][0])
         gaps, full = gaps[:MAX_GAP_RANGES], True
+        read_state.gap_rows = window.size
     flagged, severities = score_window(monitor.name, model, window, started)
     result = dataclasses.replace(
         _result(monitor, model, window, flagged, severities, caught_up=not full),
@@ -328,6 +346,21 @@ def run_batch(
                                version=version)
 
 
+def sweep_due(started_at: dt.datetime, since: dt.datetime | None, now: dt.datetime) -> bool:
+    """Whether a batch started at ``started_at`` has its open gaps read by a sweep at
+    ``now`` when the previous sweep was at ``since`` (``None``: unknown, read them)."""
+    age = (now - started_at).total_seconds()
+    if since is None or age < EAGER_SWEEP_SECONDS or age >= GAP_RETENTION_SECONDS:
+        return True
+    before = (since - started_at).total_seconds()
+    checkpoint = EAGER_SWEEP_SECONDS
+    while checkpoint < GAP_RETENTION_SECONDS:
+        checkpoint = min(2 * checkpoint, GAP_RETENTION_SECONDS)
+        if before < checkpoint <= age:
+            return True
+    return False
+
+
 def sweep_late_rows(
     engine: sa.Engine,
     monitor: MonitorSettings,
@@ -337,12 +370,14 @@ def sweep_late_rows(
     lease: Lease | None = None,
     clock: Callable[[], dt.datetime] = utcnow,
     known: tuple[int, int, ModelVersion] | None = None,
+    since: dt.datetime | None = None,
 ) -> BatchResult | None:
     """Score rows that became visible inside earlier batches' open gaps (late commits).
 
-    Every open gap is read (newest batches first, in chunks); rows found there are
-    scored like a batch and written with a ``late`` batch record, and the gaps they
-    fill are closed, all in one transaction. Gaps of batches older than
+    The open gaps of the batches due (:func:`sweep_due`; ``since`` is when the
+    previous sweep ran) are read; rows found there are scored like a batch and written
+    with a ``late`` batch record, and the gaps they fill are closed, all in one
+    transaction. Gaps of batches older than
     ``GAP_RETENTION_SECONDS`` are closed after this last look. ``None`` when nothing
     was found or closed. ``known`` is the cursor position, its generation and the
     active version when the caller has just read them in a batch of the same poll
@@ -359,13 +394,18 @@ def sweep_late_rows(
             if cursor is None or cursor.paused or found_version is None:
                 return None
             position, generation, version = cursor.position, cursor.generation, found_version
-        pending = connection.execute(
-            sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
+        open_batches = connection.execute(
+            sa.select(batches.c.id, batches.c.started_at)
             .where(batches.c.monitor == monitor.name, batches.c.open_gaps.is_not(None))
-            .order_by(batches.c.id.desc())
         ).all()
-        ranges = [(int(a), int(b)) for row in pending for a, b in row.open_gaps]
-        window = read_ids(connection, source, ranges, position, features=version.features)
+        due = [row.id for row in open_batches
+               if sweep_due(as_utc(row.started_at), since, started)]
+        pending = [row for start in range(0, len(due), DUE_BATCHES_PER_QUERY)
+                   for row in connection.execute(  # the gap lists of the due batches only
+                       sa.select(batches.c.id, batches.c.open_gaps, batches.c.started_at)
+                       .where(batches.c.id.in_(due[start:start + DUE_BATCHES_PER_QUERY])))]
+        window = read_gaps(connection, source, [row.open_gaps for row in pending], position,
+                           features=version.features)
         model = models.model(connection, version) if window.size else None
     expired = {row.id for row in pending
                if as_utc(row.started_at) < started - dt.timedelta(seconds=GAP_RETENTION_SECONDS)}

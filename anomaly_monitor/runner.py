@@ -43,7 +43,7 @@ from anomaly_monitor.source import (
     count_after,
     reflect_source,
 )
-from anomaly_monitor.tables import as_utc, batches
+from anomaly_monitor.tables import as_utc, batches, utcnow
 
 # The daemon's log lines keep the logger name operators filter on.
 log = logging.getLogger("anomaly_monitor.worker")
@@ -110,6 +110,8 @@ class MonitorState:
     retry_at: float = 0.0
     source: SourceTable | None = None
     reflected_at: float = 0.0
+    #: When the late-row sweep last ran (database rows' ``started_at`` clock).
+    swept_at: dt.datetime | None = None
     batches: int = 0
     rows: int = 0
     flagged: int = 0
@@ -399,9 +401,12 @@ class MonitorRunner:
             return
         known = (last.position, last.generation, last.version) \
             if last.position is not None and last.version is not None else None
+        started = utcnow()
         try:
             late = sweep_late_rows(self.engine, monitor, self._source(), self.models,
-                                   lease=state.lease, known=known)
+                                   lease=state.lease, known=known, since=state.swept_at,
+                                   clock=lambda: started)
+            state.swept_at = started
         except Exception as exc:  # the sweep must not kill the job
             self._failed(exc)
             return

@@ -110,3 +110,54 @@ def test_a_long_open_transaction_is_read_past_once_and_its_rows_swept(pg_url, mo
                                      {"monitor": "plant"}) == 1
     assert worker.states["plant"].rows == 6
     engine.dispose()
+
+
+def test_old_batches_are_swept_at_doubling_ages_not_every_poll():
+    start = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+    def due(since_age: float, age: float) -> bool:
+        return batch.sweep_due(start, start + dt.timedelta(seconds=since_age),
+                               start + dt.timedelta(seconds=age))
+
+    assert batch.sweep_due(start, None, start + dt.timedelta(seconds=500))
+    assert due(10, 20) and due(58, 59)  # young: every sweep
+    assert due(119, 121) and due(239, 241) and due(1900, 1921)  # 120, 240, ..., 1920 s
+    assert not due(125, 200) and not due(2000, 3000)
+    assert due(3500, 3600) and due(4000, 4005)  # the last look, and expired ones
+    # About 6 reads of an old batch over the hour, where a 1 s interval made 3,540.
+    reads = sum(due(t - 1, t) for t in range(61, 3601))
+    assert reads == 6
+
+
+def test_ids_that_step_by_ten_are_all_scored_once_and_swept_cheaply(sparse, monkeypatch):
+    engine, table, monitor, source = sparse
+    ids = list(range(10_000, 10_000 + 10 * 3000, 10))  # a sequence shared with others
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows(ids))
+    models = ModelCache("cpu")
+    while not run_batch(engine, monitor, source, models).caught_up:
+        pass
+    with engine.connect() as connection:
+        scored = connection.execute(sa.select(sa.func.sum(batches.c.rows))).scalar()
+        n_batches = connection.execute(sa.select(sa.func.count()).select_from(batches)).scalar()
+    assert scored == 3000  # every row once
+    # Age every batch past the eager minute: a sweep between checkpoints reads nothing.
+    with engine.begin() as connection:
+        connection.execute(batches.update().values(
+            started_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=300)))
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda *args: statements.append(args[2]))
+    now = dt.datetime.now(dt.UTC)
+    since = now - dt.timedelta(seconds=5)
+    assert sweep_late_rows(engine, monitor, source, models, since=since,
+                           clock=lambda: now) is None
+    reads = [s for s in statements if "FROM readings" in s]
+    assert reads == []  # no batch due: not one read of the table
+    # A row committed late into an old gap is found at the next checkpoint (480 s).
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows([ids[100] + 5]))
+    later = now + dt.timedelta(seconds=185)
+    late = sweep_late_rows(engine, monitor, source, models, since=now, clock=lambda: later)
+    assert late is not None and late.rows == 1
+    assert n_batches >= 3
