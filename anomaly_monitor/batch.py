@@ -33,7 +33,7 @@ from anomaly_monitor.reading.values import Window
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
-from anomaly_monitor.source import SourceTable, check_position, read_gaps
+from anomaly_monitor.source import SourceTable, check_position, read_gaps, timestamp_at
 from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
 
 #: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
@@ -124,7 +124,9 @@ class ReadState:
         """How many rows to read for the next window."""
         if self.gap_rows is None:
             return batch_size
-        return min(batch_size, max(MAX_GAP_RANGES, 2 * self.gap_rows))
+        # A power of two: the same few query shapes (the Arrow reader caches each).
+        wanted = max(MAX_GAP_RANGES, 2 * self.gap_rows)
+        return min(batch_size, 1 << (wanted - 1).bit_length())
 
     def plain(self, batch_size: int) -> bool:
         """Whether to read the next window by the plain path: after a small window, for
@@ -172,7 +174,7 @@ def _commit(
     under the cursor's ``generation`` and the ``am_batches`` record (none when
     ``batch`` is ``None``), in one transaction."""
     with engine.begin() as connection:
-        fence(connection, monitor, lease, now, *(move or ()))
+        fence(connection, monitor, lease, now, *(move or ()), generation=generation)
         if also is not None:
             also(connection)
         if batch is not None:
@@ -279,8 +281,6 @@ def _read_next(
                        caught_up=window.last_id is None and window.held_back is None)
         model = models.model(connection, version) if window.size else None
     read_state.last_rows = window.size
-    if future_from is not None:
-        _note_future_rows(monitor.name, window, future_from, read_state)
     return cursor, version, model, window, "read"
 
 
@@ -331,14 +331,18 @@ def run_batch(
         window.truncate(gaps[MAX_GAP_RANGES][0])
         gaps, full = gaps[:MAX_GAP_RANGES], True
         read_state.gap_rows = window.size
+    if monitor.query_delay_seconds > 0:  # counted on the rows this batch keeps
+        _note_future_rows(monitor.name, window,
+                          started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS), read_state)
     flagged, severities = score_window(monitor.name, model, window, started)
     result = dataclasses.replace(
         _result(monitor, model, window, flagged, severities, caught_up=not full),
         future_rows=window.future_rows)
     batch = _batch_row(result, started, "window", gaps, t0)
-    # The timestamp of the row the cursor moves to (unknown when it was quarantined).
-    last_stamp = window.newest_timestamp() if len(window.ids) and \
-        int(window.ids[-1]) == window.last_id else None
+    # The timestamp of the row the cursor moves to, read as check_position reads it.
+    with engine.connect() as connection:
+        anchor = timestamp_at(connection, source, window.last_id)
+    last_stamp = anchor[1] if anchor is not None and anchor[0] == window.last_id else None
     _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
             generation=cursor.generation, move=(cursor.position, window.last_id, last_stamp))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
@@ -419,7 +423,8 @@ def sweep_late_rows(
         for row in pending:
             left = [] if row.id in expired else subtract_ids(row.open_gaps, found)
             if left != row.open_gaps:
-                connection.execute(batches.update().where(batches.c.id == row.id)
+                connection.execute(batches.update().where(batches.c.id == row.id,
+                                                          batches.c.open_gaps.is_not(None))
                                    .values(open_gaps=left or None))
 
     result = batch = None

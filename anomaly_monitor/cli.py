@@ -583,8 +583,9 @@ def _restart_process(app: App) -> None:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable,  # noqa: S606 (this program's own command line, no shell)
-             [sys.executable, "-m", "anomaly_monitor", *sys.argv[1:]])
+    # The interpreter's own command line, flags included (``python -m anomaly_monitor``
+    # or the console script): the same code starts, whatever the working directory holds.
+    os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line, no shell)
 
 
 def _run_once(app: App, worker: Any) -> None:

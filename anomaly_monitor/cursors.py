@@ -276,12 +276,15 @@ def fenced(lease: Lease | None) -> list[sa.ColumnElement[bool]]:
 def fence(
     connection: sa.Connection, monitor: str, lease: Lease | None, now: dt.datetime,
     position: int | None = None, new_position: int | None = None,
-    new_position_timestamp: dt.datetime | None = None,
+    new_position_timestamp: dt.datetime | None = None, *, generation: int | None = None,
 ) -> None:
     """Touch the cursor row (and move it from ``position`` to ``new_position``, whose
-    row has ``new_position_timestamp``) if the lease and the position still hold; else
-    raise :class:`BatchConflictError`, whose caller rolls the batch back."""
+    row has ``new_position_timestamp``) if the lease, the position and the generation
+    still hold; else raise :class:`BatchConflictError`, whose caller rolls the batch
+    back (a batch or sweep read before a cursor reset never commits after it)."""
     conditions = [cursors.c.monitor == monitor, cursors.c.paused == sa.false(), *fenced(lease)]
+    if generation is not None:
+        conditions.append(cursors.c.generation == generation)
     values: dict[str, Any] = {"updated_at": now}
     if position is not None:
         conditions.append(cursors.c.position == position)
@@ -306,7 +309,24 @@ def _conflict(connection: sa.Connection, monitor: str, lease: Lease | None,
                 f"{row.lease_owner} (token {row.lease_token})")
     if row.paused:
         return "the monitor was paused"
+    if position is None:
+        return "the cursor was reset (a new generation)"
     return f"the cursor moved from {position} to {row.position}"
+
+
+def _close_gaps_above(connection: sa.Connection, monitor: str, position: int) -> int:
+    """Drop the open gap ranges above ``position`` (their ids now name other rows, or
+    will be read after the cursor); those below stay open. Returns the batches changed."""
+    changed = 0
+    for row in connection.execute(
+            sa.select(batches.c.id, batches.c.open_gaps)
+            .where(batches.c.monitor == monitor, batches.c.open_gaps.is_not(None))).all():
+        left = [[a, min(b, position)] for a, b in row.open_gaps if a <= position]
+        if left != row.open_gaps:
+            connection.execute(batches.update().where(batches.c.id == row.id)
+                               .values(open_gaps=left or None))
+            changed += 1
+    return changed
 
 
 class LeaseHeldError(RuntimeError):
@@ -334,8 +354,8 @@ def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
     Moving it back starts a new *generation*: the rows scored from there are flagged
     and quarantined under it, so that a table whose ids restarted has its new rows
     recorded beside (not instead of) the old ones; the old batches' open id gaps are
-    closed (their ids now name other rows). A worker scoring from the old position
-    cannot commit (its compare-and-set on the position fails). Raises
+    closed above the new position (their ids now name other rows). The lease token
+    rises, so that no worker that read before the reset commits after it. Raises
     :class:`LeaseHeldError` while a live worker holds the lease of a monitor that is
     not paused, unless ``force``: the lease is then taken from it, and its current
     batch rolls back. Raises ``LookupError`` when the monitor has no cursor yet.
@@ -358,18 +378,12 @@ def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
     taken = live and not row.paused
     back = position < int(row.position)
     generation = int(row.generation) + (1 if back else 0)
-    values: dict[str, Any] = {
-        "position": position, "generation": generation, "position_timestamp": None,
-        "paused": False, "pause_reason": None, "updated_at": utcnow()}
-    if taken:  # the token rises: the old leader's fence fails at once
-        values.update(lease_owner=None, lease_expires_at=None,
-                      lease_token=cursors.c.lease_token + 1)
-    connection.execute(cursors.update().where(cursors.c.monitor == monitor).values(**values))
-    closed = 0
-    if back:
-        closed = connection.execute(
-            batches.update().where(batches.c.monitor == monitor,
-                                   batches.c.open_gaps.is_not(None))
-            .values(open_gaps=None)).rowcount
+    # The token rises whoever held the lease: a worker that read before the reset (even
+    # one frozen past its lease) cannot commit after it; a live one claims it again.
+    connection.execute(cursors.update().where(cursors.c.monitor == monitor).values(
+        position=position, generation=generation, position_timestamp=None, paused=False,
+        pause_reason=None, updated_at=utcnow(), lease_owner=None, lease_expires_at=None,
+        lease_token=cursors.c.lease_token + 1))
+    closed = _close_gaps_above(connection, monitor, position) if back else 0
     return Reset(int(row.position), position, int(row.generation), generation,
                  bool(row.paused), row.lease_owner if taken else None, closed)

@@ -52,7 +52,8 @@ def downgrade(engine: sa.Engine, revision: str = "-1") -> None:
 
 def downgrade_target(engine: sa.Engine, revision: str) -> str | None:
     """The revision ``db downgrade REVISION`` would end at (``None``: base, no tables);
-    ``ValueError`` for a revision that does not exist or is not below the current one."""
+    ``ValueError`` for a revision that does not exist or a relative step past base.
+    (Alembic itself refuses a target above the current revision.)"""
     from alembic.script import ScriptDirectory
 
     script = ScriptDirectory.from_config(alembic_config())

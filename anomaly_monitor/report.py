@@ -157,7 +157,8 @@ def move_cursor(connection: sa.Connection, monitor: MonitorSettings, target: int
     source = reflect_source(connection, monitor)
     if target == "start":
         lowest = oldest_id(connection, source)
-        position = lowest - 1 if lowest is not None else 0
+        # Not above 0: a row with a low id may still be in flight right after a restart.
+        position = min(0, lowest - 1) if lowest is not None else 0
     elif target == "end":
         newest = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
         position = int(newest) if newest is not None else 0

@@ -36,6 +36,7 @@ from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache, RegistryError
 from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
+    RESTARTED,
     IdsRestartedError,
     SchemaError,
     SourceTable,
@@ -196,8 +197,13 @@ class MonitorRunner:
 
     def _try_resume(self) -> None:
         """Re-check a paused monitor's table and model; resume it when both are fine
-        (a problem raises, and the monitor stays paused)."""
+        (a problem raises, and the monitor stays paused). A pause for restarted ids
+        stays until an operator moves the cursor (``anomaly-monitor cursor``)."""
         monitor = self.monitor
+        with self.engine.connect() as connection:
+            cursor = read_cursor(connection, monitor.name)
+        if cursor is not None and (cursor.pause_reason or "").startswith(RESTARTED):
+            raise IdsRestartedError(cursor.pause_reason)
         source = self._source()
         with self.engine.connect() as connection:
             model = self.models.active(connection, monitor.name)
@@ -205,8 +211,7 @@ class MonitorRunner:
             check_features(monitor, model.version)
             source.feature_columns(model.version.features)
         with self.engine.connect() as connection:
-            cursor = read_cursor(connection, monitor.name)
-            if cursor is not None:  # a restarted table stays paused until the cursor moves
+            if cursor is not None:  # ids that restarted while it was paused for another cause
                 check_position(connection, source, cursor.position, cursor.position_timestamp,
                                caught_up=True)
         with self.engine.begin() as connection:

@@ -31,6 +31,9 @@ NUMERIC_TYPES = (sa.Integer, sa.Float, sa.Numeric, sa.Boolean)
 TRAINING_PAGE_ROWS = 50_000
 #: Ids per query when reading the rows found in gaps.
 IDS_PER_QUERY = 500
+#: A batch with at most this many open gap ranges has them read one by one (OR-ed);
+#: with more (sparse ids), its ids are scanned once and filtered.
+FEW_RANGES = 20
 
 
 class SchemaError(ValueError):
@@ -174,15 +177,21 @@ def read_gaps(
     """Rows whose ids fall in the inclusive ranges of ``spans`` (one list of disjoint
     ranges per batch) and are at most ``up_to``.
 
-    Per batch, one index scan lists the ids between its first and last range, and only
-    rows found inside a range are then read: the cost follows the ids the table has
-    there, not the number of ranges (a table whose ids step by 10 leaves a range
-    between every two rows)."""
+    Per batch with many ranges, one index scan lists the ids between its first and
+    last range, and only rows found inside a range are then read: the cost follows the
+    ids the table has there, not the number of ranges (a table whose ids step by 10
+    leaves a range between every two rows). A batch with ``FEW_RANGES`` or fewer has
+    just those ranges looked up."""
     names = tuple(source.features if features is None else features)
     id_column = source.id_column
     found: list[int] = []
     for ranges in spans:
         if not ranges:
+            continue
+        if len(ranges) <= FEW_RANGES:  # a dense table's few gaps: read just those ids
+            within = sa.or_(*(id_column.between(int(a), int(b)) for a, b in ranges))
+            found += connection.execute(sa.select(id_column).where(
+                within, id_column <= up_to)).scalars().all()
             continue
         lo, hi = min(int(a) for a, _ in ranges), min(max(int(b) for _, b in ranges), up_to)
         ids = np.fromiter(connection.execute(
@@ -296,37 +305,55 @@ def read_training(
             return
 
 
-def _timestamp_at(connection: sa.Connection, source: SourceTable,
-                  source_id: int) -> tuple[bool, dt.datetime | None]:
-    """Whether the row ``source_id`` exists, and its timestamp."""
+#: Every pause for restarted ids starts so: it is cleared by moving the cursor only.
+RESTARTED = "ids restarted: "
+
+
+def timestamp_at(connection: sa.Connection, source: SourceTable,
+                 source_id: int) -> tuple[int, dt.datetime | None] | None:
+    """The row with the highest id at or below ``source_id`` and its timestamp, as one
+    plain indexed lookup reads it (the same whichever reader read the window)."""
     row = connection.execute(
-        sa.select(raw(source.timestamp_column)).where(source.id_column == source_id)
+        sa.select(source.id_column, raw(source.timestamp_column))
+        .where(source.id_column <= source_id).order_by(source.id_column.desc()).limit(1)
     ).first()
-    return (False, None) if row is None else (True, to_timestamp(row[0], source.timestamp_unit))
+    return None if row is None else (int(row[0]), to_timestamp(row[1], source.timestamp_unit))
 
 
 def check_position(connection: sa.Connection, source: SourceTable, position: int,
                    position_timestamp: dt.datetime | None, *, caught_up: bool) -> None:
     """Raise :class:`IdsRestartedError` when the table no longer continues from the
-    cursor: the row at ``position`` holds another timestamp than when the cursor moved
-    there (``position_timestamp``; not checked when unknown), or, ``caught_up`` (nothing
-    was found after the cursor), the table's newest id is below the cursor."""
+    cursor. The evidence: the row at ``position`` holds another timestamp than when the
+    cursor moved there (``position_timestamp``); or that row is gone and a row below it
+    is stamped later; or, ``caught_up`` (nothing after the cursor), the table's newest
+    id is below the cursor and that row is stamped later than the cursor's (or either
+    time is unknown). Deleting the newest rows alone is no restart."""
     hint = (f"rows with lower ids are not scored until the cursor is moved: "
             f"anomaly-monitor cursor {source.monitor} --to-start (or --reset-to ID)")
-    if position_timestamp is not None:
-        exists, stamp = _timestamp_at(connection, source, position)
-        if exists and stamp != position_timestamp:
-            raise IdsRestartedError(
-                f"monitor {source.monitor!r}: the row at the cursor (id {position}) of table "
-                f"{source.table.fullname!r} changed: its timestamp was "
-                f"{position_timestamp.isoformat()}, now "
-                f"{stamp.isoformat() if stamp else 'none'}; the table was replaced or its "
-                f"ids restarted; {hint}")
-    if caught_up:
+    where = f"table {source.table.fullname!r}"
+    if position_timestamp is None and not caught_up:
+        return
+    below = timestamp_at(connection, source, position)
+    if below is None:
+        return  # nothing at or below the cursor: an empty table loses nothing yet
+    found, stamp = below
+    later = stamp is not None and position_timestamp is not None and stamp > position_timestamp
+    if found == position and position_timestamp is not None and stamp != position_timestamp:
+        raise IdsRestartedError(
+            f"{RESTARTED}monitor {source.monitor!r}: the row at the cursor (id {position}) of "
+            f"{where} changed: its timestamp was {position_timestamp.isoformat()}, now "
+            f"{stamp.isoformat() if stamp else 'none'}; the table was replaced or its ids "
+            f"restarted; {hint}")
+    if found < position and later:
+        raise IdsRestartedError(
+            f"{RESTARTED}monitor {source.monitor!r}: the row at the cursor (id {position}) of "
+            f"{where} is gone and id {found} below it is stamped later "
+            f"({stamp.isoformat() if stamp else 'none'}); the table was replaced or its ids "
+            f"restarted; {hint}")
+    if caught_up and found < position and (later or stamp is None or position_timestamp is None):
         newest = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
         if newest is not None and int(newest) < position:
             raise IdsRestartedError(
-                f"monitor {source.monitor!r}: the newest id of table "
-                f"{source.table.fullname!r} is {int(newest)}, below the cursor ({position}): "
-                f"its ids restarted (recreated, emptied, or truncated with RESTART "
-                f"IDENTITY); {hint}")
+                f"{RESTARTED}monitor {source.monitor!r}: the newest id of {where} is below "
+                f"the cursor ({position}): its ids restarted (recreated, emptied, or "
+                f"truncated with RESTART IDENTITY); {hint}")

@@ -69,7 +69,9 @@ class SkippedRunFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "maximum number of running instances" not in str(record.msg):
             return True
-        job = str(record.args[0]) if isinstance(record.args, tuple) and record.args else "?"
+        job_arg = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        # The job's id: its str() carries its next run time, which changes every time.
+        job = str(getattr(job_arg, "id", job_arg))
         now = self.clock()
         if job in self.last and now - self.last[job] < SKIPPED_LOG_SECONDS:
             self.hidden[job] = self.hidden.get(job, 0) + 1
@@ -125,6 +127,7 @@ class Worker:
         self.stop_event = threading.Event()
         #: Set by SIGHUP (when ``check_reload`` accepts): the caller restarts the process.
         self.reload_requested = False
+        self._hangup = False
         #: Called on SIGHUP before stopping; raises to refuse the reload (e.g. the new
         #: configuration is invalid), which is logged while the worker goes on.
         self.check_reload: Callable[[], None] | None = None
@@ -230,6 +233,9 @@ class Worker:
                 step = watch.step()
                 if step:
                     self._reschedule(scheduler, step)
+                if self._hangup:
+                    self._hangup = False
+                    self._reload()
         finally:
             log.info("stopping: letting the current batches finish")
             scheduler.shutdown(wait=True)
@@ -266,15 +272,24 @@ class Worker:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s", signal.Signals(signum).name)
+        self.reload_requested = False  # a stop wins over a reload asked for before it
         self.stop()
 
     def _on_hangup(self, _signum: int, _frame: FrameType | None) -> None:
+        # Only a flag here: the main loop reads the configuration (not a signal handler).
+        if not self.stop_event.is_set():
+            self._hangup = True
+
+    def _reload(self) -> None:
+        """SIGHUP, in the main loop: stop for a restart if the new configuration holds."""
         if self.check_reload is not None:
             try:
                 self.check_reload()
             except Exception as exc:
                 log.error("received SIGHUP, but not reloading: %s; going on as before", exc)
                 return
+        if self.stop_event.is_set():
+            return  # a SIGTERM came meanwhile: stop, not restart
         log.info("received SIGHUP: stopping after the current batches to start again with "
                  "the configuration read afresh")
         self.reload_requested = True

@@ -88,9 +88,19 @@ def test_skipped_run_warnings_are_rate_limited():
     keep = SkippedRunFilter(clock=lambda: now[0])
     message = 'Execution of job "%s" skipped: maximum number of running instances reached (%d)'
 
+    class Job:  # as APScheduler's: its str() carries the next run time
+        def __init__(self, job_id: str) -> None:
+            self.id, self.runs = job_id, 0
+
+        def __str__(self) -> str:
+            self.runs += 1
+            return f"monitor {self.id} (next run at: 12:00:{self.runs:02d} UTC)"
+
+    jobs = {"a": Job("a"), "b": Job("b")}
+
     def record(job: str) -> logging.LogRecord:
         return logging.LogRecord("apscheduler.scheduler", logging.WARNING, __file__, 1,
-                                 message, (job, 1), None)
+                                 message, (jobs[job], 1), None)
 
     assert keep.filter(record("a")) and keep.filter(record("b"))
     assert not any(keep.filter(record("a")) for _ in range(5))

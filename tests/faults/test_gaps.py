@@ -129,14 +129,19 @@ def test_old_batches_are_swept_at_doubling_ages_not_every_poll():
     assert reads == 6
 
 
-def test_ids_that_step_by_ten_are_all_scored_once_and_swept_cheaply(sparse, monkeypatch):
+def test_ids_that_step_by_ten_are_all_scored_once_and_swept_cheaply(sparse):
     engine, table, monitor, source = sparse
     ids = list(range(10_000, 10_000 + 10 * 3000, 10))  # a sequence shared with others
     with engine.begin() as connection:
         connection.execute(table.insert(), rows(ids))
-    models = ModelCache("cpu")
-    while not run_batch(engine, monitor, source, models).caught_up:
+    models, state = ModelCache("cpu"), batch.ReadState()
+    first = run_batch(engine, monitor, source, models, read_state=state)
+    assert first.rows <= batch.MAX_GAP_RANGES + 1 and not first.caught_up
+    # The next window reads about twice what this one kept, not the whole batch size.
+    assert state.limit(monitor.batch_size) == 2048 < monitor.batch_size
+    while not run_batch(engine, monitor, source, models, read_state=state).caught_up:
         pass
+    state.close()
     with engine.connect() as connection:
         scored = connection.execute(sa.select(sa.func.sum(batches.c.rows))).scalar()
         n_batches = connection.execute(sa.select(sa.func.count()).select_from(batches)).scalar()

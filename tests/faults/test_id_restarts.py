@@ -77,7 +77,7 @@ def test_ids_that_restart_pause_the_monitor_until_the_cursor_moves(running):
         "anomaly_monitor_paused", {"monitor": "plant"}) == 1
     with engine.connect() as connection:
         status = monitor_status(connection, monitor)
-    assert status["state"] == "paused" and "below the cursor" in status["pause_reason"]
+    assert status["state"] == "paused" and status["pause_reason"].startswith("ids restarted")
     # It stays paused, without flapping or logging again, until the cursor moves.
     for _ in range(3):
         assert worker.poll("plant").status == "paused"
@@ -166,3 +166,37 @@ def test_the_cursor_command(running, tmp_path):
     assert "moved from" in cli("plant", "--reset-to", str(position))  # forward: same generation
     assert "(generation 1)" in cli("plant")
     assert "nosuch" in cli("nosuch", expect=2)
+
+
+def test_a_restart_pause_stays_when_the_refill_passes_the_old_cursor(running):
+    engine, table, sensors, _, worker = running
+    with engine.connect() as connection:
+        position = read_cursor(connection, "plant").position
+    _restart_ids(engine, table)
+    insert_rows(engine, table, sensors.normal(10))
+    assert worker.poll("plant").status == "paused"
+    bulk_insert(engine, table, sensors.normal(position + 20))  # ids pass the old cursor
+    for _ in range(2):
+        state = worker.poll("plant")
+        assert state.status == "paused" and state.detail.startswith("ids restarted")
+    assert _restarts(worker) == 1  # logged and counted once
+
+
+def test_a_reset_fences_out_a_batch_read_before_it(running):
+    from anomaly_monitor.batch import run_batch
+    from anomaly_monitor.cursors import BatchConflictError
+    from anomaly_monitor.registry import ModelCache
+    from anomaly_monitor.source import reflect_source
+
+    engine, table, sensors, monitor, worker = running
+    lease = worker.states["plant"].lease
+    assert lease is not None
+    with engine.begin() as connection:
+        connection.execute(sa.text("UPDATE am_cursors SET paused = :p, pause_reason = 'x'"),
+                           {"p": True})
+        move_cursor(connection, monitor, "start")  # paused: allowed without --force
+    insert_rows(engine, table, sensors.normal(3))
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    with pytest.raises(BatchConflictError):  # the old tenure's token no longer holds
+        run_batch(engine, monitor, source, ModelCache("cpu"), lease=lease)
