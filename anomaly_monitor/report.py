@@ -164,6 +164,12 @@ def move_cursor(connection: sa.Connection, monitor: MonitorSettings, target: int
         position = int(newest) if newest is not None else 0
     else:
         position = int(target)
+        newest = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
+        if position > (int(newest) if newest is not None else 0) and not force:
+            raise ValueError(
+                f"monitor {monitor.name!r}: --reset-to {position} is past the newest id of "
+                f"table {source.table.fullname!r} ({newest}): rows inserted up to there would "
+                "never be scored; use --to-end to skip to the newest row, or --force")
     reset = reset_cursor(connection, monitor.name, position, force=force)
     parts = [f"monitor {monitor.name}: cursor moved from {reset.old_position} to "
              f"{reset.new_position}"]

@@ -392,6 +392,10 @@ class MonitorRunner:
         if result.taken_from is not None:
             log.warning("monitor %s: took the lease over from %s, which is gone (token %d)",
                         monitor.name, result.taken_from, result.lease.token)
+        elif state.lease is not None and state.lease.token != result.lease.token:
+            log.warning("monitor %s: this worker's lease was reset (the cursor was moved, "
+                        "anomaly-monitor cursor); claimed it again (token %d)", monitor.name,
+                        result.lease.token)
         elif state.lease is None:
             log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)
         state.waiting_for = None

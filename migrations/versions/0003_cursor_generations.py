@@ -37,13 +37,18 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     bind = op.get_bind()
-    for table in KEYED:
-        newer = bind.execute(sa.text(f"SELECT count(*) FROM {table} WHERE generation > 0"))  # noqa: S608 (a constant name)
-        if newer.scalar():
-            raise ValueError(
-                f"{table} holds rows of a cursor generation above 0 (written after a "
-                "cursor reset); revision 0002 cannot hold them apart from the older rows "
-                "with the same ids. Export and delete them first.")
+    newer = {}
+    for name in KEYED:
+        table = sa.table(name, sa.column("generation"))
+        newer[name] = bind.execute(sa.select(sa.func.count()).select_from(table)
+                                   .where(table.c.generation > 0)).scalar()
+    if any(newer.values()):
+        counts = ", ".join(f"{n} in {table}" for table, n in newer.items())
+        raise ValueError(
+            f"rows of a cursor generation above 0 (written after a cursor reset): {counts}; "
+            "revision 0002 cannot hold them apart from older rows with the same ids. Export "
+            "them and delete the rows whose generation is above 0 from both tables first, "
+            "or stay at revision 0003")
     for table in KEYED:
         with op.batch_alter_table(table) as batch:
             batch.drop_constraint(f"uq_{table}_monitor_generation_source_id", type_="unique")

@@ -164,6 +164,7 @@ def test_the_cursor_command(running, tmp_path):
     assert f"moved from {position} to {position - 100}" in out and "generation 0 -> 1" in out
     assert "100 row(s) after the cursor" in out
     assert "moved from" in cli("plant", "--reset-to", str(position))  # forward: same generation
+    assert "past the newest id" in cli("plant", "--reset-to", str(position + 10**6), expect=1)
     assert "(generation 1)" in cli("plant")
     assert "nosuch" in cli("nosuch", expect=2)
 

@@ -1,0 +1,200 @@
+"""``run``, ``status`` and ``anomalies``: the daemon and what it found."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from anomaly_monitor.cli import (
+    DATETIME_FORMATS,
+    EXIT_USAGE,
+    App,
+    CliError,
+    echo_json,
+    main,
+    pass_app,
+    print_table,
+    require_schema,
+)
+from anomaly_monitor.config import SCORING_THREADS, ConfigError, Settings, load_settings
+from anomaly_monitor.db import redact
+from anomaly_monitor.source import RESTARTED
+from anomaly_monitor.tables import as_utc
+
+# -- run / status / anomalies -------------------------------------------------------------
+
+@main.command()
+@click.option("--once", is_flag=True, help="Process everything pending, then exit.")
+@click.option("--monitor", "-m", "monitor_names", multiple=True,
+              help="Only these monitors (repeatable).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=SCORING_THREADS,
+              show_default=True,
+              help="CPU threads per scoring operation (batches are small: spare cores "
+                   "serve other monitors and the readers).")
+@click.option("--reader", type=click.Choice(["auto", "plain"]), default="auto",
+              show_default=True,
+              help="How windows are read: auto (Arrow for full windows, where the driver "
+                   "has it) or plain (SQLAlchemy only, e.g. to rule the Arrow path out).")
+@pass_app
+def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
+        threads: int, reader: str) -> None:
+    """Score new rows: the daemon, or a single pass with --once."""
+    from prometheus_client import CollectorRegistry
+
+    from anomaly_monitor.metrics import Metrics
+    from anomaly_monitor.worker import Worker
+
+    settings = app.settings
+    if not settings.monitors:
+        raise CliError(f"{settings.path}: no [[monitor]] configured", EXIT_USAGE)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    registry = CollectorRegistry()
+    worker = Worker(settings, app.engine, Metrics(registry), device=device,
+                    monitors=list(monitor_names) or None, threads=threads, reader=reader)
+    worker.check_reload = lambda: _check_new_config(app, monitor_names)
+    restore_signals = worker.install_signal_handlers()
+    # A reload blocks these before it re-execs (the mask survives exec): a SIGTERM sent
+    # meanwhile waits until now, and reaches the handlers just installed.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        if once:
+            _run_once(app, worker)
+            return
+        if settings.metrics_port:
+            _serve_metrics(registry, settings)
+        # The daemon waits for a database that is down at start-up instead of exiting.
+        if worker.wait_for_database(lambda: require_schema(app)):
+            worker.run_forever(install_signals=False)
+    finally:
+        if worker.reload_requested:
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        restore_signals()
+    if worker.reload_requested:
+        _restart_process(app)
+
+
+#: Held back while a reload re-execs the process (see ``run``).
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def _check_new_config(app: App, monitor_names: Sequence[str]) -> None:
+    """Read the configuration again (SIGHUP); raises when it is invalid."""
+    settings = load_settings(app.config)
+    for name in monitor_names:
+        settings.monitor(name)
+    if not settings.monitors:
+        raise ConfigError(f"{settings.path}: no [[monitor]] configured")
+
+
+def _restart_process(app: App) -> None:
+    """Replace this process with a fresh ``run`` of the same command line (after
+    SIGHUP): configuration, models and connections are set up again; the pid stays."""
+    app.close()
+    logging.getLogger(__name__).info("restarting with the configuration read afresh")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The interpreter's own command line, flags included (``python -m anomaly_monitor``
+    # or the console script): the same code starts, whatever the working directory holds.
+    os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line, no shell)
+
+
+def _run_once(app: App, worker: Any) -> None:
+    require_schema(app)
+    states = worker.run_once()
+    for name, state in states.items():
+        outcome = "done" if state.status == "running" else state.status
+        click.echo(f"monitor {name}: {outcome}, {state.batches} batches, {state.rows} rows, "
+                   f"{state.flagged} flagged, {state.quarantined} quarantined")
+        if state.status == "standby":  # not an error: a live leader does the work
+            click.echo(f"monitor {name}: {state.detail}; nothing to do here")
+    paused = [n for n, s in states.items() if s.status == "paused"]
+    failed = [n for n, s in states.items() if s.status == "error"]
+    if failed:
+        raise CliError(f"monitor(s) failing: {', '.join(failed)} (reasons logged above)")
+    if paused:
+        raise CliError(f"monitor(s) paused: {', '.join(paused)} (reasons logged above)",
+                       EXIT_USAGE)
+
+
+def _serve_metrics(registry: Any, settings: Settings) -> None:
+    from anomaly_monitor.metrics import serve
+
+    try:
+        serve(registry, settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        raise CliError(f"cannot serve metrics on {settings.metrics_host}:"
+                       f"{settings.metrics_port}: {exc.strerror or exc}") from None
+    logging.getLogger(__name__).info(
+        "metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def status(app: App, as_json: bool) -> None:
+    """Per monitor: model, threshold, cursor, backlog, lag, last batch, anomalies (24 h)."""
+    from anomaly_monitor.report import monitor_status
+
+    require_schema(app)
+    with app.engine.connect() as connection:
+        states = [monitor_status(connection, m) for m in app.settings.monitors]
+    if as_json:
+        echo_json({"database": redact(app.settings.database_url), "monitors": states})
+        return
+    print_table(["monitor", "state", "version", "threshold", "cursor", "backlog", "lag s",
+            "last batch", "anomalies 24h"],
+           [(s["monitor"], s["state"], s["active_version"],
+             f"{s['threshold']:.6g}" if s["threshold"] is not None else None, s["cursor"],
+             s["backlog"], s["lag_seconds"],
+             s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"])
+            for s in states])
+    for s in states:
+        lease = s["lease"]
+        if lease is not None:
+            verb = "held until" if not lease["expired"] else "expired at"
+            click.echo(f"monitor {s['monitor']}: lease {verb} {lease['expires_at']} (database "
+                       f"clock) by {lease['owner']}")
+        if s["pause_reason"]:
+            cleared = ("until the cursor is moved" if s["pause_reason"].startswith(RESTARTED)
+                       else "cleared when it next finds the problem fixed")
+            click.echo(f"paused by the worker ({cleared}): "
+                       f"{s['pause_reason']}")
+        if s["source_error"] and s["source_error"] != s["pause_reason"]:
+            click.echo(f"source check now: {s['source_error']}")
+
+
+@main.command()
+@click.argument("monitor")
+@click.option("--since", type=click.DateTime(DATETIME_FORMATS),
+              help="Only rows scored since (UTC).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def anomalies(app: App, monitor: str, since: dt.datetime | None, limit: int,
+              as_json: bool) -> None:
+    """Flagged rows of MONITOR with severity and top features."""
+    from anomaly_monitor.report import list_anomalies
+
+    app.settings.monitor(monitor)
+    with app.engine.connect() as connection:
+        rows = list_anomalies(connection, monitor, since=as_utc(since), limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+    print_table(["source id", "timestamp", "score", "severity", "version", "top features"],
+           [(r["source_id"], r["source_timestamp"], f"{r['score']:.4g}", r["severity"],
+             r["model_version"],
+             ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
+            for r in rows])

@@ -1,0 +1,243 @@
+"""``train``, ``calibrate`` and ``models``: making, tuning and choosing model versions."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+import sqlalchemy as sa
+
+from anomaly_monitor.calibration import DEFAULT_METHOD
+from anomaly_monitor.cli import (
+    DATETIME_FORMATS,
+    EXIT_USAGE,
+    App,
+    CliError,
+    Group,
+    echo_json,
+    main,
+    pass_app,
+    print_table,
+    require_schema,
+)
+from anomaly_monitor.config import (
+    THRESHOLD_METHODS,
+    MonitorSettings,
+    ThresholdSettings,
+    check_model_params,
+)
+from anomaly_monitor.tables import as_utc
+
+if TYPE_CHECKING:
+    from anomaly_monitor.lifecycle import CalibrationPlan
+
+# -- train / calibrate ------------------------------------------------------------------
+
+@main.command()
+@click.argument("monitor")
+@click.option("--since", type=click.DateTime(DATETIME_FORMATS), help="Oldest row (UTC).")
+@click.option("--until", type=click.DateTime(DATETIME_FORMATS), help="Rows before this (UTC).")
+@click.option("--limit", type=click.IntRange(min=1), help="Train on the newest N rows.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Maximum training epochs.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--activate/--no-activate", default=True, show_default=True,
+              help="Make the new version active.")
+@pass_app
+def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime | None,
+          limit: int | None, epochs: int | None, device: str, activate: bool) -> None:
+    """Train a new model version of MONITOR on its table."""
+    from anomaly_monitor.lifecycle import train_monitor
+
+    settings = app.settings.monitor(monitor)
+    check_model_params(app.settings, settings)
+    require_schema(app)
+    report = train_monitor(
+        app.engine, settings, since=as_utc(since), until=as_utc(until), limit=limit, epochs=epochs,
+        device=device, activate_version=activate, verbose=sys.stderr.isatty(),
+    )
+    v = report.version
+    click.echo(f"monitor {monitor}: version {v.version} ({v.kind}) trained on {report.rows} "
+               f"rows, {v.training['holdout_rows']} held out, {report.skipped} skipped, "
+               f"in {report.seconds:.1f} s on {v.training['device']}")
+    click.echo(f"threshold {v.threshold:.6g} ({v.threshold_method}); held-out flag rate "
+               f"{v.validation['holdout_flag_rate']:.4f}")
+    if v.validation.get("auroc") is not None:
+        click.echo(f"held-out AUROC against {settings.label_column}: "
+                   f"{v.validation['auroc']:.3f}")
+    click.echo("status: active" if report.activated else
+               f"status: candidate (activate with: anomaly-monitor models activate "
+               f"{v.version} --monitor {monitor})")
+
+
+@main.command()
+@click.argument("monitor")
+@click.option("--method", type=click.Choice(THRESHOLD_METHODS),
+              help=f"Default: from config ({DEFAULT_METHOD} unless set there; robust fits the "
+                   "bulk of the held-out scores, so anomalies among them do not move it).")
+@click.option("--target-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--alerts-per-day", type=click.FloatRange(0, min_open=True))
+@click.option("--value", type=float, help="The threshold for --method fixed.")
+@click.option("--dry-run", is_flag=True, help="Show what each threshold would flag; change "
+              "nothing.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a score histogram PNG.")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | None,
+              alerts_per_day: float | None, value: float | None, dry_run: bool,
+              plot: str | None, as_json: bool) -> None:
+    """Set the threshold of MONITOR's active version from its held-out scores."""
+    from anomaly_monitor.lifecycle import (
+        apply_calibration,
+        plan_calibration,
+        plot_calibration,
+    )
+
+    settings = app.settings.monitor(monitor)
+    base = settings.threshold
+    chosen_method = method or base.method
+    if chosen_method == "fixed" and value is None and base.value is None:
+        raise CliError("--method fixed needs --value", EXIT_USAGE)
+    threshold_settings = ThresholdSettings(
+        method=chosen_method,
+        target_fpr=target_fpr if target_fpr is not None else base.target_fpr,
+        alerts_per_day=alerts_per_day if target_fpr is None else None,
+        value=value if value is not None else base.value,
+    )
+    if alerts_per_day is None and target_fpr is None:
+        threshold_settings = ThresholdSettings(chosen_method, threshold_settings.target_fpr,
+                                               base.alerts_per_day, threshold_settings.value)
+    plan = plan_calibration(app.engine, settings, threshold_settings)
+    if plot:
+        plot_calibration(plan, plot)
+    if as_json:
+        echo_json(_calibration_json(plan, dry_run))
+    else:
+        _print_calibration(monitor, plan)
+    if plot:
+        click.echo(f"wrote {plot}", err=as_json)
+    for key in ("fallback", "warning"):
+        if key in plan.chosen.params:
+            click.echo(f"warning: {plan.chosen.params[key]}", err=True)
+    if dry_run:
+        click.echo("dry run: nothing changed", err=as_json)
+        return
+    apply_calibration(app.engine, settings, plan)
+    click.echo(f"threshold of version {plan.version.version} set to {plan.chosen.value:.6g} "
+               f"({plan.chosen.method})", err=as_json)
+
+
+def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
+    """The ``calibrate --json`` document."""
+    return {
+        "version": plan.version.version, "chosen": plan.chosen.to_dict(), "dry_run": dry_run,
+        "holdout_rows": int(plan.holdout_scores.size),
+        "recent_rows": int(plan.recent_scores.size),
+        "labelled_rows": plan.labelled_rows, "labelled_anomalies": plan.labelled_anomalies,
+        "estimated_contamination": plan.contamination,
+        "candidates": [{"label": c.label, "method": c.threshold.method,
+                        "threshold": c.threshold.value, "holdout_flag_rate": c.holdout_rate,
+                        "recent_flagged": c.recent_flagged, "precision": c.precision,
+                        "recall": c.recall, "f1": c.f1}
+                       for c in plan.candidates],
+    }
+
+
+def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
+    """The ``calibrate`` table: each candidate's flags, and its precision/recall given labels."""
+    labelled = f", {plan.labelled_rows} labelled ({plan.labelled_anomalies} anomalies)" \
+        if plan.labelled_rows else ""
+    click.echo(f"monitor {monitor}, version {plan.version.version}: "
+               f"{plan.holdout_scores.size} held-out rows{labelled}, "
+               f"{plan.recent_scores.size} recent rows")
+    if plan.contamination is not None:
+        click.echo(f"robust fit: {plan.contamination:.2%} of held-out rows score above the "
+                   "bulk of normal scores")
+    headers = ["threshold", "value", "held-out flagged", "recent flagged"]
+    rows: list[list[Any]] = [[c.label, f"{c.threshold.value:.6g}", f"{c.holdout_rate:.4%}",
+                              c.recent_flagged] for c in plan.candidates]
+    if plan.labelled_rows:
+        headers += ["precision", "recall", "F1"]
+        for row, c in zip(rows, plan.candidates, strict=True):
+            row += ["-" if v is None else f"{v:.3f}" for v in (c.precision, c.recall, c.f1)]
+    print_table(headers, rows)
+
+
+# -- models -----------------------------------------------------------------------------
+
+@main.group(cls=Group)
+def models() -> None:
+    """List, inspect, activate and roll back model versions."""
+
+
+_monitor_option = click.option("--monitor", "-m", "monitor_name",
+                               help="Monitor (needed when several are configured).")
+
+
+@models.command("list")
+@_monitor_option
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
+    """List the versions of a monitor, newest first."""
+    from anomaly_monitor.registry import list_versions
+
+    names = ([app.settings.monitor(monitor_name).name] if monitor_name
+             else [m.name for m in app.settings.monitors])
+    with app.engine.connect() as connection:
+        versions = [v for name in names for v in list_versions(connection, name)]
+    if as_json:
+        echo_json([v.to_dict() for v in versions])
+        return
+    print_table(["monitor", "version", "kind", "status", "threshold", "method", "rows", "created"],
+           [(v.monitor, v.version, v.kind, v.status, f"{v.threshold:.6g}", v.threshold_method,
+             v.training.get("rows"), v.created_at.isoformat(timespec="seconds"))
+            for v in versions])
+
+
+@models.command("show")
+@click.argument("version", type=int)
+@_monitor_option
+@pass_app
+def models_show(app: App, version: int, monitor_name: str | None) -> None:
+    """Show everything recorded about VERSION (JSON)."""
+    from anomaly_monitor.registry import get_version
+
+    monitor = app.monitor(monitor_name)
+    with app.engine.connect() as connection:
+        echo_json(get_version(connection, monitor.name, version).to_dict())
+
+
+def _activation(app: App, monitor_name: str | None,
+                action: Callable[[sa.Connection, MonitorSettings], Any]) -> None:
+    monitor = app.monitor(monitor_name)
+    with app.engine.begin() as connection:
+        version = action(connection, monitor)
+    click.echo(f"monitor {monitor.name}: version {version.version} is active "
+               f"(threshold {version.threshold:.6g}); running workers pick it up at their "
+               "next batch")
+
+
+@models.command("activate")
+@click.argument("version", type=int)
+@_monitor_option
+@pass_app
+def models_activate(app: App, version: int, monitor_name: str | None) -> None:
+    """Make VERSION the active model (after verifying its artifact)."""
+    from anomaly_monitor.lifecycle import activate_checked
+
+    _activation(app, monitor_name,
+                lambda connection, m: activate_checked(connection, m, None, version))
+
+
+@models.command("rollback")
+@_monitor_option
+@pass_app
+def models_rollback(app: App, monitor_name: str | None) -> None:
+    """Re-activate the version that was active before the current one."""
+    from anomaly_monitor.lifecycle import rollback
+
+    _activation(app, monitor_name, rollback)
