@@ -77,6 +77,8 @@ class App:
         self.config = config
         self._settings: Settings | None = None
         self._engine: sa.Engine | None = None
+        #: Set by commands that only look: they never create a SQLite file.
+        self.read_only = False
 
     @property
     def settings(self) -> Settings:
@@ -89,7 +91,10 @@ class App:
     def engine(self) -> sa.Engine:
         """The database engine of the configured URL."""
         if self._engine is None:
-            self._engine = create_engine(self.settings.database_url)
+            url = self.settings.database_url
+            if self.read_only:
+                _refuse_missing_sqlite(url)
+            self._engine = create_engine(url)
         return self._engine
 
     @property
@@ -110,6 +115,22 @@ class App:
         """Release the engine's connections."""
         if self._engine is not None:
             self._engine.dispose()
+
+
+def _refuse_missing_sqlite(url: str) -> None:
+    """A command that only looks does not create the SQLite file it was pointed at."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except (sa.exc.ArgumentError, ValueError):
+        return  # create_engine reports it
+    path = parsed.database
+    if parsed.get_backend_name() == "sqlite" and path and path != ":memory:" \
+            and not path.startswith("file:") and not Path(path).exists():
+        raise CliError(f"database {redact(url)}: the SQLite file {Path(path).resolve()} does "
+                       "not exist (set ANOMALY_MONITOR_DATABASE_URL or [database] url; "
+                       "anomaly-monitor db upgrade creates it)", EXIT_USAGE)
 
 
 class Group(click.Group):
@@ -188,6 +209,38 @@ def init(ctx: click.Context, force: bool) -> None:
         raise CliError(f"{path} already exists (use --force to overwrite)")
     path.write_text(EXAMPLE, encoding="utf-8")
     click.echo(f"wrote {path}; edit it, then run: anomaly-monitor db upgrade")
+
+
+def check_device(device: str) -> None:
+    """Refuse ``--device cuda`` up front on a host without a CUDA device (exit 2)."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CliError(f"--device cuda: no CUDA device is available on this host (torch "
+                       f"{torch.__version__}, built for CUDA: {torch.version.cuda or 'no'}); "
+                       "use --device cpu or auto", EXIT_USAGE)
+
+
+#: Which threshold options each calibration method takes.
+METHOD_OPTIONS = {"labels": (), "fixed": ("--value",)}
+RATE_OPTIONS = ("--target-fpr", "--alerts-per-day")
+
+
+def check_threshold_options(method: str, given: dict[str, bool]) -> None:
+    """Exit 2 naming the conflict when ``calibrate``'s options contradict each other or
+    the method (``given``: option name -> whether it was given)."""
+    rates = [name for name in RATE_OPTIONS if given.get(name)]
+    if len(rates) > 1:
+        raise CliError(f"{' and '.join(rates)} conflict: they are two ways to set one rate; "
+                       "give one", EXIT_USAGE)
+    allowed = METHOD_OPTIONS.get(method, RATE_OPTIONS)
+    unused = [name for name, on in given.items() if on and name not in allowed]
+    if unused:
+        takes = ", ".join(allowed) if allowed else "none of them"
+        raise CliError(f"{', '.join(unused)} does not apply to --method {method} (it takes "
+                       f"{takes})", EXIT_USAGE)
 
 
 def require_schema(app: App) -> None:

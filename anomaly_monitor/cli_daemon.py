@@ -17,6 +17,7 @@ from anomaly_monitor.cli import (
     EXIT_USAGE,
     App,
     CliError,
+    check_device,
     echo_json,
     main,
     pass_app,
@@ -56,6 +57,7 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
     settings = app.settings
     if not settings.monitors:
         raise CliError(f"{settings.path}: no [[monitor]] configured", EXIT_USAGE)
+    check_device(device)  # not a pause that outlives the process: refused up front
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     registry = CollectorRegistry()
@@ -145,6 +147,7 @@ def _serve_metrics(registry: Any, settings: Settings) -> None:
 @pass_app
 def status(app: App, as_json: bool) -> None:
     """Per monitor: model, threshold, cursor, backlog, lag, last batch, anomalies (24 h)."""
+    app.read_only = True
     from anomaly_monitor.report import monitor_status
 
     require_schema(app)
@@ -185,6 +188,7 @@ def status(app: App, as_json: bool) -> None:
 def anomalies(app: App, monitor: str, since: dt.datetime | None, limit: int,
               as_json: bool) -> None:
     """Flagged rows of MONITOR with severity and top features."""
+    app.read_only = True
     from anomaly_monitor.report import list_anomalies
 
     app.settings.monitor(monitor)

@@ -17,6 +17,8 @@ from anomaly_monitor.cli import (
     App,
     CliError,
     Group,
+    check_device,
+    check_threshold_options,
     echo_json,
     main,
     pass_app,
@@ -53,6 +55,7 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     from anomaly_monitor.lifecycle import train_monitor
 
     settings = app.settings.monitor(monitor)
+    check_device(device)
     check_model_params(app.settings, settings)
     require_schema(app)
     report = train_monitor(
@@ -99,6 +102,9 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     settings = app.settings.monitor(monitor)
     base = settings.threshold
     chosen_method = method or base.method
+    check_threshold_options(chosen_method, {"--target-fpr": target_fpr is not None,
+                                            "--alerts-per-day": alerts_per_day is not None,
+                                            "--value": value is not None})
     if chosen_method == "fixed" and value is None and base.value is None:
         raise CliError("--method fixed needs --value", EXIT_USAGE)
     threshold_settings = ThresholdSettings(
@@ -183,19 +189,28 @@ _monitor_option = click.option("--monitor", "-m", "monitor_name",
 @pass_app
 def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
     """List the versions of a monitor, newest first."""
-    from anomaly_monitor.registry import list_versions
+    app.read_only = True
+    from anomaly_monitor.registry import activation_history, list_versions
 
     names = ([app.settings.monitor(monitor_name).name] if monitor_name
              else [m.name for m in app.settings.monitors])
     with app.engine.connect() as connection:
         versions = [v for name in names for v in list_versions(connection, name)]
+        history = {name: activation_history(connection, name) for name in names}
     if as_json:
-        echo_json([v.to_dict() for v in versions])
+        echo_json([{**v.to_dict(), "activations": [
+            {"action": a, "at": t.isoformat()} for n, a, t in history[v.monitor]
+            if n == v.version]} for v in versions])
         return
     print_table(["monitor", "version", "kind", "status", "threshold", "method", "rows", "created"],
            [(v.monitor, v.version, v.kind, v.status, f"{v.threshold:.6g}", v.threshold_method,
              v.training.get("rows"), v.created_at.isoformat(timespec="seconds"))
             for v in versions])
+    for name, events in history.items():
+        if events:  # what rollback follows, newest last
+            steps = " -> ".join(f"{v}{' (rollback)' if a == 'rollback' else ''}"
+                                for v, a, _ in events[-10:])
+            click.echo(f"monitor {name}: activations, oldest first: {steps}")
 
 
 @models.command("show")
@@ -204,6 +219,7 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
 @pass_app
 def models_show(app: App, version: int, monitor_name: str | None) -> None:
     """Show everything recorded about VERSION (JSON)."""
+    app.read_only = True
     from anomaly_monitor.registry import get_version
 
     monitor = app.monitor(monitor_name)

@@ -212,6 +212,9 @@ def _check_table(
 
 def _threshold(data: dict[str, Any], where: str, path: Path | None) -> ThresholdSettings:
     data = _check_table(data, _THRESHOLD, where, path)
+    if "target_fpr" in data and "alerts_per_day" in data:
+        raise ConfigError(f"{path}: {where} sets both target_fpr and alerts_per_day; they are "
+                          "two ways to set one rate: keep one")
     settings = ThresholdSettings(**data)
     if settings.method == "fixed" and settings.value is None:
         raise ConfigError(f"{path}: {where}.value is required when method = \"fixed\"")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
+from urllib.parse import unquote
 
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, make_url
@@ -37,24 +38,72 @@ class DatabaseURLError(DatabaseError):
 SECRET_QUERY_KEYS = frozenset({"password", "sslpassword", "passfile"})
 
 
-def _secrets(url: URL) -> list[str]:
-    """The password of ``url`` and any secret query parameters' values."""
-    found = [str(url.password)] if url.password else []
-    for key, value in url.query.items():
-        if key.lower() in SECRET_QUERY_KEYS:
-            found += [value] if isinstance(value, str) else list(value)
-    return [v for v in found if v]
+#: ``scheme://userinfo@rest``: the userinfo ends at the LAST ``@`` (a password may hold
+#: ``@``, ``/`` or ``:`` that a URL parser would split it at).
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@(?P<rest>[^@]*)$")
+#: Pieces of a password at least this long are masked too (a parser may show a piece).
+MIN_SECRET_PIECE = 3
+
+
+def _text(url: str | URL) -> str:
+    return url if isinstance(url, str) else url.render_as_string(hide_password=False)
+
+
+def _split(url: str) -> tuple[str, str, str | None, str] | None:
+    """(scheme://, user, password or None, the rest) of ``url``; ``None`` without userinfo."""
+    text, mark, query = url.partition("?")
+    found = _USERINFO.match(text)
+    if found is None:
+        return None
+    user, colon, password = found["userinfo"].partition(":")
+    return found["scheme"], user, password if colon else None, found["rest"] + mark + query
+
+
+def _secrets(url: str | URL) -> list[str]:
+    """The password of ``url`` (as written, decoded, and its pieces between ``@ / :``)
+    and any secret query parameters' values."""
+    text = _text(url)
+    found: list[str] = []
+    parts = _split(text)
+    if parts is not None and parts[2]:
+        password = parts[2]
+        found += [password, unquote(password)]
+        # What a parser that split it shows: the pieces, and the ends before or after
+        # each delimiter (a host name "ss/w:rd@127.0.0.1" out of "p@ss/w:rd@127...").
+        cuts = [m.start() for m in re.finditer(r"[@/:?#]", password)]
+        found += [password[:c] for c in cuts] + [password[c + 1:] for c in cuts]
+        found += re.split(r"[@/:?#]", password)
+        found = [f for f in found if len(f) >= MIN_SECRET_PIECE or f == password]
+        # A short end still shows glued to the host: "t@db" out of "s3cr@t@db".
+        found += [password[c + 1:] + "@" for c in cuts if password[c + 1:]]
+    try:
+        for key, value in make_url(text).query.items():
+            if key.lower() in SECRET_QUERY_KEYS:
+                found += [value] if isinstance(value, str) else list(value)
+    except (sa.exc.ArgumentError, ValueError):
+        pass
+    return sorted({v for v in found if v}, key=len, reverse=True)
 
 
 def redact(url: str | URL) -> str:
-    """``url`` with its password (and secret query parameters) masked, for logs and messages."""
+    """``url`` with its password (and secret query parameters) masked, for logs and
+    messages; however malformed, no piece of the password is shown."""
+    text = _text(url)
+    parts = _split(text)
+    masked = text if parts is None or parts[2] is None else \
+        f"{parts[0]}{parts[1]}:***@{parts[3]}"
     try:
-        parsed = make_url(url)
+        parsed = make_url(masked)
     except (sa.exc.ArgumentError, ValueError):
-        return "<unparseable database URL>"
+        if parts is None and ":" in text.split("://", 1)[-1].split("@")[0]:
+            return "<an unparseable URL>"  # could not tell its password apart
+        return masked
     hidden = {key: "***" for key in parsed.query if key.lower() in SECRET_QUERY_KEYS}
     rendered = parsed.update_query_dict(hidden).render_as_string(hide_password=True)
-    return rendered.replace("%2A%2A%2A", "***")
+    rendered = rendered.replace("%2A%2A%2A", "***")
+    for secret in _secrets(text):
+        rendered = rendered.replace(secret, "***@" if secret.endswith("@") else "***")
+    return rendered
 
 
 def _normalise(url: URL) -> URL:
@@ -133,8 +182,8 @@ def describe_error(exc: BaseException, url: str | URL | None = None) -> str:
     else:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if url is not None:
-        for secret in _secrets(make_url(url)):
-            message = message.replace(secret, "***")
+        for secret in _secrets(url):
+            message = message.replace(secret, "***@" if secret.endswith("@") else "***")
     return message
 
 

@@ -286,7 +286,7 @@ def _parse_iso(value: str | None) -> dt.datetime | None:
 
 def activate_checked(
     connection: sa.Connection, monitor: MonitorSettings, source: SourceTable | None,
-    version: int,
+    version: int, *, action: str = "activate",
 ) -> ModelVersion:
     """Activate ``version`` after checking that the source still has its features."""
     source = source or reflect_source(connection, monitor)
@@ -303,12 +303,15 @@ def activate_checked(
         check_features(monitor, loaded.version)
 
     return activate(connection, monitor.name, version,
-                    initial_position=lambda: newest_id(connection, source), verify=verify)
+                    initial_position=lambda: newest_id(connection, source), verify=verify,
+                    action=action)
 
 
 def rollback(connection: sa.Connection, monitor: MonitorSettings) -> ModelVersion:
-    """Re-activate the version that was active before the current one."""
-    return activate_checked(connection, monitor, None, rollback_target(connection, monitor.name))
+    """Re-activate the version that was active before the current one (the activation
+    history, ``am_activations``, records it as a rollback)."""
+    return activate_checked(connection, monitor, None, rollback_target(connection, monitor.name),
+                            action="rollback")
 
 
 # -- calibration ---------------------------------------------------------------------------

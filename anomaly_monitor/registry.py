@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.calibration import SeverityScale, Threshold
 from anomaly_monitor.cursors import create_cursor
-from anomaly_monitor.tables import as_utc, model_versions, utcnow
+from anomaly_monitor.tables import activations, as_utc, model_versions, utcnow
 
 if TYPE_CHECKING:
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
@@ -210,6 +210,7 @@ def activate(
     *,
     initial_position: Callable[[], int],
     verify: Callable[[LoadedModel], None] | None = None,
+    action: str = "activate",
 ) -> ModelVersion:
     """Make ``version`` the active one after verifying its artifact.
 
@@ -234,30 +235,50 @@ def activate(
         .values(status="active", activated_at=now)
     )
     create_cursor(connection, monitor, initial_position, now)
+    connection.execute(activations.insert().values(monitor=monitor, version=version,
+                                                   action=action, at=now))
     return get_version(connection, monitor, version)
 
 
-def rollback_target(connection: sa.Connection, monitor: str) -> int:
-    """The version to roll back to: the newest once-active version older than the active one.
+def activation_history(connection: sa.Connection, monitor: str) -> list[tuple[int, str, Any]]:
+    """The monitor's activations, oldest first: (version, action, when)."""
+    rows = connection.execute(
+        sa.select(activations.c.version, activations.c.action, activations.c.at)
+        .where(activations.c.monitor == monitor).order_by(activations.c.id)).all()
+    return [(int(r.version), r.action, as_utc(r.at)) for r in rows]
 
-    Rolling back again steps further back (3 -> 2 -> 1), never forward to the
-    version just abandoned.
-    """
+
+def _stack(history: list[tuple[int, str, Any]]) -> list[int]:
+    """Replay the history: an activation pushes its version (unless it is already on
+    top), a rollback pops the top."""
+    stack: list[int] = []
+    for version, action, _ in history:
+        if action == "rollback":
+            if stack:
+                stack.pop()
+            if not stack or stack[-1] != version:
+                stack.append(version)
+        elif not stack or stack[-1] != version:
+            stack.append(version)
+    return stack
+
+
+def rollback_target(connection: sa.Connection, monitor: str) -> int:
+    """The version to roll back to: the one active before the current one in the
+    activation history (after ``activate 1``, ``activate 3``: version 1). Rolling back
+    again steps further back along the history."""
     current = active_version(connection, monitor)
     if current is None:
         raise RegistryError(f"monitor {monitor!r} has no active version to roll back from")
-    previous = connection.execute(
-        sa.select(model_versions.c.version).where(
-            model_versions.c.monitor == monitor, model_versions.c.status == "retired",
-            model_versions.c.activated_at.is_not(None), model_versions.c.version < current)
-        .order_by(model_versions.c.version.desc()).limit(1)
-    ).scalar()
-    if previous is None:
+    stack = _stack(activation_history(connection, monitor))
+    if stack and stack[-1] != current:  # activated outside this history: it is the top
+        stack.append(current)
+    if len(stack) < 2:
         raise RegistryError(
-            f"monitor {monitor!r}: no version older than {current} was ever active; "
+            f"monitor {monitor!r}: no version was active before version {current}; "
             "nothing to roll back to"
         )
-    return int(previous)
+    return stack[-2]
 
 
 def set_threshold(

@@ -104,6 +104,17 @@ anomalies = sa.Table(
     sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
 )
 
+activations = sa.Table(
+    "am_activations", metadata,
+    _row_id(),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    # "activate" pushes the version on the monitor's history, "rollback" pops back to it.
+    sa.Column("action", sa.String(16), nullable=False),
+    sa.Column("at", Timestamp, nullable=False),
+    sa.Index("ix_am_activations_monitor_id", "monitor", "id"),
+)
+
 quarantine = sa.Table(
     "am_quarantine", metadata,
     _row_id(),

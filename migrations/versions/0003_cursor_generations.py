@@ -1,6 +1,7 @@
 """Cursor generations: a cursor reset below its position starts a new generation, so
 that the rows of a table whose ids restarted are flagged under their own keys while
-the records of the old rows are kept; the timestamp of the row at the cursor.
+the records of the old rows are kept; the timestamp of the row at the cursor; the
+history of model activations (am_activations), which rollback follows.
 
 Revision ID: 0003
 Revises: 0002
@@ -21,7 +22,37 @@ depends_on = None
 KEYED = ("am_anomalies", "am_quarantine")
 
 
+def _seed_activations() -> None:
+    """The history so far, as far as it is known: each once-active version in the order
+    of its last activation, the active one last."""
+    bind = op.get_bind()
+    versions = sa.table("am_model_versions", sa.column("monitor"), sa.column("version"),
+                        sa.column("status"), sa.column("activated_at"))
+    rows = bind.execute(sa.select(versions.c.monitor, versions.c.version, versions.c.status,
+                                  versions.c.activated_at)
+                        .where(versions.c.activated_at.is_not(None))).all()
+    rows.sort(key=lambda r: (r.monitor, r.status == "active", r.activated_at))
+    activations = sa.table("am_activations", sa.column("monitor"), sa.column("version"),
+                           sa.column("action"), sa.column("at"))
+    if rows:
+        bind.execute(activations.insert(), [
+            {"monitor": r.monitor, "version": r.version, "action": "activate",
+             "at": r.activated_at} for r in rows])
+
+
 def upgrade() -> None:
+    op.create_table(
+        "am_activations",
+        sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+                  autoincrement=True),
+        sa.Column("monitor", sa.String(64), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("action", sa.String(16), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_am_activations"),
+    )
+    op.create_index("ix_am_activations_monitor_id", "am_activations", ["monitor", "id"])
+    _seed_activations()
     with op.batch_alter_table("am_cursors") as batch:
         batch.add_column(sa.Column("generation", sa.Integer, nullable=False,
                                    server_default="0"))
@@ -58,3 +89,5 @@ def downgrade() -> None:
     with op.batch_alter_table("am_cursors") as batch:
         batch.drop_column("position_timestamp")
         batch.drop_column("generation")
+    op.drop_index("ix_am_activations_monitor_id", table_name="am_activations")
+    op.drop_table("am_activations")

@@ -237,7 +237,9 @@ def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):
     monkeypatch.delenv("ANOMALY_MONITOR_CONFIG", raising=False)
     assert "wrote anomaly-monitor.toml" in cli("init")
     assert "already exists" in cli("init", expect=1)
-    assert "run: anomaly-monitor db upgrade" in cli("check", expect=1)
+    # check only looks: it does not create the SQLite file the config names
+    assert "anomaly-monitor db upgrade creates it" in cli("check", expect=2)
+    assert not (tmp_path / "anomaly_monitor.db").exists()
     assert f"at revision {migrate.head_revision()}" in cli("db", "upgrade")
     assert "up to date" in cli("db", "current")
     out = cli("check", expect=2)  # the example's table does not exist yet

@@ -11,7 +11,8 @@ from anomaly_monitor import migrate
 from anomaly_monitor.db import create_engine
 from anomaly_monitor.tables import metadata
 
-AM_TABLES = {"am_model_versions", "am_cursors", "am_anomalies", "am_quarantine", "am_batches"}
+AM_TABLES = {"am_model_versions", "am_cursors", "am_anomalies", "am_quarantine", "am_batches",
+             "am_activations"}
 
 
 def am_tables(engine):

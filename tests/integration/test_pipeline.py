@@ -374,3 +374,26 @@ def test_two_trains_at_once_both_store_a_version(plant, db_url):
     assert raced and report.version.version == 3 and report.version.status == "active"
     with engine.connect() as connection:
         assert [v.version for v in list_versions(connection, "plant")] == [3, 2, 1]
+
+
+def test_rollback_follows_the_activation_history(plant):
+    """After activate 1, activate 3, rollback makes 1 active (not 2, one number lower);
+    rolling back again walks further back along the history."""
+    from anomaly_monitor.registry import activation_history
+
+    engine, _, monitor, _, _ = plant
+    for _ in range(2):
+        train_monitor(engine, monitor, device="cpu")  # versions 2 and 3, each activated
+    with engine.begin() as connection:
+        activate_checked(connection, monitor, None, 1)
+        activate_checked(connection, monitor, None, 3)
+        assert rollback(connection, monitor).version == 1
+        assert rollback(connection, monitor).version == 3  # active before 1 was 3
+        assert rollback(connection, monitor).version == 2
+        assert rollback(connection, monitor).version == 1
+        with pytest.raises(RegistryError, match="nothing to roll back to"):
+            rollback(connection, monitor)
+        history = activation_history(connection, "plant")
+    assert [(v, a) for v, a, _ in history] == [
+        (1, "activate"), (2, "activate"), (3, "activate"), (1, "activate"), (3, "activate"),
+        (1, "rollback"), (3, "rollback"), (2, "rollback"), (1, "rollback")]

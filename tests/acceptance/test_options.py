@@ -1,0 +1,73 @@
+"""Options that contradict each other, or the host, are refused up front (exit 2, the
+conflict named) instead of being silently ignored or failing later."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from anomaly_monitor.cli import main
+
+CONFIG = """
+[database]
+url = "sqlite:///{path}"
+
+[[monitor]]
+name = "plant"
+table = "readings"
+timestamp_column = "ts"
+
+[monitor.threshold]
+{threshold}
+"""
+
+
+def cli(config, *args: str, expect: int) -> str:
+    result = CliRunner().invoke(main, ["--config", str(config), *args])
+    assert result.exit_code == expect, result.output
+    assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "am.toml"
+    path.write_text(CONFIG.format(path=tmp_path / "x.db", threshold='method = "quantile"'))
+    return path
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target-fpr", "0.01", "--alerts-per-day", "5"],
+     "--target-fpr and --alerts-per-day conflict"),
+    (["--method", "labels", "--target-fpr", "0.2"],
+     "--target-fpr does not apply to --method labels"),
+    (["--method", "fixed", "--value", "3", "--alerts-per-day", "2"],
+     "--alerts-per-day does not apply to --method fixed (it takes --value)"),
+    (["--method", "quantile", "--value", "3"], "--value does not apply to --method quantile"),
+])
+def test_calibrate_refuses_conflicting_options(config, args, message):
+    assert message in cli(config, "calibrate", "plant", *args, expect=2)
+
+
+def test_a_config_with_both_rates_is_refused(tmp_path):
+    path = tmp_path / "am.toml"
+    path.write_text(CONFIG.format(path=tmp_path / "x.db",
+                                  threshold="target_fpr = 0.01\nalerts_per_day = 5"))
+    out = cli(path, "check", expect=2)
+    assert "sets both target_fpr and alerts_per_day" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA device")
+@pytest.mark.parametrize("command", [["run", "--once"], ["run"], ["train", "plant"]])
+def test_device_cuda_without_cuda_is_refused_up_front(config, command):
+    out = cli(config, *command, "--device", "cuda", expect=2)
+    assert "--device cuda: no CUDA device is available on this host" in out
+
+
+@pytest.mark.parametrize("command", [["status"], ["anomalies", "plant"], ["models", "list"],
+                                     ["check"]])
+def test_read_only_commands_do_not_create_a_database(config, tmp_path, command):
+    out = cli(config, *command, expect=2)
+    assert "does not exist" in out and "x.db" in out
+    assert not (tmp_path / "x.db").exists()
