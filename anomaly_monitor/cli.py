@@ -63,8 +63,12 @@ def _translate(exc: Exception, url: str | None) -> CliError | None:
     if isinstance(exc, RegistryError | TrainingError | DatabaseError):
         return CliError(str(exc))
     if isinstance(exc, sa.exc.SQLAlchemyError):
+        from anomaly_monitor.runner import is_configuration_error
+
         where = f" ({redact(url)})" if url else ""
-        return CliError(f"database error{where}: {describe_error(exc, url)}")
+        # A rejected login or a missing database is the configuration's to fix (exit 2).
+        code = EXIT_USAGE if is_configuration_error(exc) else EXIT_FAILURE
+        return CliError(f"database error{where}: {describe_error(exc, url)}", code)
     if isinstance(exc, ValueError | OSError):
         return CliError(str(exc))
     return None

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import click
+import sqlalchemy as sa
 
 from anomaly_monitor.cli import (
     DATETIME_FORMATS,
@@ -25,7 +26,8 @@ from anomaly_monitor.cli import (
     require_schema,
 )
 from anomaly_monitor.config import SCORING_THREADS, ConfigError, Settings, load_settings
-from anomaly_monitor.db import redact
+from anomaly_monitor.db import describe_error, redact
+from anomaly_monitor.runner import is_configuration_error
 from anomaly_monitor.source import RESTARTED
 from anomaly_monitor.tables import as_utc
 
@@ -74,8 +76,16 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
             return
         if settings.metrics_port:
             _serve_metrics(registry, settings)
-        # The daemon waits for a database that is down at start-up instead of exiting.
-        if worker.wait_for_database(lambda: require_schema(app)):
+        # The daemon waits for a database that is down at start-up instead of exiting;
+        # a rejected login or a missing database is a configuration error (exit 2).
+        try:
+            ready = worker.wait_for_database(lambda: require_schema(app))
+        except sa.exc.SQLAlchemyError as exc:
+            if not is_configuration_error(exc):
+                raise
+            raise CliError(f"database {redact(settings.database_url)}: "
+                           f"{describe_error(exc, settings.database_url)}", EXIT_USAGE) from None
+        if ready:
             worker.run_forever(install_signals=False)
     finally:
         if worker.reload_requested:

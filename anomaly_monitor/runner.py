@@ -73,8 +73,31 @@ def _when(moment: dt.datetime | None) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S}Z" if moment is not None else "it is released"
 
 
+#: SQLSTATE classes of a rejected login (28) or a database that does not exist (3D).
+CONFIGURATION_SQLSTATES = ("28", "3D")
+#: The same, as libpq words them when the server gives no SQLSTATE (at connect).
+CONFIGURATION_MESSAGES = ("password authentication failed", "no pg_hba.conf entry",
+                          "does not exist")
+
+
+def is_configuration_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a rejected password or user, or a missing database: to be
+    fixed in the configuration, not waited out like an outage."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str) and state[:2] in CONFIGURATION_SQLSTATES:
+        return True
+    if not isinstance(exc, sa.exc.OperationalError):
+        return False
+    text = str(orig or exc).lower()
+    return any(words in text for words in CONFIGURATION_MESSAGES) and (
+        "does not exist" not in text or "database" in text or "role" in text)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` looks like a lost or refused connection, worth retrying forever."""
+    if is_configuration_error(exc):
+        return False
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError
@@ -222,6 +245,9 @@ class MonitorRunner:
     def _record(self, result: BatchResult) -> None:
         monitor = self.monitor
         state = self.state
+        if state.failures:
+            log.info("monitor %s: working again after %d failed attempt(s)", monitor.name,
+                     state.failures)
         state.failures, state.detail = 0, None
         state.status = Status.RUNNING if result.status in ("committed", "idle") \
             else Status(result.status)

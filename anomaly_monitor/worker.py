@@ -179,6 +179,8 @@ class Worker:
         while not self.stop_event.is_set():
             try:
                 check()
+                if delay > BACKOFF_INITIAL_SECONDS:
+                    log.info("database reachable again")
                 return True
             except Exception as exc:
                 if not is_transient(exc):

@@ -71,3 +71,18 @@ def test_read_only_commands_do_not_create_a_database(config, tmp_path, command):
     out = cli(config, *command, expect=2)
     assert "does not exist" in out and "x.db" in out
     assert not (tmp_path / "x.db").exists()
+
+
+def test_the_daemon_does_not_wait_forever_for_a_database_that_does_not_exist(pg_url, tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "am.toml"
+    missing = pg_url.rsplit("/", 1)[0] + "/no_such_database"
+    path.write_text(CONFIG.format(path="", threshold='method = "quantile"').replace(
+        'url = "sqlite:///"', f'url = "{missing}"'))
+    done = subprocess.run([sys.executable, "-m", "anomaly_monitor", "--config", str(path),
+                           "run"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "no_such_database" in done.stderr and "does not exist" in done.stderr
+    assert "retrying" not in done.stderr
