@@ -223,6 +223,11 @@ def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
     }
 
 
+def _future_from(started: dt.datetime) -> dt.datetime:
+    """From when a row's stamp is too far ahead to wait for (a batch started ``started``)."""
+    return started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+
+
 def _note_future_rows(monitor: str, window: Window, future_from: dt.datetime,
                       read_state: ReadState) -> None:
     """Count the window's rows stamped at or after ``future_from`` (scored without
@@ -260,7 +265,7 @@ def _read_next(
         ready_before = future_from = None
         if monitor.query_delay_seconds > 0:
             ready_before = started - dt.timedelta(seconds=monitor.query_delay_seconds)
-            future_from = started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+            future_from = _future_from(started)
         # Stop at rows an open transaction may overtake (a view has no xmin: its
         # monitor relies on query_delay_seconds, which reflect_source requires).
         hold_back = is_postgresql(engine) and not source.is_view
@@ -332,8 +337,7 @@ def run_batch(
         gaps, full = gaps[:MAX_GAP_RANGES], True
         read_state.gap_rows = window.size
     if monitor.query_delay_seconds > 0:  # counted on the rows this batch keeps
-        _note_future_rows(monitor.name, window,
-                          started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS), read_state)
+        _note_future_rows(monitor.name, window, _future_from(started), read_state)
     flagged, severities = score_window(monitor.name, model, window, started)
     result = dataclasses.replace(
         _result(monitor, model, window, flagged, severities, caught_up=not full),

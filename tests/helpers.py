@@ -156,6 +156,25 @@ def trained_plant(
     return table, monitor, source, report
 
 
+def rows_in_batches(engine: sa.Engine) -> int:
+    """Rows recorded by all ``am_batches`` (scored plus quarantined, every kind)."""
+    from anomaly_monitor.tables import batches
+
+    with engine.connect() as connection:
+        return int(connection.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(batches.c.rows), 0))).scalar())
+
+
+def daemon_config(engine: sa.Engine, features: Sequence[str], interval: float) -> str:
+    """A config for the daemon as a subprocess: monitor ``plant`` on ``engine``'s
+    ``readings``, no metrics port."""
+    return (f'[database]\nurl = "{engine.url.render_as_string(hide_password=False)}"\n'
+            '[metrics]\nport = 0\n'
+            '[[monitor]]\nname = "plant"\ntable = "readings"\ntimestamp_column = "ts"\n'
+            f'interval_seconds = {interval}\n'
+            + 'features = [' + ", ".join(f'"{f}"' for f in features) + ']\n')
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05) -> float:
     """Seconds until ``predicate()`` holds; AssertionError after ``timeout``."""
     start = time.monotonic()

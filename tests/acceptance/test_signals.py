@@ -14,23 +14,17 @@ import time
 import sqlalchemy as sa
 
 from anomaly_monitor.cli import UtcFormatter
-from anomaly_monitor.tables import batches, cursors
+from anomaly_monitor.tables import cursors
 from anomaly_monitor.worker import SKIPPED_LOG_SECONDS, SkippedRunFilter
-from tests.helpers import Sensors, insert_rows, monitor_settings, trained_plant, wait_for
-
-
-def _config(engine: sa.Engine, interval: float, features: tuple[str, ...]) -> str:
-    return (f'[database]\nurl = "{engine.url.render_as_string(hide_password=False)}"\n'
-            '[metrics]\nport = 0\n'
-            '[[monitor]]\nname = "plant"\ntable = "readings"\ntimestamp_column = "ts"\n'
-            f'interval_seconds = {interval}\n'
-            + 'features = [' + ", ".join(f'"{f}"' for f in features) + ']\n')
-
-
-def _scored(engine: sa.Engine) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(batches.c.rows), 0))).scalar())
+from tests.helpers import (
+    Sensors,
+    daemon_config,
+    insert_rows,
+    monitor_settings,
+    rows_in_batches,
+    trained_plant,
+    wait_for,
+)
 
 
 def _holder(engine: sa.Engine) -> str | None:
@@ -42,28 +36,28 @@ def test_sighup_reloads_the_configuration_in_the_same_process(engine, tmp_path):
     sensors = Sensors(seed=12)
     table, monitor, _, _ = trained_plant(engine, monitor_settings(), sensors=sensors)
     config = tmp_path / "am.toml"
-    config.write_text(_config(engine, 1, monitor.features))
+    config.write_text(daemon_config(engine, monitor.features, 1))
     daemon = subprocess.Popen(
         [sys.executable, "-m", "anomaly_monitor", "--config", str(config), "run"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         insert_rows(engine, table, sensors.normal(5))
-        wait_for(lambda: _scored(engine) == 5, timeout=60, interval=0.2)
+        wait_for(lambda: rows_in_batches(engine) == 5, timeout=60, interval=0.2)
         first = _holder(engine)
         config.write_text("[database\nbroken")  # refused: the daemon goes on as it was
         daemon.send_signal(signal.SIGHUP)
         time.sleep(1)
         insert_rows(engine, table, sensors.normal(5))
-        wait_for(lambda: _scored(engine) == 10, timeout=20, interval=0.2)
+        wait_for(lambda: rows_in_batches(engine) == 10, timeout=20, interval=0.2)
         assert daemon.poll() is None and _holder(engine) == first
-        config.write_text(_config(engine, 2, monitor.features))
+        config.write_text(daemon_config(engine, monitor.features, 2))
         daemon.send_signal(signal.SIGHUP)
         # The lease is released, and taken again by the restarted run (same pid).
         wait_for(lambda: _holder(engine) not in (None, first), timeout=60, interval=0.2)
         assert str(daemon.pid) in _holder(engine)
         insert_rows(engine, table, sensors.normal(5))
-        wait_for(lambda: _scored(engine) == 15, timeout=30, interval=0.2)
+        wait_for(lambda: rows_in_batches(engine) == 15, timeout=30, interval=0.2)
         # A stop right after a reload (systemctl reload, then stop) stops cleanly, even
         # when it arrives while the process re-executes itself.
         daemon.send_signal(signal.SIGHUP)

@@ -17,20 +17,20 @@ import sys
 import time
 
 import pytest
-import sqlalchemy as sa
 
-from anomaly_monitor.tables import batches
-from tests.helpers import Sensors, insert_rows, monitor_settings, trained_plant, wait_for
+from tests.helpers import (
+    Sensors,
+    daemon_config,
+    insert_rows,
+    monitor_settings,
+    rows_in_batches,
+    trained_plant,
+    wait_for,
+)
 
 LIBRARIES = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
 STEP_SECONDS = 600
 INTERVAL_SECONDS = 1
-
-
-def _scored(engine: sa.Engine) -> int:
-    with engine.connect() as connection:
-        return int(connection.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(batches.c.rows), 0))).scalar())
 
 
 @pytest.fixture
@@ -47,12 +47,7 @@ def test_polls_go_on_when_the_wall_clock_steps_back(engine, tmp_path, libfaketim
     table, monitor, _, _ = trained_plant(
         engine, monitor_settings(interval_seconds=INTERVAL_SECONDS), sensors=sensors)
     config = tmp_path / "am.toml"
-    config.write_text(
-        f'[database]\nurl = "{engine.url.render_as_string(hide_password=False)}"\n'
-        '[metrics]\nport = 0\n'
-        f'[[monitor]]\nname = "plant"\ntable = "readings"\ntimestamp_column = "ts"\n'
-        f'interval_seconds = {INTERVAL_SECONDS}\n'
-        + 'features = [' + ", ".join(f'"{f}"' for f in monitor.features) + ']\n')
+    config.write_text(daemon_config(engine, monitor.features, INTERVAL_SECONDS))
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LD_PRELOAD": libfaketime,
@@ -64,15 +59,15 @@ def test_polls_go_on_when_the_wall_clock_steps_back(engine, tmp_path, libfaketim
         env=env)
     try:
         insert_rows(engine, table, sensors.normal(10))
-        wait_for(lambda: _scored(engine) == 10, timeout=60, interval=0.2)
+        wait_for(lambda: rows_in_batches(engine) == 10, timeout=60, interval=0.2)
         offset.write_text(f"-{STEP_SECONDS}\n")
         time.sleep(2)  # the step has happened; the daemon notices it within a second
         insert_rows(engine, table, sensors.normal(10))
         # Without the guard, the scheduler waits out the step: no batch for 600 s.
-        waited = wait_for(lambda: _scored(engine) == 20, timeout=15, interval=0.2)
+        waited = wait_for(lambda: rows_in_batches(engine) == 20, timeout=15, interval=0.2)
         assert waited < 5 * INTERVAL_SECONDS + 2
         insert_rows(engine, table, sensors.normal(10))  # and the interval holds after it
-        wait_for(lambda: _scored(engine) == 30, timeout=10, interval=0.2)
+        wait_for(lambda: rows_in_batches(engine) == 30, timeout=10, interval=0.2)
         daemon.send_signal(signal.SIGTERM)
         output, _ = daemon.communicate(timeout=20)
     finally:
