@@ -29,11 +29,19 @@ from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
 from anomaly_monitor.reading.arrow import ArrowReader
-from anomaly_monitor.reading.values import Window
+from anomaly_monitor.reading.cancel import is_query_canceled
+from anomaly_monitor.reading.values import BadRow, Window
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
-from anomaly_monitor.source import SourceTable, check_position, read_gaps, timestamp_at
+from anomaly_monitor.source import (
+    SlowReadError,
+    SourceTable,
+    check_position,
+    next_id,
+    read_gaps,
+    timestamp_at,
+)
 from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
 
 #: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
@@ -61,6 +69,13 @@ FUTURE_WARNING_SECONDS = 600.0
 #: PostgreSQL: how long an open transaction may hold the read window back before the
 #: worker reads past it (the sweep then scores what that transaction commits).
 HORIZON_MAX_STALL_SECONDS = 60.0
+#: A window read that runs past the statement timeout is retried with this many
+#: times fewer rows, down to one row; a row that cannot be read alone is quarantined
+#: (``read_timeout``) when its id can be, else the monitor pauses.
+TIMEOUT_SHRINK_FACTOR = 10
+#: After a timeout, windows grow back (doubling per batch) to half the size that timed
+#: out; once this long has passed without one, to the full batch size again.
+TIMEOUT_MEMORY_SECONDS = 3600.0
 
 # The late-row and horizon warnings keep the logger name operators filter on.
 log = logging.getLogger("anomaly_monitor.scoring")
@@ -71,7 +86,8 @@ class BatchResult:
     """What one call of :func:`run_batch` did.
 
     ``status`` is ``committed`` (a batch was written), ``idle`` (nothing to
-    read), ``paused`` or ``no_model`` (nothing was read).
+    read), ``slow`` (the read ran past the statement timeout: the next reads fewer
+    rows), ``paused`` or ``no_model`` (nothing was read).
     """
 
     monitor: str
@@ -119,14 +135,44 @@ class ReadState:
     #: Rows the last window kept when it ended before a gap it could not record (sparse
     #: ids): the next reads about twice that, not a whole batch it would mostly drop.
     gap_rows: int | None = None
+    #: After a read ran past the statement timeout: the rows per window now, the most
+    #: it grows back to, and when the last timeout was (``time.monotonic``).
+    slow_rows: int | None = None
+    slow_ceiling: int = 0
+    slow_at: float = 0.0
+    #: Set when a stopping worker cancels this monitor's reads.
+    cancelled: bool = False
 
     def limit(self, batch_size: int) -> int:
         """How many rows to read for the next window."""
-        if self.gap_rows is None:
-            return batch_size
-        # A power of two: the same few query shapes (the Arrow reader caches each).
-        wanted = max(MAX_GAP_RANGES, 2 * self.gap_rows)
-        return min(batch_size, 1 << (wanted - 1).bit_length())
+        limit = batch_size
+        if self.gap_rows is not None:
+            # A power of two: the same few query shapes (the Arrow reader caches each).
+            wanted = max(MAX_GAP_RANGES, 2 * self.gap_rows)
+            limit = min(batch_size, 1 << (wanted - 1).bit_length())
+        return limit if self.slow_rows is None else min(limit, self.slow_rows)
+
+    def timed_out(self, limit: int, now: float) -> int:
+        """Record that a window of ``limit`` rows ran past the statement timeout; the
+        rows to read next."""
+        self.slow_rows = max(1, limit // TIMEOUT_SHRINK_FACTOR)
+        self.slow_ceiling, self.slow_at = max(1, limit // 2), now
+        return self.slow_rows
+
+    def read_in_time(self, now: float) -> None:
+        """A window was read within the timeout: let the next one grow."""
+        if self.slow_rows is None:
+            return
+        if now - self.slow_at > TIMEOUT_MEMORY_SECONDS:
+            self.slow_rows = None
+        else:
+            self.slow_rows = min(self.slow_ceiling, 2 * self.slow_rows)
+
+    def cancel(self) -> None:
+        """Cancel the Arrow reader's running query (a stopping worker, another thread)."""
+        self.cancelled = True
+        if self.arrow is not None:
+            self.arrow.cancel()
 
     def plain(self, batch_size: int) -> bool:
         """Whether to read the next window by the plain path: after a small window, for
@@ -320,8 +366,16 @@ def run_batch(
     started = clock()
     t0 = time.perf_counter()
     limit = read_state.limit(monitor.batch_size)
-    cursor, version, model, window, status = _read_next(engine, monitor, source, models,
-                                                        started, read_state, limit)
+    try:
+        cursor, version, model, window, status = _read_next(engine, monitor, source, models,
+                                                            started, read_state, limit)
+    except Exception as exc:
+        if read_state.cancelled or not is_query_canceled(exc):
+            raise
+        return _read_timed_out(engine, monitor, source, models, read_state, limit,
+                               lease=lease, clock=clock, t0=t0)
+    if window is not None:
+        read_state.read_in_time(time.monotonic())
     if cursor is None or window is None:
         return BatchResult(monitor.name, status)
     if model is None or window.last_id is None:
@@ -352,6 +406,54 @@ def run_batch(
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
                                position=window.last_id, generation=cursor.generation,
                                version=version)
+
+
+def _read_timed_out(
+    engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
+    read_state: ReadState, limit: int, *, lease: Lease | None,
+    clock: Callable[[], dt.datetime], t0: float,
+) -> BatchResult:
+    """A window of ``limit`` rows ran past the statement timeout: read fewer next time
+    (status ``slow``); at one row, quarantine that row if its id can be read, else
+    raise :class:`SlowReadError` (the monitor pauses)."""
+    with engine.connect() as connection:
+        cursor = read_cursor(connection, monitor.name)
+        version = models.active_version(connection, monitor.name) if cursor else None
+    if cursor is None or version is None or cursor.paused:
+        return BatchResult(monitor.name, "paused" if cursor and cursor.paused else "no_model")
+    rows = read_state.timed_out(limit, time.monotonic())
+    if limit > 1:
+        log.warning("monitor %s: reading %d rows after id %d ran past the statement "
+                    "timeout; reading %d at a time", monitor.name, limit, cursor.position,
+                    rows)
+        return BatchResult(monitor.name, "slow", caught_up=False, position=cursor.position,
+                           generation=cursor.generation, version=version)
+    try:
+        with engine.connect() as connection:
+            found = next_id(connection, source, cursor.position)
+    except Exception as exc:
+        if is_query_canceled(exc) and not read_state.cancelled:
+            raise SlowReadError(source, cursor.position) from None
+        raise
+    if found is None:  # the row is gone
+        return BatchResult(monitor.name, "idle", position=cursor.position,
+                           generation=cursor.generation, version=version)
+    started = clock()
+    bad = BadRow(found, "read_timeout", "reading this row ran past the statement timeout; "
+                 "its values were not read", {})
+    window = Window(ids=np.zeros(0, dtype=np.int64), raw_timestamps=[],
+                    values=np.zeros((0, len(version.features))), bad=[bad], last_id=found)
+    result = BatchResult(monitor.name, "committed", quarantined=1, first_id=found,
+                         last_id=found, model_version=version.version, caught_up=False,
+                         quarantine_reasons={"read_timeout": 1})
+    batch = _batch_row(result, started, "window", gap_ranges([found], cursor.position, found),
+                       t0)
+    _commit(engine, monitor.name, lease, clock(), window, [], batch,
+            generation=cursor.generation, move=(cursor.position, found, None))
+    log.warning("monitor %s: row %d cannot be read within the statement timeout; "
+                "quarantined it (read_timeout) and went on", monitor.name, found)
+    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
+                               position=found, generation=cursor.generation, version=version)
 
 
 def sweep_due(started_at: dt.datetime, since: dt.datetime | None, now: dt.datetime) -> bool:

@@ -79,7 +79,7 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
         # The daemon waits for a database that is down at start-up instead of exiting;
         # a rejected login or a missing database is a configuration error (exit 2).
         try:
-            ready = worker.wait_for_database(lambda: require_schema(app))
+            ready = worker.wait_for_database(lambda: _require_ready(app))
         except sa.exc.SQLAlchemyError as exc:
             if not is_configuration_error(exc):
                 raise
@@ -122,8 +122,20 @@ def _restart_process(app: App) -> None:
     os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line, no shell)
 
 
-def _run_once(app: App, worker: Any) -> None:
+def _require_ready(app: App) -> None:
+    """Refuse to run unless the am_ tables are current and this user may write them (a
+    worker that cannot record a batch or a pause would look healthy, and do nothing)."""
+    from anomaly_monitor.checks import check_writes
+
     require_schema(app)
+    with app.engine.connect() as connection:
+        finding = check_writes(connection)
+    if not finding.ok:
+        raise CliError(f"cannot run: {finding.message}", EXIT_USAGE)
+
+
+def _run_once(app: App, worker: Any) -> None:
+    _require_ready(app)
     states = worker.run_once()
     for name, state in states.items():
         outcome = "done" if state.status == "running" else state.status

@@ -33,15 +33,19 @@ from anomaly_monitor.cursors import (
 )
 from anomaly_monitor.db import describe_error
 from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.reading.cancel import is_query_canceled
 from anomaly_monitor.registry import ModelCache, RegistryError
 from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
     RESTARTED,
+    SLOW_READ,
     IdsRestartedError,
     SchemaError,
+    SlowReadError,
     SourceTable,
     check_position,
     count_after,
+    next_id,
     reflect_source,
 )
 from anomaly_monitor.tables import as_utc, batches, utcnow
@@ -201,22 +205,35 @@ class MonitorRunner:
             state.reflected_at = now
         return state.source
 
-    def _pause(self, reason: str, *, restarted: bool = False) -> None:
+    def _pause(self, reason: str, *, restarted: bool = False) -> bool:
         """Pause the monitor with ``reason``: logged and written once, not again while
-        it stays paused for the same reason."""
+        it stays paused for the same reason. ``False`` when the pause cannot be written
+        (the monitor is then failing, retried after an interval: not shown as paused
+        where ``status`` cannot show it)."""
         monitor = self.monitor
         state = self.state
         again = state.status == Status.PAUSED and state.detail == reason
-        state.status, state.detail, state.source = Status.PAUSED, reason, None
         state.read_state.close()
-        self.metrics.set_paused(monitor.name, True)
         if again:
-            return
-        log.error("monitor %s paused: %s", monitor.name, reason)
+            state.source = None
+            self.metrics.set_paused(monitor.name, True)
+            return True
         if restarted:
             self.metrics.observe_id_restart(monitor.name)
-        with self.engine.begin() as connection:
-            set_paused(connection, monitor.name, reason)
+        try:
+            with self.engine.begin() as connection:
+                set_paused(connection, monitor.name, reason)
+        except Exception as exc:  # e.g. a user without UPDATE on am_cursors
+            log.error("monitor %s: could not record its pause (%s): %s", monitor.name,
+                      describe_error(exc, self.engine.url), reason)
+            state.status, state.detail, state.source = Status.ERROR, reason, None
+            state.retry_at = self.clock.monotonic() + monitor.interval_seconds
+            self.metrics.observe_error(monitor.name)
+            return False
+        state.status, state.detail, state.source = Status.PAUSED, reason, None
+        self.metrics.set_paused(monitor.name, True)
+        log.error("monitor %s paused: %s", monitor.name, reason)
+        return True
 
     def _try_resume(self) -> None:
         """Re-check a paused monitor's table and model; resume it when both are fine
@@ -225,9 +242,12 @@ class MonitorRunner:
         monitor = self.monitor
         with self.engine.connect() as connection:
             cursor = read_cursor(connection, monitor.name)
-        if cursor is not None and (cursor.pause_reason or "").startswith(RESTARTED):
-            raise IdsRestartedError(cursor.pause_reason)
+        reason = (cursor.pause_reason or "") if cursor is not None else ""
+        if reason.startswith(RESTARTED):
+            raise IdsRestartedError(reason)
         source = self._source()
+        if cursor is not None and reason.startswith(SLOW_READ):
+            self._probe(source, cursor.position)
         with self.engine.connect() as connection:
             model = self.models.active(connection, monitor.name)
         if model is not None:
@@ -241,6 +261,19 @@ class MonitorRunner:
             set_paused(connection, monitor.name, None)
         log.info("monitor %s resumed", monitor.name)
         self.metrics.set_paused(monitor.name, False)
+        # A pause for the same reason right after is written (and logged) again.
+        self.state.status, self.state.detail = Status.RUNNING, None
+
+    def _probe(self, source: SourceTable, position: int) -> None:
+        """Raise :class:`SlowReadError` while the id after ``position`` still cannot be
+        read within the statement timeout."""
+        try:
+            with self.engine.connect() as connection:
+                next_id(connection, source, position)
+        except Exception as exc:
+            if is_query_canceled(exc) and not self.stop_event.is_set():
+                raise SlowReadError(source, position) from None
+            raise
 
     def _record(self, result: BatchResult) -> None:
         monitor = self.monitor
@@ -249,8 +282,11 @@ class MonitorRunner:
             log.info("monitor %s: working again after %d failed attempt(s)", monitor.name,
                      state.failures)
         state.failures, state.detail = 0, None
-        state.status = Status.RUNNING if result.status in ("committed", "idle") \
+        state.status = Status.RUNNING if result.status in ("committed", "idle", "slow") \
             else Status(result.status)
+        if result.status == "slow":
+            state.detail = (f"a read ran past the statement timeout; reading "
+                            f"{state.read_state.slow_rows} row(s) per window")
         if result.status == "no_model":
             state.detail = f"no active model; run: anomaly-monitor train {monitor.name}"
         version = result.version
@@ -279,12 +315,10 @@ class MonitorRunner:
         state = self.state
         state.failures += 1
         if state.failures >= PAUSE_AFTER_FAILURES and not is_transient(exc):
-            self.metrics.observe_error(monitor.name)
             reason = f"{state.failures} failures in a row: {describe_error(exc, self.engine.url)}"
-            try:
-                self._pause(reason)
-            except Exception:  # the database may refuse the pause too
-                state.status, state.detail = Status.PAUSED, reason
+            if not self._pause(reason):  # counted as an error there
+                return monitor.interval_seconds
+            self.metrics.observe_error(monitor.name)
             return 0.0
         # Capped at the interval, so that a returning database is used within two intervals.
         cap = min(BACKOFF_MAX_SECONDS, monitor.interval_seconds)
@@ -317,6 +351,10 @@ class MonitorRunner:
             state.read_state.close()
             return None
         except Exception as exc:  # the daemon never dies on data or the DB
+            if self.stop_event.is_set() and state.read_state.cancelled:
+                log.info("monitor %s: batch cancelled to stop; it is read again after "
+                         "the restart", monitor.name)
+                return None
             if not isinstance(exc, sa.exc.SQLAlchemyError):
                 log.exception("monitor %s: unexpected error", monitor.name)
             self._failed(exc)

@@ -45,6 +45,23 @@ class IdsRestartedError(SchemaError):
     emptied or truncated with its sequence restarted): rows would go unscored."""
 
 
+#: The start of the pause reason of a monitor whose next row's id cannot be read
+#: within the statement timeout (re-checked at every poll: :func:`next_id`).
+SLOW_READ = "reads time out: "
+
+
+class SlowReadError(SchemaError):
+    """Not even the id of the row after the cursor can be read within the database's
+    statement timeout (a costly row-level-security policy or view)."""
+
+    def __init__(self, source: SourceTable, after_id: int) -> None:
+        super().__init__(
+            f"{SLOW_READ}the row after id {after_id} in table {source.table.fullname!r} "
+            "cannot be read within the statement timeout; make the table's row-level "
+            "security policy or the view cheaper, or raise statement_timeout in the "
+            "database URL (options=-c statement_timeout=...)")
+
+
 @dataclass(frozen=True)
 class SourceTable:
     """A monitor's reflected table and the columns it uses."""
@@ -211,6 +228,14 @@ def newest_id(connection: sa.Connection, source: SourceTable) -> int:
     """The largest id in the table, 0 when it is empty."""
     value = connection.execute(sa.select(sa.func.max(source.id_column))).scalar()
     return int(value) if value is not None else 0
+
+
+def next_id(connection: sa.Connection, source: SourceTable, after_id: int) -> int | None:
+    """The first id above ``after_id`` (its other columns are not read), or ``None``."""
+    value = connection.execute(
+        sa.select(source.id_column).where(source.id_column > after_id)
+        .order_by(source.id_column).limit(1)).scalar()
+    return int(value) if value is not None else None
 
 
 def oldest_id(connection: sa.Connection, source: SourceTable) -> int | None:

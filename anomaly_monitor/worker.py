@@ -26,6 +26,7 @@ from anomaly_monitor.config import MonitorSettings, Settings
 from anomaly_monitor.cursors import worker_identity
 from anomaly_monitor.db import describe_error
 from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.reading.cancel import QueryCanceller
 from anomaly_monitor.registry import ModelCache
 from anomaly_monitor.runner import (
     BACKOFF_INITIAL_SECONDS,
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: How often the main thread checks for a stop request.
 STOP_POLL_SECONDS = 0.5
+#: On a stop, the running batches get this long to finish; then the queries they wait
+#: for are cancelled (again every ``STOP_POLL_SECONDS`` until the jobs end).
+STOP_GRACE_SECONDS = 3.0
 #: Read paths: ``auto`` (Arrow for full windows where the driver has it), ``plain``.
 READERS: tuple[str, ...] = ("auto", "plain")
 #: ``run --once`` gives up on a monitor after this many consecutive failures.
@@ -227,6 +231,8 @@ class Worker:
         for name, monitor in self.monitors.items():
             scheduler.add_job(self.poll, "interval", seconds=monitor.interval_seconds,
                               args=[name], id=name, name=f"monitor {name}", next_run_time=now)
+        # Tracks the connections lent out from now on: a stop may cancel their queries.
+        canceller = QueryCanceller(self.engine)
         scheduler.start()
         log.info("running %d monitor(s): %s", len(self.monitors), ", ".join(self.monitors))
         watch = ClockStepWatch(self.clock)
@@ -240,10 +246,30 @@ class Worker:
                     self._reload()
         finally:
             log.info("stopping: letting the current batches finish")
-            scheduler.shutdown(wait=True)
+            self._shutdown(scheduler, canceller)
+            canceller.close()
             self.release_leases()
             logging.getLogger("apscheduler.scheduler").removeFilter(skipped)
             log.info("stopped")
+
+    def _shutdown(self, scheduler: Any, canceller: QueryCanceller) -> None:
+        """Stop the scheduler, waiting for its running jobs; after ``STOP_GRACE_SECONDS``
+        cancel the queries they still wait for (a slow read would hold the stop up
+        for its whole statement timeout)."""
+        done = threading.Thread(target=scheduler.shutdown, kwargs={"wait": True},
+                                name="scheduler-shutdown")
+        done.start()
+        done.join(STOP_GRACE_SECONDS)
+        if done.is_alive():
+            log.warning("stopping: cancelling the queries still running after %.0f s",
+                        STOP_GRACE_SECONDS)
+        while done.is_alive():
+            for runner in self.runners.values():
+                runner.state.read_state.cancel()
+            canceller.cancel()
+            done.join(STOP_POLL_SECONDS)
+        for runner in self.runners.values():
+            runner.state.read_state.cancelled = False
 
     def _reschedule(self, scheduler: Any, step: float) -> None:
         log.warning("the wall clock stepped %s by %.0f s; polling every monitor now and "

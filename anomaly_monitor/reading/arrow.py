@@ -32,6 +32,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from anomaly_monitor.db import SQLITE_BUSY_TIMEOUT_SECONDS, postgresql_connect_args
 from anomaly_monitor.reading.backends import Backend, ChildBackend, Pending, ThreadBackend
+from anomaly_monitor.reading.cancel import is_query_canceled
 from anomaly_monitor.reading.query import WindowQuery
 from anomaly_monitor.reading.values import BadRow, Window, describe_bad, first_young
 
@@ -174,6 +175,8 @@ class ArrowReader:
         except ArrowUnavailableError:
             return None
         except Exception as exc:  # a lost connection, a column Arrow cannot convert
+            if is_query_canceled(exc):  # the plain path would only time out again
+                raise
             self.stand_aside(exc)
             return None
 
@@ -207,6 +210,12 @@ class ArrowReader:
     def _redacted(self, message: str) -> str:
         password = self.engine.url.password
         return message.replace(str(password), "***") if password else message
+
+    def cancel(self) -> None:
+        """Cancel the query running for this reader, if any (from another thread)."""
+        backend = self._backend
+        if backend is not None:
+            backend.cancel()
 
     def close(self) -> None:
         """Close the ADBC connection or reader process (reopened on the next use)."""

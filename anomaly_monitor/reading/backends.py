@@ -64,6 +64,10 @@ class Backend(Protocol):
         """Release the connection (waits for a running query)."""
         ...
 
+    def cancel(self) -> None:
+        """Cancel the running query, if any (from another thread); its result raises."""
+        ...
+
 
 def _run(connection: Any, sql: str, batch_rows: int | None) -> pa.Table:
     # The driver manager's own API: its DB-API layer would import pandas (a second).
@@ -150,6 +154,12 @@ class ThreadBackend:
     def submit(self, sql: str, batch_rows: int) -> Pending:
         return self._pool.submit(self._query, sql)
 
+    def cancel(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(Exception):  # nothing running, or already closed
+                connection.connection.cancel()
+
     def close(self) -> None:
         self._pool.submit(self._drop).result()
         self._pool.shutdown(wait=True)
@@ -225,6 +235,13 @@ class ChildBackend:
         if header[:1] == b"E":
             raise BackendError(payload.decode(errors="replace"))
         return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
+
+    def cancel(self) -> None:
+        # The reader process only reads: ending it loses nothing (a new one starts).
+        process = self._process
+        if process is not None:
+            with contextlib.suppress(OSError):
+                process.kill()
 
     def close(self) -> None:
         process, self._process = self._process, None

@@ -112,6 +112,53 @@ def test_missing_grants_are_named(restricted, tmp_path):
     assert "am_ tables: writable" in out
 
 
+def test_run_refuses_a_user_that_cannot_write_the_am_tables(restricted, tmp_path):
+    select_only, _ = restricted
+    config = _config(tmp_path / "a.toml", select_only, "[metrics]\nport = 0\n",
+                     _monitor("plant", "readings"))
+    for args in (["run", "--once"], ["run"]):
+        result = CliRunner().invoke(main, ["--config", config, *args])
+        assert result.exit_code == 2, result.output
+        assert "cannot run: this database user lacks INSERT on am_cursors" in result.output
+        assert "Traceback" not in result.output
+
+
+def test_a_pause_that_cannot_be_written_is_not_shown_as_one(restricted, pg_url):
+    from prometheus_client import CollectorRegistry
+
+    from anomaly_monitor.lifecycle import train_monitor
+    from anomaly_monitor.metrics import Metrics
+    from anomaly_monitor.runner import PAUSE_AFTER_FAILURES
+    from anomaly_monitor.worker import Worker
+    from tests.helpers import Sensors, _fit_once, bulk_insert, settings
+
+    owner = create_engine(pg_url)
+    bulk_insert(owner, source_table_of(owner), Sensors(seed=2).normal(300))
+    monitor = monitor_settings()
+    with _fit_once():
+        train_monitor(owner, monitor, device="cpu")
+    select_only = create_engine(restricted[0])
+    worker = Worker(settings(restricted[0], monitor), select_only,
+                    Metrics(CollectorRegistry()), device="cpu")
+    for _ in range(PAUSE_AFTER_FAILURES + 1):
+        worker.runners["plant"].state.retry_at = 0.0  # no backoff wait in the test
+        state = worker.poll("plant", budget_seconds=0)
+    registry = worker.metrics.registry
+    assert state.status == "error" and "permission denied" in (state.detail or "")
+    assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "plant"}) == 0
+    assert registry.get_sample_value("anomaly_monitor_batches_total", {
+        "monitor": "plant", "outcome": "error"}) == PAUSE_AFTER_FAILURES + 1
+    with owner.connect() as connection:  # what status shows: not paused, as the metric
+        assert not connection.execute(sa.text(
+            "SELECT paused FROM am_cursors WHERE monitor = 'plant'")).scalar()
+    select_only.dispose()
+    owner.dispose()
+
+
+def source_table_of(engine: sa.Engine) -> sa.Table:
+    return sa.Table("readings", sa.MetaData(), autoload_with=engine)
+
+
 def test_a_postgresql_view_needs_a_query_delay(pg_url, tmp_path):
     engine = create_engine(pg_url)
     source_table(engine)

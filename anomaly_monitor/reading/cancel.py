@@ -1,0 +1,90 @@
+"""Queries that run too long: a statement timeout seen in an error, and the cancelling
+of a stopping worker's queries.
+
+PostgreSQL ends a query that runs past ``statement_timeout`` (or is cancelled) with
+SQLSTATE 57014; :func:`is_query_canceled` finds it in psycopg's exception, and in
+ADBC's by libpq's message. :class:`QueryCanceller` tracks the connections an
+engine has lent out, so that a worker told to stop can cancel the reads it would
+otherwise wait for (PostgreSQL: a cancel request; SQLite: ``interrupt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+#: PostgreSQL's SQLSTATE for a statement ended by its timeout or a cancel request.
+QUERY_CANCELED = "57014"
+#: How libpq words it when ADBC gives no SQLSTATE (a server with other
+#: ``lc_messages`` is not recognised there: the plain path then reads the window).
+CANCELED_MESSAGE = "canceling statement due to"
+#: A cancel request to PostgreSQL gives up after this long (seconds).
+CANCEL_TIMEOUT_SECONDS = 2.0
+
+
+def is_query_canceled(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) is a statement ended by ``statement_timeout``
+    or a cancel request."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        for candidate in (current, getattr(current, "orig", None)):
+            if getattr(candidate, "sqlstate", None) == QUERY_CANCELED:
+                return True
+        if isinstance(current, OSError) and CANCELED_MESSAGE in str(current):  # ADBC
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _cancel(connection: Any) -> None:
+    cancel_safe = getattr(connection, "cancel_safe", None)  # psycopg 3
+    if cancel_safe is not None:
+        cancel_safe(timeout=CANCEL_TIMEOUT_SECONDS)
+        return
+    interrupt = getattr(connection, "interrupt", None)  # sqlite3
+    if interrupt is not None:
+        interrupt()
+
+
+class QueryCanceller:
+    """The DB-API connections ``engine`` has checked out of its pool right now;
+    :meth:`cancel` cancels whatever each of them runs (from another thread)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._out: dict[int, Any] = {}
+        sa.event.listen(engine, "checkout", self._checkout)
+        sa.event.listen(engine, "checkin", self._checkin)
+
+    def _checkout(self, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        with self._lock:
+            self._out[id(dbapi_connection)] = dbapi_connection
+
+    def _checkin(self, dbapi_connection: Any, _record: Any) -> None:
+        with self._lock:
+            self._out.pop(id(dbapi_connection), None)
+
+    def cancel(self) -> int:
+        """Cancel the statements running on the checked-out connections; how many
+        connections were asked."""
+        with self._lock:
+            connections = list(self._out.values())
+        for connection in connections:
+            with contextlib.suppress(Exception):  # it may have just been returned
+                _cancel(connection)
+        return len(connections)
+
+    def close(self) -> None:
+        """Stop tracking the engine's connections."""
+        with contextlib.suppress(sa.exc.InvalidRequestError):
+            sa.event.remove(self.engine, "checkout", self._checkout)
+            sa.event.remove(self.engine, "checkin", self._checkin)
