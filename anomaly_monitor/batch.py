@@ -220,12 +220,13 @@ def _commit(
     under the cursor's ``generation`` and the ``am_batches`` record (none when
     ``batch`` is ``None``), in one transaction."""
     with engine.begin() as connection:
-        fence(connection, monitor, lease, now, *(move or ()), generation=generation)
+        fence(connection, monitor, lease, now, *(move or ()), generation=generation,
+              rows=batch["rows"] if batch is not None else 0)
         if also is not None:
             also(connection)
         if batch is not None:
             _write_rows(connection, monitor, generation, window, flagged, now)
-            connection.execute(batches.insert().values(**batch))
+            connection.execute(batches.insert().values(**batch, generation=generation))
 
 
 def _write_rows(connection: sa.Connection, monitor: str, generation: int, window: Window,

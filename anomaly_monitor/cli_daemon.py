@@ -198,6 +198,11 @@ def status(app: App, as_json: bool) -> None:
                        f"{s['pause_reason']}")
         if s["source_error"] and s["source_error"] != s["pause_reason"]:
             click.echo(f"source check now: {s['source_error']}")
+        if s["rows_below_cursor"]:
+            click.echo(f"monitor {s['monitor']}: at least {s['rows_below_cursor']} row(s) were "
+                       f"written below the cursor and are not scored (counted "
+                       f"{s['rows_below_checked_at']}); score them with: anomaly-monitor "
+                       f"backfill {s['monitor']} --from-id A --to-id B")
 
 
 @main.command()

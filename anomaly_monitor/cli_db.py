@@ -1,4 +1,5 @@
-"""``db``, ``check`` and ``cursor``: the database, what the monitors need, the cursor."""
+"""``db``, ``check``, ``cursor`` and ``backfill``: the database, what the monitors need,
+the cursor, and rows written below it."""
 
 from __future__ import annotations
 
@@ -174,3 +175,43 @@ def cursor(app: App, monitor: str, reset_to: int | None, to_start: bool, to_end:
     if lease is not None and not lease["expired"]:
         click.echo(f"lease held until {lease['expires_at']} (database clock) by "
                    f"{lease['owner']}")
+
+
+@main.command("backfill")
+@click.argument("monitor")
+@click.option("--from-id", "from_id", type=int, required=True, metavar="A",
+              help="The lowest id to score.")
+@click.option("--to-id", "to_id", type=int, required=True, metavar="B",
+              help="The highest id to score (at most the cursor: the worker scores the rest).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def backfill_command(app: App, monitor: str, from_id: int, to_id: int,
+                     as_json: bool) -> None:
+    """Score the rows of MONITOR with ids A..B at or below its cursor that no batch
+    read (rows written below the cursor, e.g. with old or negative ids), once: ids
+    already read are skipped, however often this runs."""
+    from anomaly_monitor.below import BackfillError, backfill
+    from anomaly_monitor.registry import ModelCache
+    from anomaly_monitor.source import SchemaError, reflect_source
+
+    if from_id > to_id:
+        raise CliError(f"--from-id {from_id} is above --to-id {to_id}", EXIT_USAGE)
+    settings = app.settings.monitor(monitor)
+    require_schema(app)
+    try:
+        with app.engine.connect() as connection:
+            source = reflect_source(connection, settings)
+        results = backfill(app.engine, settings, source, ModelCache("auto"), from_id, to_id)
+    except (BackfillError, SchemaError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    totals = {"monitor": monitor, "from_id": from_id, "to_id": to_id,
+              "batches": len(results), "rows": sum(r.rows for r in results),
+              "scored": sum(r.scored for r in results),
+              "flagged": sum(r.flagged for r in results),
+              "quarantined": sum(r.quarantined for r in results)}
+    if as_json:
+        echo_json(totals)
+        return
+    click.echo(f"monitor {monitor}: ids {from_id}..{to_id}: {totals['scored']} row(s) scored, "
+               f"{totals['flagged']} flagged, {totals['quarantined']} quarantined in "
+               f"{totals['batches']} batch(es); ids a batch had read were skipped")

@@ -277,15 +277,19 @@ def fence(
     connection: sa.Connection, monitor: str, lease: Lease | None, now: dt.datetime,
     position: int | None = None, new_position: int | None = None,
     new_position_timestamp: dt.datetime | None = None, *, generation: int | None = None,
+    rows: int = 0,
 ) -> None:
     """Touch the cursor row (and move it from ``position`` to ``new_position``, whose
-    row has ``new_position_timestamp``) if the lease, the position and the generation
-    still hold; else raise :class:`BatchConflictError`, whose caller rolls the batch
-    back (a batch or sweep read before a cursor reset never commits after it)."""
+    row has ``new_position_timestamp``; and count ``rows`` consumed) if the lease, the
+    position and the generation still hold; else raise :class:`BatchConflictError`,
+    whose caller rolls the batch back (a batch or sweep read before a cursor reset
+    never commits after it)."""
     conditions = [cursors.c.monitor == monitor, cursors.c.paused == sa.false(), *fenced(lease)]
     if generation is not None:
         conditions.append(cursors.c.generation == generation)
     values: dict[str, Any] = {"updated_at": now}
+    if rows:
+        values["rows_consumed"] = cursors.c.rows_consumed + rows
     if position is not None:
         conditions.append(cursors.c.position == position)
         values["position"] = new_position
@@ -383,7 +387,10 @@ def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
     connection.execute(cursors.update().where(cursors.c.monitor == monitor).values(
         position=position, generation=generation, position_timestamp=None, paused=False,
         pause_reason=None, updated_at=utcnow(), lease_owner=None, lease_expires_at=None,
-        lease_token=cursors.c.lease_token + 1))
+        lease_token=cursors.c.lease_token + 1,
+        # Counting rows below the cursor starts afresh from here (skipped rows are no news).
+        rows_consumed=0 if back else cursors.c.rows_consumed, below_floor=None,
+        rows_below=None, below_checked_at=None))
     closed = _close_gaps_above(connection, monitor, position) if back else 0
     return Reset(int(row.position), position, int(row.generation), generation,
                  bool(row.paused), row.lease_owner if taken else None, closed)

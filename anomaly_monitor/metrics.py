@@ -82,6 +82,10 @@ class Metrics:
         self.future_rows = Counter(
             f"{PREFIX}_future_rows", "Rows stamped over an hour in the future, scored "
             "without waiting for query_delay_seconds.", labels, registry=registry)
+        self.rows_below = Gauge(
+            f"{PREFIX}_rows_below_cursor", "Rows written below the cursor that no batch "
+            "read, at least (counted every few minutes; anomaly-monitor backfill scores "
+            "them).", labels, registry=registry)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -91,7 +95,7 @@ class Metrics:
             for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
                            self.expected_ratio, self.severity, self.late_rows, self.paused,
-                           self.id_restarts, self.future_rows):
+                           self.id_restarts, self.future_rows, self.rows_below):
                 metric.labels(monitor)
             self.interval.labels(monitor).set(interval)
             for reason in REASONS:
@@ -136,6 +140,10 @@ class Metrics:
     def observe_id_restart(self, monitor: str) -> None:
         """Count a table found restarted under the cursor."""
         self.id_restarts.labels(monitor).inc()
+
+    def set_rows_below(self, monitor: str, rows: int) -> None:
+        """Publish the last count of rows written below the cursor."""
+        self.rows_below.labels(monitor).set(rows)
 
     def observe_late_rows(self, monitor: str, rows: int) -> None:
         """Count rows found behind the cursor and scored late."""

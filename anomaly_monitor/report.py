@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import lease_holder, read_cursor, reset_cursor
+from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import (
     SchemaError,
@@ -17,7 +18,7 @@ from anomaly_monitor.source import (
     oldest_id,
     reflect_source,
 )
-from anomaly_monitor.tables import anomalies, as_utc, batches, utcnow
+from anomaly_monitor.tables import anomalies, as_utc, batches, cursors, utcnow
 
 RECENT_WINDOW = dt.timedelta(hours=24)
 #: PostgreSQL: ``status`` gives up counting one monitor's backlog after this long, so
@@ -27,21 +28,9 @@ STATUS_COUNT_TIMEOUT_MS = 5000
 
 def _bounded_count(connection: sa.Connection, source: SourceTable, position: int) -> int:
     """The backlog; -1 when counting it took over ``STATUS_COUNT_TIMEOUT_MS``."""
-    if connection.dialect.name != "postgresql":
-        return count_after(connection, source, position)
-    setting = sa.func.set_config("statement_timeout", str(STATUS_COUNT_TIMEOUT_MS), True)
-    try:
-        with connection.begin_nested():  # the timeout ends with the savepoint
-            before = connection.execute(sa.select(sa.func.current_setting(
-                "statement_timeout"))).scalar()
-            connection.execute(sa.select(setting))
-            count = count_after(connection, source, position)
-            connection.execute(sa.select(sa.func.set_config("statement_timeout", before, True)))
-            return count
-    except sa.exc.OperationalError as exc:
-        if getattr(exc.orig, "sqlstate", None) == "57014":  # query_canceled
-            return -1
-        raise
+    count = bounded(connection, STATUS_COUNT_TIMEOUT_MS,
+                    lambda: count_after(connection, source, position))
+    return -1 if count is None else count
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -80,6 +69,10 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["paused"] = bool(cursor and cursor.paused)
     status["pause_reason"] = cursor.pause_reason if cursor else None
     status["lease"] = lease_holder(connection, monitor.name)
+    below = connection.execute(sa.select(cursors.c.rows_below, cursors.c.below_checked_at)
+                               .where(cursors.c.monitor == monitor.name)).first()
+    status["rows_below_cursor"] = below.rows_below if below is not None else None
+    status["rows_below_checked_at"] = _iso(as_utc(below.below_checked_at)) if below else None
     try:
         source = reflect_source(connection, monitor)
         status["backlog"] = _bounded_count(connection, source, cursor.position) \

@@ -22,6 +22,7 @@ from enum import StrEnum
 import sqlalchemy as sa
 
 from anomaly_monitor.batch import BatchResult, ReadState, run_batch, sweep_late_rows
+from anomaly_monitor.below import BELOW_CHECK_SECONDS, measure_below
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import (
     BatchConflictError,
@@ -152,6 +153,10 @@ class MonitorState:
     #: The (version, threshold) last published to the model metrics.
     reported_model: tuple[int, float] | None = None
     read_state: ReadState = field(default_factory=ReadState)
+    #: When the rows below the cursor are counted next (``Clock.monotonic``: at the
+    #: first poll), and the last count.
+    below_check_at: float = 0.0
+    rows_below: int = 0
 
 
 class MonitorRunner:
@@ -408,7 +413,11 @@ class MonitorRunner:
         # fail on the fence, and the backlog would be counted from a stale position.
         if last is not None and last.status in ("committed", "idle") \
                 and state.status == Status.RUNNING and state.lease is not None:
-            self._sweep(last)
+            count_below = clock() >= state.below_check_at
+            self._sweep(last, full=count_below)  # all open gaps first: late rows are no news
+            if count_below:
+                state.below_check_at = clock() + BELOW_CHECK_SECONDS
+                self._count_below()
             self._report_poll(last)
         return state
 
@@ -466,8 +475,29 @@ class MonitorRunner:
         state.lease, state.lease_renewed = result.lease, self.clock.monotonic()
         return True
 
-    def _sweep(self, last: BatchResult) -> None:
-        """Score late rows behind the cursor, at the position and version ``last`` read."""
+    def _count_below(self) -> None:
+        """Count the rows written below the cursor (:func:`measure_below`); warn when
+        there are more than at the last count."""
+        monitor, state = self.monitor, self.state
+        try:
+            with self.engine.begin() as connection:
+                rows = measure_below(connection, self._source(), monitor.name, utcnow())
+        except Exception as exc:  # a report, not a batch: never fails the poll
+            log.warning("monitor %s: could not count the rows below the cursor (%s)",
+                        monitor.name, describe_error(exc, self.engine.url))
+            return
+        if rows is None:
+            return
+        if rows > state.rows_below:
+            log.warning("monitor %s: at least %d row(s) were written below the cursor and are "
+                        "not scored; score them with: anomaly-monitor backfill %s --from-id A "
+                        "--to-id B", monitor.name, rows, monitor.name)
+        state.rows_below = rows
+        self.metrics.set_rows_below(monitor.name, rows)
+
+    def _sweep(self, last: BatchResult, *, full: bool = False) -> None:
+        """Score late rows behind the cursor, at the position and version ``last`` read
+        (``full``: every open gap, not only those due)."""
         monitor = self.monitor
         state = self.state
         if state.lease is None:
@@ -477,7 +507,8 @@ class MonitorRunner:
         started = utcnow()
         try:
             late = sweep_late_rows(self.engine, monitor, self._source(), self.models,
-                                   lease=state.lease, known=known, since=state.swept_at,
+                                   lease=state.lease, known=known,
+                                   since=None if full else state.swept_at,
                                    clock=lambda: started)
             state.swept_at = started
         except Exception as exc:  # the sweep must not kill the job

@@ -85,6 +85,13 @@ cursors = sa.Table(
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
     # The source timestamp of the row at the position, to notice that it changed.
     sa.Column("position_timestamp", Timestamp),
+    # Rows this generation consumed (every batch kind); the lowest "rows at or below
+    # the position minus rows consumed" a check has seen; how far the last check found
+    # it above that (rows written below the cursor), and when it ran.
+    sa.Column("rows_consumed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("below_floor", sa.BigInteger),
+    sa.Column("rows_below", sa.BigInteger),
+    sa.Column("below_checked_at", Timestamp),
 )
 
 anomalies = sa.Table(
@@ -141,12 +148,14 @@ batches = sa.Table(
     sa.Column("started_at", Timestamp, nullable=False),
     sa.Column("duration_seconds", sa.Float, nullable=False),
     sa.Column("newest_timestamp", Timestamp),
-    # "window": rows read after the cursor; "late": rows found in an earlier window's gaps.
+    # "window": rows read after the cursor; "late": rows found in an earlier window's
+    # gaps; "backfill": rows at or below the cursor scored by ``anomaly-monitor backfill``.
     sa.Column("kind", sa.String(8), nullable=False, server_default="window"),
     # Id ranges [a, b] inside first_id..last_id that this batch did not score (fixed),
     # and those of them not yet found by the sweep (NULL once none is left or expired).
     sa.Column("gaps", NullableJson),
     sa.Column("open_gaps", NullableJson),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_am_batches_monitor_started_at", "monitor", "started_at"),
 )
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -42,6 +43,30 @@ def is_query_canceled(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+T = TypeVar("T")
+
+
+def bounded(connection: sa.Connection, timeout_ms: int, run: Callable[[], T]) -> T | None:
+    """``run()`` on ``connection``, given up (``None``) on PostgreSQL after
+    ``timeout_ms`` milliseconds; the connection's own timeout is restored after it.
+    Elsewhere ``run()`` as it is."""
+    if connection.dialect.name != "postgresql":
+        return run()
+    setting = sa.func.set_config("statement_timeout", str(timeout_ms), True)
+    try:
+        with connection.begin_nested():  # the timeout ends with the savepoint
+            before = connection.execute(sa.select(sa.func.current_setting(
+                "statement_timeout"))).scalar()
+            connection.execute(sa.select(setting))
+            value = run()
+            connection.execute(sa.select(sa.func.set_config("statement_timeout", before, True)))
+            return value
+    except sa.exc.OperationalError as exc:
+        if is_query_canceled(exc):
+            return None
+        raise
 
 
 def _cancel(connection: Any) -> None:

@@ -21,7 +21,7 @@ from anomaly_monitor.config import TIMESTAMP_UNITS
 from anomaly_monitor.tables import as_utc
 
 #: Quarantine reasons (the ``reason`` label of ``rows_quarantined_total``).
-REASONS = ("null", "nan", "infinite", "non_numeric")
+REASONS = ("null", "nan", "infinite", "non_numeric", "read_timeout")
 
 
 #: ``auto``: an epoch number below this (absolute) is seconds (years to 5138), below
