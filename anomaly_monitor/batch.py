@@ -12,12 +12,13 @@ sweep (:func:`sweep_late_rows`) ends in the same commit path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,11 @@ class ReadState:
         self.slow_ceiling, self.slow_at = max(1, limit // 2), now
         return self.slow_rows
 
+    def slow_row_skipped(self) -> None:
+        """The one row that timed out was quarantined: it, not the table, was slow, so
+        windows go back to their full size (a slow table times out again, and shrinks)."""
+        self.slow_rows = None
+
     def read_in_time(self, now: float) -> None:
         """A window was read within the timeout: let the next one grow."""
         if self.slow_rows is None:
@@ -293,6 +299,22 @@ def _note_future_rows(monitor: str, window: Window, future_from: dt.datetime,
                     FUTURE_TOLERANCE_SECONDS, first)
 
 
+class WindowTimeoutError(Exception):
+    """The window's read ran past the statement timeout (or was cancelled)."""
+
+
+@contextlib.contextmanager
+def _window_read() -> Iterator[None]:
+    """Turn a statement timeout of the window query into :class:`WindowTimeoutError`
+    (other queries' timeouts stay database errors: retried, not shrunk)."""
+    try:
+        yield
+    except Exception as exc:
+        if is_query_canceled(exc):
+            raise WindowTimeoutError(str(exc)) from exc
+        raise
+
+
 def _read_next(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
     started: dt.datetime, read_state: ReadState, limit: int,
@@ -317,18 +339,20 @@ def _read_next(
         # monitor relies on query_delay_seconds, which reflect_source requires).
         hold_back = is_postgresql(engine) and not source.is_view
         arrow = read_state.reader(engine)
-        window = read_window(connection, source, cursor.position, limit,
-                             features=version.features, ready_before=ready_before,
-                             future_from=future_from, hold_back=hold_back, arrow=arrow,
-                             plain=read_state.plain(limit))
+        with _window_read():
+            window = read_window(connection, source, cursor.position, limit,
+                                 features=version.features, ready_before=ready_before,
+                                 future_from=future_from, hold_back=hold_back, arrow=arrow,
+                                 plain=read_state.plain(limit))
         held = window.horizon if window.last_id is None else None
         if hold_back and read_state.stalled(held, time.monotonic()):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
-            window = read_window(connection, source, cursor.position, limit,
-                                 features=version.features, ready_before=ready_before,
-                                 future_from=future_from, arrow=arrow)
+            with _window_read():
+                window = read_window(connection, source, cursor.position, limit,
+                                     features=version.features, ready_before=ready_before,
+                                     future_from=future_from, arrow=arrow)
         check_position(connection, source, cursor.position, cursor.position_timestamp,
                        caught_up=window.last_id is None and window.held_back is None)
         model = models.model(connection, version) if window.size else None
@@ -370,8 +394,8 @@ def run_batch(
     try:
         cursor, version, model, window, status = _read_next(engine, monitor, source, models,
                                                             started, read_state, limit)
-    except Exception as exc:
-        if read_state.cancelled or not is_query_canceled(exc):
+    except WindowTimeoutError:
+        if read_state.cancelled:
             raise
         return _read_timed_out(engine, monitor, source, models, read_state, limit,
                                lease=lease, clock=clock, t0=t0)
@@ -451,6 +475,7 @@ def _read_timed_out(
                        t0)
     _commit(engine, monitor.name, lease, clock(), window, [], batch,
             generation=cursor.generation, move=(cursor.position, found, None))
+    read_state.slow_row_skipped()
     log.warning("monitor %s: row %d cannot be read within the statement timeout; "
                 "quarantined it (read_timeout) and went on", monitor.name, found)
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,

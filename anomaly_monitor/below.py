@@ -64,29 +64,32 @@ def measure_below(connection: sa.Connection, source: SourceTable, monitor: str,
     level = count - int(row.rows_consumed)
     floor = level if row.below_floor is None else min(int(row.below_floor), level)
     # Recorded only if no batch moved the cursor or counted rows meanwhile.
-    connection.execute(cursors.update().where(
+    recorded = connection.execute(cursors.update().where(
         cursors.c.monitor == monitor, cursors.c.position == row.position,
         cursors.c.generation == row.generation,
         cursors.c.rows_consumed == row.rows_consumed,
-    ).values(below_floor=floor, rows_below=level - floor, below_checked_at=now))
-    return level - floor
+    ).values(below_floor=floor, rows_below=level - floor, below_checked_at=now)).rowcount
+    return level - floor if recorded == 1 else None
 
 
 def _covered(connection: sa.Connection, monitor: str, generation: int, lo: int,
              hi: int) -> list[tuple[int, int]]:
     """Inclusive id ranges within ``lo..hi`` that this generation's batches read, or
-    whose gaps are still open (the sweep reads those)."""
+    that lie in gaps still open in any generation (the sweep reads those)."""
     spans: list[tuple[int, int]] = []
-    for first, last, gaps, open_gaps in connection.execute(
+    # A window's gaps start right after the cursor it read from, below its first_id:
+    # every batch ending at or above lo is looked at.
+    for first, last, gaps, open_gaps, batch_generation in connection.execute(
             sa.select(batches.c.first_id, batches.c.last_id, batches.c.gaps,
-                      batches.c.open_gaps)
-            .where(batches.c.monitor == monitor, batches.c.generation == generation,
-                   batches.c.first_id <= hi, batches.c.last_id >= lo)):
+                      batches.c.open_gaps, batches.c.generation)
+            .where(batches.c.monitor == monitor, batches.c.last_id >= lo)):
+        # The sweep reads the open gaps of every generation: those are its rows.
+        spans += [(int(a), int(b)) for a, b in (open_gaps or [])]
+        if batch_generation != generation or int(first) > hi:
+            continue
         holes = [(int(a), int(b)) for a, b in (gaps or [])]
-        # A window's gaps start right after the cursor it read from: below first_id.
         start = min([int(first), *(a for a, _ in holes)])
         spans += [(a, b) for a, b in _uncovered(start, int(last), holes)]
-        spans += [(int(a), int(b)) for a, b in (open_gaps or [])]
     return [(max(a, lo), min(b, hi)) for a, b in spans if a <= hi and b >= lo]
 
 

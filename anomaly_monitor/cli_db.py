@@ -191,6 +191,7 @@ def backfill_command(app: App, monitor: str, from_id: int, to_id: int,
     read (rows written below the cursor, e.g. with old or negative ids), once: ids
     already read are skipped, however often this runs."""
     from anomaly_monitor.below import BackfillError, backfill
+    from anomaly_monitor.cursors import BatchConflictError
     from anomaly_monitor.registry import ModelCache
     from anomaly_monitor.source import SchemaError, reflect_source
 
@@ -204,6 +205,9 @@ def backfill_command(app: App, monitor: str, from_id: int, to_id: int,
         results = backfill(app.engine, settings, source, ModelCache("auto"), from_id, to_id)
     except (BackfillError, SchemaError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+    except BatchConflictError as exc:  # paused or reset meanwhile: chunks before it stand
+        raise CliError(f"{exc}; the batches committed before it stand, and running the "
+                       "same backfill again skips them") from None
     totals = {"monitor": monitor, "from_id": from_id, "to_id": to_id,
               "batches": len(results), "rows": sum(r.rows for r in results),
               "scored": sum(r.scored for r in results),
@@ -214,4 +218,5 @@ def backfill_command(app: App, monitor: str, from_id: int, to_id: int,
         return
     click.echo(f"monitor {monitor}: ids {from_id}..{to_id}: {totals['scored']} row(s) scored, "
                f"{totals['flagged']} flagged, {totals['quarantined']} quarantined in "
-               f"{totals['batches']} batch(es); ids a batch had read were skipped")
+               f"{totals['batches']} batch(es); ids a batch had read, and gaps the worker's "
+               "sweep still watches, were skipped")

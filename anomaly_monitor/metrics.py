@@ -8,7 +8,7 @@ absent()-style alerts work before the first anomaly. Tests build a fresh
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -18,13 +18,15 @@ from anomaly_monitor.reading.values import REASONS
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
+    from prometheus_client.metrics_core import Metric
+
     from anomaly_monitor.batch import BatchResult
 
 PREFIX = "anomaly_monitor"
 OUTCOMES = ("success", "error")
 #: Batch durations from 10 ms to 2 minutes.
-DURATION_BUCKETS_SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-SEVERITY_BUCKETS = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+DURATION_BUCKETS_SECONDS = (0.01, 0.05, 0.25, 1, 5, 30, 120)
+SEVERITY_BUCKETS = (25, 50, 75, 90, 99)
 
 
 class Metrics:
@@ -165,6 +167,24 @@ class Metrics:
             self.source_lag.labels(monitor).set(max(0.0, now - newest_timestamp))
 
 
+class WithoutCreated:
+    """``registry`` as scraped: without the ``*_created`` series client_python adds to
+    every counter and histogram (a series per counter that no rule or panel reads)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+    def restricted_registry(self, names: Iterable[str]) -> WithoutCreated:
+        """The same for a scrape that asks for some names only (``?name[]=...``)."""
+        return WithoutCreated(self._registry.restricted_registry(names))
+
+
 def serve(registry: CollectorRegistry, host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
-    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread."""
-    return start_http_server(port, addr=host, registry=registry)
+    """Serve ``registry`` at ``http://host:port/metrics`` from a daemon thread (without
+    the ``*_created`` series)."""
+    return start_http_server(port, addr=host, registry=WithoutCreated(registry))  # type: ignore[arg-type]

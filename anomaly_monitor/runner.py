@@ -54,7 +54,10 @@ from anomaly_monitor.tables import as_utc, batches, utcnow
 # The daemon's log lines keep the logger name operators filter on.
 log = logging.getLogger("anomaly_monitor.worker")
 
-#: A job stops calling run_batch after this share of its interval (at least the minimum).
+#: A job stops calling run_batch after this share of its interval (at least the minimum);
+#: when more monitors than threads share a worker, both are scaled by its share of the
+#: threads, so that a backlog in some does not starve the others' polls (a poll still
+#: runs at least one batch).
 JOB_BUDGET_FRACTION = 0.9
 MIN_JOB_BUDGET_SECONDS = 5.0
 #: Retry delays after database errors: doubling from the initial value up to the cap.
@@ -173,8 +176,13 @@ class MonitorRunner:
         clock: Clock,
         stop_event: threading.Event,
         use_arrow: bool = True,
+        share: float = 1.0,
     ) -> None:
         self.monitor = monitor
+        #: This monitor's share of the worker's threads (1: a thread of its own); below 1
+        #: its polls are shorter and its Arrow reader is closed after each one, so that
+        #: the worker holds at most a connection per thread, not one per monitor.
+        self.share = share
         self.engine = engine
         self.metrics = metrics
         self.models = models
@@ -232,6 +240,7 @@ class MonitorRunner:
             log.error("monitor %s: could not record its pause (%s): %s", monitor.name,
                       describe_error(exc, self.engine.url), reason)
             state.status, state.detail, state.source = Status.ERROR, reason, None
+            state.failures += 1  # run --once gives up after its maximum
             state.retry_at = self.clock.monotonic() + monitor.interval_seconds
             self.metrics.observe_error(monitor.name)
             return False
@@ -318,6 +327,8 @@ class MonitorRunner:
         """
         monitor = self.monitor
         state = self.state
+        if self.stop_event.is_set() and state.read_state.cancelled:
+            return 0.0  # cancelled to stop: no failure (the process is ending)
         state.failures += 1
         if state.failures >= PAUSE_AFTER_FAILURES and not is_transient(exc):
             reason = f"{state.failures} failures in a row: {describe_error(exc, self.engine.url)}"
@@ -382,13 +393,16 @@ class MonitorRunner:
         try:
             return self._poll(budget_seconds, max_failures)
         finally:
-            self.state.read_state.close_idle()
+            if self.share < 1:
+                self.state.read_state.close()
+            else:
+                self.state.read_state.close_idle()
 
     def _poll(self, budget_seconds: float | None, max_failures: int | None) -> MonitorState:
         monitor, state = self.monitor, self.state
         if budget_seconds is None:
-            budget_seconds = max(MIN_JOB_BUDGET_SECONDS,
-                                 JOB_BUDGET_FRACTION * monitor.interval_seconds)
+            budget_seconds = self.share * max(MIN_JOB_BUDGET_SECONDS,
+                                              JOB_BUDGET_FRACTION * monitor.interval_seconds)
         clock = self.clock.monotonic
         deadline = clock() + budget_seconds
         last: BatchResult | None = None
@@ -412,10 +426,11 @@ class MonitorRunner:
         # Not after a pause, a lost lease or a failure ended the poll: the sweep would
         # fail on the fence, and the backlog would be counted from a stale position.
         if last is not None and last.status in ("committed", "idle") \
-                and state.status == Status.RUNNING and state.lease is not None:
+                and state.status == Status.RUNNING and state.lease is not None \
+                and not self.stop_event.is_set():
             count_below = clock() >= state.below_check_at
-            self._sweep(last, full=count_below)  # all open gaps first: late rows are no news
-            if count_below:
+            # All open gaps first, so that late rows are not counted as written below.
+            if self._sweep(last, full=count_below) and count_below:
                 state.below_check_at = clock() + BELOW_CHECK_SECONDS
                 self._count_below()
             self._report_poll(last)
@@ -453,6 +468,7 @@ class MonitorRunner:
                 log.info("monitor %s: standing by; %s holds the lease until %s (database "
                          "clock)", monitor.name, result.holder, _when(result.expires_at))
             state.lease, state.status, state.waiting_for = None, Status.STANDBY, result.holder
+            self.metrics.set_rows_below(monitor.name, 0)  # the leader reports it
             state.detail = (f"another worker ({result.holder}) holds the lease until "
                             f"{_when(result.expires_at)}" if result.holder is not None else
                             "the lease changed hands during the claim; claiming it again at "
@@ -495,13 +511,13 @@ class MonitorRunner:
         state.rows_below = rows
         self.metrics.set_rows_below(monitor.name, rows)
 
-    def _sweep(self, last: BatchResult, *, full: bool = False) -> None:
+    def _sweep(self, last: BatchResult, *, full: bool = False) -> bool:
         """Score late rows behind the cursor, at the position and version ``last`` read
-        (``full``: every open gap, not only those due)."""
+        (``full``: every open gap, not only those due); whether it went through."""
         monitor = self.monitor
         state = self.state
         if state.lease is None:
-            return
+            return False
         known = (last.position, last.generation, last.version) \
             if last.position is not None and last.version is not None else None
         started = utcnow()
@@ -513,10 +529,11 @@ class MonitorRunner:
             state.swept_at = started
         except Exception as exc:  # the sweep must not kill the job
             self._failed(exc)
-            return
+            return False
         if late is not None:
             self._record(late)
             self.metrics.observe_late_rows(monitor.name, late.rows)
+        return True
 
     def _report_poll(self, last: BatchResult) -> None:
         monitor = self.monitor

@@ -39,6 +39,8 @@ from anomaly_monitor.runner import (
 
 log = logging.getLogger(__name__)
 
+#: Threads that run the monitors' polls (at most one per monitor).
+MAX_THREADS = 8
 #: How often the main thread checks for a stop request.
 STOP_POLL_SECONDS = 0.5
 #: On a stop, the running batches get this long to finish; then the queries they wait
@@ -136,10 +138,12 @@ class Worker:
         #: configuration is invalid), which is logged while the worker goes on.
         self.check_reload: Callable[[], None] | None = None
         self.owner = worker_identity()
+        self.threads = max(1, min(len(chosen), MAX_THREADS))
+        share = min(1.0, self.threads / max(1, len(chosen)))
         self.runners = {
             m.name: MonitorRunner(m, engine, metrics, self.models, owner=self.owner,
                                   clock=self.clock, stop_event=self.stop_event,
-                                  use_arrow=reader == "auto")
+                                  use_arrow=reader == "auto", share=share)
             for m in chosen
         }
         metrics.init_monitors({m.name: m.interval_seconds for m in chosen})
@@ -223,7 +227,7 @@ class Worker:
         skipped = SkippedRunFilter()
         logging.getLogger("apscheduler.scheduler").addFilter(skipped)
         scheduler = BackgroundScheduler(
-            executors={"default": ThreadPoolExecutor(max(1, min(len(self.monitors), 8)))},
+            executors={"default": ThreadPoolExecutor(self.threads)},
             job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
             timezone=dt.UTC,
         )

@@ -41,7 +41,8 @@ def is_query_canceled(exc: BaseException) -> bool:
                 return True
         if isinstance(current, OSError) and CANCELED_MESSAGE in str(current):  # ADBC
             return True
-        current = current.__cause__ or current.__context__
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__)
     return False
 
 
@@ -56,7 +57,7 @@ def bounded(connection: sa.Connection, timeout_ms: int, run: Callable[[], T]) ->
         return run()
     setting = sa.func.set_config("statement_timeout", str(timeout_ms), True)
     try:
-        with connection.begin_nested():  # the timeout ends with the savepoint
+        with connection.begin_nested():  # a failure rolls the setting back with it
             before = connection.execute(sa.select(sa.func.current_setting(
                 "statement_timeout"))).scalar()
             connection.execute(sa.select(setting))
@@ -90,13 +91,13 @@ class QueryCanceller:
         sa.event.listen(engine, "checkout", self._checkout)
         sa.event.listen(engine, "checkin", self._checkin)
 
-    def _checkout(self, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-        with self._lock:
-            self._out[id(dbapi_connection)] = dbapi_connection
+    def _checkout(self, dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        with self._lock:  # keyed by the pool's record: an invalidated one checks in None
+            self._out[id(record)] = dbapi_connection
 
-    def _checkin(self, dbapi_connection: Any, _record: Any) -> None:
+    def _checkin(self, _dbapi_connection: Any, record: Any) -> None:
         with self._lock:
-            self._out.pop(id(dbapi_connection), None)
+            self._out.pop(id(record), None)
 
     def cancel(self) -> int:
         """Cancel the statements running on the checked-out connections; how many

@@ -40,7 +40,8 @@ def upgrade() -> None:
     bind.execute(batches.update().values(generation=sa.select(cursors.c.generation)
                                          .where(cursors.c.monitor == batches.c.monitor)
                                          .scalar_subquery())
-                 .where(sa.exists().where(cursors.c.monitor == batches.c.monitor)))
+                 .where(sa.exists().where(cursors.c.monitor == batches.c.monitor,
+                                          cursors.c.generation > 0)))
 
 
 def downgrade() -> None:

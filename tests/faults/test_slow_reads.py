@@ -152,6 +152,8 @@ def test_a_row_that_cannot_be_read_in_time_is_quarantined(pg_url, caplog):
     assert cursor is not None and cursor.position == ids[-1] and not cursor.paused
     assert ids[50] not in flagged
     assert f"row {ids[50]} cannot be read within the statement timeout" in caplog.text
+    # One slow row, not a slow table: windows are full-sized again after it.
+    assert worker.runners["slow"].state.read_state.limit(100) == 100
     assert worker.metrics.registry.get_sample_value(
         "anomaly_monitor_rows_quarantined_total",
         {"monitor": "slow", "reason": "read_timeout"}) == 1

@@ -54,3 +54,24 @@ def test_status_shows_who_holds_the_lease_until_when(engine, db_url):
     worker.release_leases()
     with engine.connect() as connection:
         assert monitor_status(connection, monitor)["lease"] is None
+
+
+def test_a_monitor_sharing_threads_gives_its_arrow_connection_back_after_each_poll(
+        engine, db_url):
+    from tests.helpers import bulk_insert
+
+    sensors = Sensors(seed=31)
+    table, monitor, _, _ = trained_plant(engine, monitor_settings(batch_size=2_000),
+                                         sensors=sensors)
+    worker = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),
+                    device="cpu")
+    runner = worker.runners["plant"]
+    held = {}
+    for share in (1.0, 0.25):
+        bulk_insert(engine, table, sensors.normal(6_000))
+        runner.share = share
+        state = worker.poll("plant", budget_seconds=float("inf"))
+        assert state.status == "running" and state.rows >= 6_000
+        arrow = state.read_state.arrow
+        held[share] = arrow is not None and arrow._backend is not None
+    assert held == {1.0: True, 0.25: False}

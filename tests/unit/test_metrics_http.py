@@ -22,3 +22,28 @@ def test_metrics_are_scraped_over_http():
     assert info[0].labels == {"monitor": "plant", "version": "3", "kind": "vae"}
     assert not [s for s in families["anomaly_monitor_model_info"].samples
                 if s.labels["version"] == "none"]
+
+
+def test_a_scrape_carries_only_the_series_rules_and_dashboard_read():
+    registry = CollectorRegistry()
+    Metrics(registry).init_monitors({f"m{i}": 5.0 for i in range(50)})
+    text = scrape(registry)
+    series = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert not [s for s in series if "_created" in s]  # client_python's extra series
+    assert len(series) <= 40 * 50  # was 57 per monitor
+
+
+def test_more_monitors_than_threads_share_them_and_hold_no_reader_between_polls(tmp_path):
+    from anomaly_monitor.db import create_engine
+    from anomaly_monitor.worker import MAX_THREADS, Worker
+    from tests.helpers import monitor_settings, settings
+
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    engine = create_engine(url)
+    many = [monitor_settings(name=f"m{i}") for i in range(4 * MAX_THREADS)]
+    worker = Worker(settings(url, *many), engine, Metrics(CollectorRegistry()), device="cpu")
+    assert worker.threads == MAX_THREADS
+    assert {r.share for r in worker.runners.values()} == {0.25}
+    few = Worker(settings(url, *many[:3]), engine, Metrics(CollectorRegistry()), device="cpu")
+    assert few.threads == 3 and {r.share for r in few.runners.values()} == {1.0}
+    engine.dispose()
