@@ -30,7 +30,11 @@ from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
 from anomaly_monitor.reading.arrow import ArrowReader
-from anomaly_monitor.reading.cancel import is_query_canceled
+from anomaly_monitor.reading.cancel import (
+    is_query_canceled,
+    ran_into_timeout,
+    statement_timeout_seconds,
+)
 from anomaly_monitor.reading.values import BadRow, Window
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
@@ -106,6 +110,9 @@ class BatchResult:
     severities: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     #: Rows stamped too far in the future to wait for (scored at once).
     future_rows: int = 0
+    #: ``idle`` with no row at all after the cursor when it was read (no delay held one
+    #: back): the backlog is 0 without counting it.
+    nothing_after: bool = False
     #: The cursor after this batch, its generation and the active version it read
     #: (``committed`` and ``idle``), so that the rest of the poll need not read them again.
     position: int | None = field(default=None, compare=False)
@@ -143,6 +150,12 @@ class ReadState:
     slow_at: float = 0.0
     #: Set when a stopping worker cancels this monitor's reads.
     cancelled: bool = False
+    #: Whether a full window starts the next one's read (off for a poll's last batch
+    #: when the reader is closed after the poll: the page would be thrown away).
+    read_ahead: bool = True
+    #: Whether the monitor has batches with open gaps (``None``: not known yet). Only
+    #: its lease holder writes them, so while it knows of none a sweep need not look.
+    open_gaps: bool | None = None
 
     def limit(self, batch_size: int) -> int:
         """How many rows to read for the next window."""
@@ -300,19 +313,26 @@ def _note_future_rows(monitor: str, window: Window, future_from: dt.datetime,
 
 
 class WindowTimeoutError(Exception):
-    """The window's read ran past the statement timeout (or was cancelled)."""
+    """The window's read ran past the statement timeout."""
 
 
 @contextlib.contextmanager
-def _window_read() -> Iterator[None]:
-    """Turn a statement timeout of the window query into :class:`WindowTimeoutError`
-    (other queries' timeouts stay database errors: retried, not shrunk)."""
+def _window_read(connection: sa.Connection) -> Iterator[None]:
+    """Turn a statement timeout of the window query into :class:`WindowTimeoutError`;
+    other queries' timeouts, and a query cancelled by someone well before the timeout,
+    stay database errors (retried, not shrunk)."""
+    started = time.monotonic()
     try:
         yield
     except Exception as exc:
-        if is_query_canceled(exc):
-            raise WindowTimeoutError(str(exc)) from exc
-        raise
+        if not is_query_canceled(exc):
+            raise
+        elapsed = time.monotonic() - started
+        with connection.engine.connect() as fresh:
+            timeout = statement_timeout_seconds(fresh)
+        if not ran_into_timeout(elapsed, timeout):
+            raise
+        raise WindowTimeoutError(str(exc)) from exc
 
 
 def _read_next(
@@ -339,17 +359,18 @@ def _read_next(
         # monitor relies on query_delay_seconds, which reflect_source requires).
         hold_back = is_postgresql(engine) and not source.is_view
         arrow = read_state.reader(engine)
-        with _window_read():
+        with _window_read(connection):
             window = read_window(connection, source, cursor.position, limit,
                                  features=version.features, ready_before=ready_before,
                                  future_from=future_from, hold_back=hold_back, arrow=arrow,
-                                 plain=read_state.plain(limit))
+                                 plain=read_state.plain(limit),
+                                 read_ahead=read_state.read_ahead)
         held = window.horizon if window.last_id is None else None
         if hold_back and read_state.stalled(held, time.monotonic()):
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
-            with _window_read():
+            with _window_read(connection):
                 window = read_window(connection, source, cursor.position, limit,
                                      features=version.features, ready_before=ready_before,
                                      future_from=future_from, arrow=arrow)
@@ -404,8 +425,11 @@ def run_batch(
     if cursor is None or window is None:
         return BatchResult(monitor.name, status)
     if model is None or window.last_id is None:
+        nothing = window.size == 0 and window.held_back is None and \
+            monitor.query_delay_seconds == 0
         return BatchResult(monitor.name, "idle", position=cursor.position,
-                           generation=cursor.generation, version=version)
+                           generation=cursor.generation, version=version,
+                           nothing_after=nothing)
     full = window.size >= limit
     gaps = gap_ranges(np.concatenate([window.ids, [b.source_id for b in window.bad]])
                       if window.bad else window.ids,
@@ -422,6 +446,8 @@ def run_batch(
         _result(monitor, model, window, flagged, severities, caught_up=not full),
         future_rows=window.future_rows)
     batch = _batch_row(result, started, "window", gaps, t0)
+    if gaps:
+        read_state.open_gaps = True
     # The timestamp of the row the cursor moves to, read as check_position reads it.
     with engine.connect() as connection:
         anchor = timestamp_at(connection, source, window.last_id)
@@ -507,6 +533,7 @@ def sweep_late_rows(
     clock: Callable[[], dt.datetime] = utcnow,
     known: tuple[int, int, ModelVersion] | None = None,
     since: dt.datetime | None = None,
+    read_state: ReadState | None = None,
 ) -> BatchResult | None:
     """Score rows that became visible inside earlier batches' open gaps (late commits).
 
@@ -518,7 +545,11 @@ def sweep_late_rows(
     was found or closed. ``known`` is the cursor position, its generation and the
     active version when the caller has just read them in a batch of the same poll
     (the fenced commit still checks that the lease holds and the monitor is not paused).
+    With ``read_state`` whose ``open_gaps`` is ``False``, and ``since`` given, nothing is
+    read: the monitor has no open gap.
     """
+    if read_state is not None and read_state.open_gaps is False and since is not None:
+        return None
     started = clock()
     t0 = time.perf_counter()
     with engine.connect() as connection:
@@ -534,6 +565,8 @@ def sweep_late_rows(
             sa.select(batches.c.id, batches.c.started_at)
             .where(batches.c.monitor == monitor.name, batches.c.open_gaps.is_not(None))
         ).all()
+        if read_state is not None:
+            read_state.open_gaps = bool(open_batches)
         due = [row.id for row in open_batches
                if sweep_due(as_utc(row.started_at), since, started)]
         pending = [row for start in range(0, len(due), DUE_BATCHES_PER_QUERY)

@@ -14,7 +14,9 @@ shown by ``status`` and ``anomaly_monitor_rows_below_cursor``.
 :func:`backfill` scores an id range at or below the cursor exactly once: it skips
 the ids that a batch of the current generation read (its range less its gaps) and
 those in gaps still open (the sweep's), under the cursor row's lock, so that two
-backfills, or a backfill and the worker, never score a row twice.
+backfills, or a backfill and the worker, never score a row twice. A row quarantined
+as ``read_timeout`` (its values never read) is read again, and leaves quarantine
+when it can be read now.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import ModelCache
 from anomaly_monitor.scoring import check_features, gap_ranges, score_window
 from anomaly_monitor.source import SourceTable, read_gaps
-from anomaly_monitor.tables import batches, cursors, utcnow
+from anomaly_monitor.tables import batches, cursors, quarantine, utcnow
 
 #: How often a worker counts the rows at or below each cursor (seconds).
 BELOW_CHECK_SECONDS = 300.0
@@ -90,7 +92,21 @@ def _covered(connection: sa.Connection, monitor: str, generation: int, lo: int,
         holes = [(int(a), int(b)) for a, b in (gaps or [])]
         start = min([int(first), *(a for a, _ in holes)])
         spans += [(a, b) for a, b in _uncovered(start, int(last), holes)]
-    return [(max(a, lo), min(b, hi)) for a, b in spans if a <= hi and b >= lo]
+    spans = [(max(a, lo), min(b, hi)) for a, b in spans if a <= hi and b >= lo]
+    # Rows quarantined because they could not be read in time are read again.
+    retry = [(i, i) for i in _timed_out(connection, monitor, generation, lo, hi)]
+    left = [(a, b) for a, b in _uncovered(lo, hi, spans)]
+    return [(a, b) for a, b in _uncovered(lo, hi, left + retry)]
+
+
+def _timed_out(connection: sa.Connection, monitor: str, generation: int, lo: int,
+               hi: int) -> list[int]:
+    """Ids in ``lo..hi`` quarantined as ``read_timeout`` (their values were never read)."""
+    return [int(i) for i in connection.execute(
+        sa.select(quarantine.c.source_id).where(
+            quarantine.c.monitor == monitor, quarantine.c.generation == generation,
+            quarantine.c.reason == "read_timeout",
+            quarantine.c.source_id.between(lo, hi))).scalars()]
 
 
 def _uncovered(lo: int, hi: int, covered: Sequence[tuple[int, int]]) -> list[list[int]]:
@@ -159,6 +175,9 @@ def _backfill_chunk(engine: sa.Engine, monitor: MonitorSettings, source: SourceT
         kept = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
         batch = _batch_row(result, started, "backfill",
                            gap_ranges(kept, result.first_id - 1, result.last_id), t0)
+        connection.execute(quarantine.delete().where(  # read at last: no longer quarantined
+            quarantine.c.monitor == monitor.name, quarantine.c.generation == generation,
+            quarantine.c.reason == "read_timeout", quarantine.c.source_id.in_(kept)))
         _write_rows(connection, monitor.name, generation, window, flagged, clock())
         connection.execute(batches.insert().values(**batch, generation=generation))
         connection.execute(cursors.update().where(cursors.c.monitor == monitor.name)

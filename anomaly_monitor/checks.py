@@ -113,13 +113,23 @@ def _model(connection: sa.Connection, monitor: MonitorSettings,
                f"(sha256 {model.version.artifact_sha256[:12]})")
 
 
+def check_config(settings: Settings) -> list[Finding]:
+    """What the configuration file itself gets wrong beyond its syntax: each monitor's
+    hyperparameter values (``epochs = -3``), before anything is said to be ok."""
+    problems = []
+    for monitor in settings.monitors:
+        try:
+            check_model_params(settings, monitor)
+        except ConfigError as exc:
+            problems.append(_problem(str(exc)))
+    return problems or [_ok(f"config {settings.path}: ok ({len(settings.monitors)} "
+                            "monitor(s))")]
+
+
 def check_monitor(connection: sa.Connection, settings: Settings,
                   monitor: MonitorSettings) -> Iterator[Finding]:
-    """Every finding for ``monitor``; stops early only when its table cannot be used."""
-    try:
-        check_model_params(settings, monitor)
-    except ConfigError as exc:
-        yield _problem(str(exc))
+    """Every finding for ``monitor`` but its hyperparameters (:func:`check_config`);
+    stops early only when its table cannot be used."""
     try:
         source = reflect_source(connection, monitor)
     except SchemaError as exc:

@@ -99,16 +99,19 @@ def check(app: App) -> None:
     """Check the config, the database and every monitor's table, timestamps, privileges
     and active model; every problem is reported, then the exit status is 2."""
     app.read_only = True
-    from anomaly_monitor.checks import check_monitor, check_writes
+    from anomaly_monitor.checks import check_config, check_monitor, check_writes
 
     settings = app.settings
-    click.echo(f"config {settings.path}: ok ({len(settings.monitors)} monitor(s))")
+    problems = []
+    for finding in check_config(settings):
+        click.echo(finding.message if finding.ok else f"PROBLEM: {finding.message}")
+        if not finding.ok:
+            problems.append(finding.message)
     with app.engine.connect() as connection:
         connection.execute(sa.text("SELECT 1"))
     click.echo(f"database {redact(settings.database_url)}: reachable")
     require_schema(app)
     click.echo("am_ tables: up to date")
-    problems = []
     with app.engine.connect() as connection:
         findings = [check_writes(connection)]
         for monitor in settings.monitors:

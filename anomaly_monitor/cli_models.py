@@ -95,6 +95,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     """Set the threshold of MONITOR's active version from its held-out scores."""
     from anomaly_monitor.lifecycle import (
         apply_calibration,
+        method_label,
         plan_calibration,
         plot_calibration,
     )
@@ -107,6 +108,9 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
                                             "--value": value is not None})
     if chosen_method == "fixed" and value is None and base.value is None:
         raise CliError("--method fixed needs --value", EXIT_USAGE)
+    if chosen_method == "labels" and settings.label_column is None:
+        raise CliError(f"--method labels needs a label column: set label_column in monitor "
+                       f"{monitor!r} of {app.settings.path}", EXIT_USAGE)
     threshold_settings = ThresholdSettings(
         method=chosen_method,
         target_fpr=target_fpr if target_fpr is not None else base.target_fpr,
@@ -133,7 +137,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
         return
     apply_calibration(app.engine, settings, plan)
     click.echo(f"threshold of version {plan.version.version} set to {plan.chosen.value:.6g} "
-               f"({plan.chosen.method})", err=as_json)
+               f"({method_label(plan.chosen)})", err=as_json)
 
 
 def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:

@@ -264,6 +264,9 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
         if key in data:
             data[key] = float(data[key])
     settings = MonitorSettings(**data)
+    if settings.threshold.method == "labels" and settings.label_column is None:
+        raise ConfigError(f"{path}: {where}.threshold.method = \"labels\" needs label_column "
+                          "(the 0/1 column the threshold is fitted to)")
     if settings.lease_seconds is not None and \
             settings.lease_seconds < 2 * settings.interval_seconds:
         raise ConfigError(f"{path}: {where}.lease_seconds must be at least twice "

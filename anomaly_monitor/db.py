@@ -160,7 +160,11 @@ def create_engine(url: str | URL, **kwargs: Any) -> sa.Engine:
     try:
         parsed = _normalise(make_url(url))
     except (sa.exc.ArgumentError, ValueError):
-        raise DatabaseURLError(f"invalid database URL {redact(url)!r}") from None
+        raise DatabaseURLError(
+            f"invalid database URL {redact(url)!r}: expected "
+            "dialect[+driver]://user:password@host[:port]/database or sqlite:///path; an "
+            "'@', ':' or '/' inside the user or password must be percent-encoded (%40, %3A, "
+            "%2F)") from None
     options: dict[str, Any] = {"pool_pre_ping": True, **kwargs}
     if parsed.get_backend_name() == "sqlite":
         options.setdefault("connect_args", {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})

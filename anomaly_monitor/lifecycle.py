@@ -157,6 +157,15 @@ def choose_threshold(
     return threshold
 
 
+def method_label(threshold: Threshold, rate: str = "") -> str:
+    """How a threshold's method is named everywhere (rows, result, plot): ``pot fpr=0.01
+    (as quantile)`` when POT fell back, ``quantile ... (held-out maximum)``."""
+    note = ""
+    if "fallback" in threshold.params:
+        note = " (held-out maximum)" if threshold.method == "quantile" else " (as quantile)"
+    return f"{threshold.method}{rate}{note}"
+
+
 def _calibrate_noting_fallback(
     scores: npt.NDArray[np.float64], method: str, target_fpr: float, value: float | None
 ) -> Threshold:
@@ -424,7 +433,7 @@ def plan_calibration(
     version = model.version
     chosen = _chosen_threshold(version, holdout, labelled, settings)
     candidates = [*_candidates(version, holdout, labelled, settings.target_fpr),
-                  Candidate(f"chosen ({chosen.method})", chosen)]
+                  Candidate(f"chosen: {method_label(chosen)}", chosen)]
     for candidate in candidates:
         _measure(candidate, holdout, recent, labelled)
     truth = None if labelled is None else known_labels(*labelled)[1]
@@ -460,10 +469,7 @@ def _candidates(
     for method in RATE_METHODS:
         for rate in sorted({target_fpr, *DRY_RUN_RATES}, reverse=True):
             threshold = _calibrate_noting_fallback(holdout, method, rate, None)
-            note = "held-out maximum" if method == "quantile" else "as quantile"
-            label = f"{method} fpr={rate:g}" + (f" ({note})" if "fallback" in threshold.params
-                                                 else "")
-            candidates.append(Candidate(label, threshold))
+            candidates.append(Candidate(method_label(threshold, f" fpr={rate:g}"), threshold))
     if labelled is not None:
         known_scores, truth = known_labels(*labelled)
         if truth.any():

@@ -22,7 +22,7 @@ from enum import StrEnum
 import sqlalchemy as sa
 
 from anomaly_monitor.batch import BatchResult, ReadState, run_batch, sweep_late_rows
-from anomaly_monitor.below import BELOW_CHECK_SECONDS, measure_below
+from anomaly_monitor.below import BELOW_CHECK_SECONDS, BELOW_COUNT_TIMEOUT_MS, measure_below
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import (
     BatchConflictError,
@@ -160,6 +160,12 @@ class MonitorState:
     #: first poll), and the last count.
     below_check_at: float = 0.0
     rows_below: int = 0
+    #: Whether a count of the rows below the cursor timed out (said once).
+    below_unmeasured: bool = False
+    #: Seconds the last batch took (whether the next may read ahead).
+    last_batch_seconds: float = 0.0
+    #: Whether the newest scored timestamp was looked up in am_batches (after a start).
+    looked_up_newest: bool = False
 
 
 class MonitorRunner:
@@ -414,6 +420,9 @@ class MonitorRunner:
             if not self._hold_lease(renew=first):
                 break
             first = False
+            # A reader closed after this poll: no read-ahead for a batch that may be its last.
+            state.read_state.read_ahead = self.share >= 1 or \
+                clock() + 2 * state.last_batch_seconds < deadline
             result = self._step()
             if result is None:
                 if state.status in (Status.PAUSED, Status.STANDBY) or (
@@ -421,6 +430,7 @@ class MonitorRunner:
                     break
                 continue
             last = result
+            state.last_batch_seconds = result.duration_seconds
             if result.caught_up or clock() >= deadline:
                 break
         # Not after a pause, a lost lease or a failure ended the poll: the sweep would
@@ -464,6 +474,7 @@ class MonitorRunner:
             if state.lease is not None:
                 log.warning("monitor %s: lease lost to %s", monitor.name, result.holder)
                 state.read_state.close()
+                state.read_state.open_gaps = None  # the new holder may leave some
             elif state.waiting_for != result.holder:  # once per leader, not every poll
                 log.info("monitor %s: standing by; %s holds the lease until %s (database "
                          "clock)", monitor.name, result.holder, _when(result.expires_at))
@@ -503,7 +514,14 @@ class MonitorRunner:
                         monitor.name, describe_error(exc, self.engine.url))
             return
         if rows is None:
+            if not state.below_unmeasured:
+                state.below_unmeasured = True
+                log.info("monitor %s: the rows at or below the cursor could not be counted "
+                         "within %d ms; rows written below it are not measured now (tried "
+                         "again every %.0f s)", monitor.name, BELOW_COUNT_TIMEOUT_MS,
+                         BELOW_CHECK_SECONDS)
             return
+        state.below_unmeasured = False
         if rows > state.rows_below:
             log.warning("monitor %s: at least %d row(s) were written below the cursor and are "
                         "not scored; score them with: anomaly-monitor backfill %s --from-id A "
@@ -525,7 +543,7 @@ class MonitorRunner:
             late = sweep_late_rows(self.engine, monitor, self._source(), self.models,
                                    lease=state.lease, known=known,
                                    since=None if full else state.swept_at,
-                                   clock=lambda: started)
+                                   clock=lambda: started, read_state=state.read_state)
             state.swept_at = started
         except Exception as exc:  # the sweep must not kill the job
             self._failed(exc)
@@ -538,10 +556,11 @@ class MonitorRunner:
     def _report_poll(self, last: BatchResult) -> None:
         monitor = self.monitor
         try:
-            with self.engine.connect() as connection:
-                # The poll's last batch read the cursor and the version: not read again.
-                backlog = (count_after(connection, self._source(), last.position)
-                           if last.position is not None else None)
+            # The poll's last batch read the cursor and the version: not read again.
+            backlog = 0 if last.nothing_after else None
+            if backlog is None and last.position is not None:
+                with self.engine.connect() as connection:
+                    backlog = count_after(connection, self._source(), last.position)
         except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
             log.warning("monitor %s: could not measure the backlog (%s)", monitor.name,
                         describe_error(exc, self.engine.url))
@@ -549,8 +568,9 @@ class MonitorRunner:
         state = self.state
         if last.newest_timestamp is not None:
             state.newest_timestamp = last.newest_timestamp
-        elif state.newest_timestamp is None:
-            state.newest_timestamp = self._newest_scored()
+        elif state.newest_timestamp is None and not state.looked_up_newest:
+            state.newest_timestamp = self._newest_scored()  # once, after a restart
+            state.looked_up_newest = True
         newest = state.newest_timestamp.timestamp() if state.newest_timestamp else None
         self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)

@@ -126,9 +126,11 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
     if connection.dialect.name == "postgresql":
         names |= set(inspector.get_materialized_view_names(schema=monitor.schema))
     if monitor.table not in names:
+        schema = monitor.schema or inspector.default_schema_name
         raise SchemaError(
-            f"monitor {monitor.name!r}: table {monitor.table!r} does not exist in the database"
-        )
+            f"monitor {monitor.name!r}: table {monitor.table!r} does not exist in schema "
+            f"{schema!r} of the database" + ("" if monitor.schema else
+                                             " (set schema = \"...\" for another one)"))
     table = sa.Table(monitor.table, sa.MetaData(), schema=monitor.schema,
                      autoload_with=connection)
     id_column = _column(monitor.name, table, monitor.id_column, "id_column")

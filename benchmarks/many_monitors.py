@@ -11,7 +11,7 @@ and the series per monitor in one scrape over HTTP. The baseline, in the same ru
 is the worker with the old poll budget (0.9 of the interval, at least 5 s, however
 many monitors share its threads) and Arrow readers kept between polls.
 
-    python -m benchmarks.many_monitors [--monitors 50 200] [--seconds 45] [--output FILE]
+    python -m benchmarks.many_monitors [--runs 50:5 200:5 200:15] [--seconds 60] [--output FILE]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import numpy as np
 import sqlalchemy as sa
 
 FEATURES = [f"f{i}" for i in range(6)]
-INTERVAL_SECONDS = 5.0
 #: Rows to score at the start, over all monitors (each table gets its share).
 BACKLOG_TOTAL_ROWS = 150_000
 TRICKLE_ROWS = 5
@@ -53,7 +52,7 @@ def _rows(rng: np.random.Generator, n: int, start: dt.datetime) -> list[dict]:
             for i, row in enumerate(values)]
 
 
-def _monitors(engine: sa.Engine, tables: list[sa.Table]) -> list:
+def _monitors(engine: sa.Engine, tables: list[sa.Table], interval: float) -> list:
     """A trained model for the first table, stored and activated for every monitor."""
     from anomaly_monitor.calibration import Threshold
     from anomaly_monitor.config import MonitorSettings, ThresholdSettings
@@ -72,7 +71,7 @@ def _monitors(engine: sa.Engine, tables: list[sa.Table]) -> list:
                                                                               tzinfo=dt.UTC)))
     monitors = [MonitorSettings(
         name=f"m{i}", table=t.name, timestamp_column="ts", features=tuple(FEATURES),
-        kind="dae", interval_seconds=INTERVAL_SECONDS, batch_size=1_000,
+        kind="dae", interval_seconds=interval, batch_size=1_000,
         threshold=ThresholdSettings(method="quantile", target_fpr=0.01),
         model={"n_estimators": 1, "epochs": 5}) for i, t in enumerate(tables)]
     train_monitor(engine, monitors[0], device="cpu")
@@ -102,6 +101,13 @@ class _Producer(threading.Thread):
             with self.engine.begin() as connection:
                 for table in self.tables:
                     connection.execute(table.insert(), _rows(self.rng, TRICKLE_ROWS, now))
+
+
+def _last_successes(registry: object) -> dict[str, float]:
+    return {sample.labels["monitor"]: sample.value
+            for family in registry.collect()  # type: ignore[attr-defined]
+            if family.name == "anomaly_monitor_last_success_timestamp_seconds"
+            for sample in family.samples}
 
 
 def _connections(engine: sa.Engine) -> int:
@@ -152,10 +158,9 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
     while time.monotonic() - start < seconds:
         time.sleep(0.25)
         now = time.time()
+        successes = _last_successes(registry)  # one pass: get_sample_value collects all
         for name in last:
-            seen = registry.get_sample_value("anomaly_monitor_last_success_timestamp_seconds",
-                                             {"monitor": name}) or 0.0
-            last[name] = max(last[name], seen)
+            last[name] = max(last[name], successes.get(name, 0.0))
             worst = max(worst, now - last[name])
             if caught_up is not None:
                 steady = max(steady, now - last[name])
@@ -183,7 +188,8 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--monitors", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--runs", nargs="+", default=["50:5", "200:5", "200:15"],
+                        help="MONITORS:INTERVAL_SECONDS pairs")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -192,34 +198,35 @@ def main(argv: list[str] | None = None) -> None:
     from tests.pgserver import running_server
 
     lines = ["# Many monitors in one worker (python -m benchmarks.many_monitors)", "",
-             f"PostgreSQL; interval {INTERVAL_SECONDS:.0f} s; the tables start with "
+             "PostgreSQL, one worker (8 threads); the tables start with "
              f"{BACKLOG_TOTAL_ROWS} rows to score between them and each gets {TRICKLE_ROWS} "
              f"more a second; {args.seconds:.0f} s per run, timed after the models are "
              "loaded. Baseline: the old poll budget (0.9 x interval, at least 5 s, whatever "
              "the number of monitors) and Arrow readers kept between polls.", "",
-             "| monitors | worker | models loaded (s) | longest without a successful poll "
-             "(s) | the same once caught up (s) | all caught up (s) | max connections | "
-             "idle connections | series per monitor |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| monitors | interval (s) | worker | models loaded (s) | longest without a "
+             "successful poll (s) | the same once caught up (s) | all caught up (s) | "
+             "max connections | connections at the end | series per monitor |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(running_server())
-        for count in args.monitors:
+        for run in args.runs:
+            count, interval = int(run.split(":")[0]), float(run.split(":")[1])
             url = server.url(server.create_database(template=None))
             # Not this package's engine: its connections are not named like a worker's.
             admin = sa.create_engine(url)
             migrate.upgrade(admin)
             tables = _tables(admin, count)
-            monitors = _monitors(admin, tables)
+            monitors = _monitors(admin, tables, interval)
             figures = {mode: _run(url, admin, tables, monitors, args.seconds,
                                   baseline=mode == "baseline")
                        for mode in ("baseline", "fair share")}
             for mode, f in figures.items():
-                lines.append(f"| {count} | {mode} | {f['preload_s']:.1f} | "
+                lines.append(f"| {count} | {interval:.0f} | {mode} | {f['preload_s']:.1f} | "
                              f"{f['worst_gap_s']:.1f} | {f['steady_gap_s']:.1f} | "
                              f"{f['caught_up_s']:.1f} | {f['max_connections']} | "
                              f"{f['idle_connections']} | {f['series_per_monitor']:.0f} |")
             base, new = figures["baseline"], figures["fair share"]
-            lines.append(f"| {count} | ratio baseline/fair | | "
+            lines.append(f"| {count} | {interval:.0f} | ratio baseline/fair | | "
                          f"{base['worst_gap_s'] / new['worst_gap_s']:.2f}x | | "
                          f"{base['caught_up_s'] / new['caught_up_s']:.2f}x | "
                          f"{base['max_connections'] / new['max_connections']:.2f}x | | |")

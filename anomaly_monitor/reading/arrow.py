@@ -99,6 +99,7 @@ class ArrowReader:
         self._resume_at = 0.0
         self._compiled: dict[Hashable, SQLCompiler] = {}
         self._ahead: tuple[str, Pending, float] | None = None
+        self._cancelled = False
         #: Reads served by the Arrow path, and how many of them had been read ahead.
         self.fetches = 0
         self.read_ahead_hits = 0
@@ -175,7 +176,7 @@ class ArrowReader:
         except ArrowUnavailableError:
             return None
         except Exception as exc:  # a lost connection, a column Arrow cannot convert
-            if is_query_canceled(exc):  # the plain path would only time out again
+            if is_query_canceled(exc) or self._cancelled:  # a plain read would be too
                 raise
             self.stand_aside(exc)
             return None
@@ -213,6 +214,7 @@ class ArrowReader:
 
     def cancel(self) -> None:
         """Cancel the query running for this reader, if any (from another thread)."""
+        self._cancelled = True  # for good: a worker cancels its reads only to stop
         backend = self._backend
         if backend is not None:
             backend.cancel()

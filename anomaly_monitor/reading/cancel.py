@@ -70,6 +70,28 @@ def bounded(connection: sa.Connection, timeout_ms: int, run: Callable[[], T]) ->
         raise
 
 
+#: A cancelled query that ran for less than this share of ``statement_timeout`` was
+#: cancelled by someone (``pg_cancel_backend``), not ended by the timeout: SQLSTATE
+#: 57014 is the same for both, and the server words it in its own language.
+TIMEOUT_SHARE = 0.8
+
+
+def statement_timeout_seconds(connection: sa.Connection) -> float | None:
+    """The session's ``statement_timeout`` in seconds; ``None`` when there is none (0)
+    or the database is not PostgreSQL."""
+    if connection.dialect.name != "postgresql":
+        return None
+    value = connection.execute(sa.text(
+        "SELECT setting FROM pg_settings WHERE name = 'statement_timeout'")).scalar()
+    milliseconds = int(value or 0)
+    return milliseconds / 1000 if milliseconds > 0 else None
+
+
+def ran_into_timeout(elapsed_seconds: float, timeout_seconds: float | None) -> bool:
+    """Whether a query cancelled after ``elapsed_seconds`` was ended by the timeout."""
+    return timeout_seconds is not None and elapsed_seconds >= TIMEOUT_SHARE * timeout_seconds
+
+
 def _cancel(connection: Any) -> None:
     cancel_safe = getattr(connection, "cancel_safe", None)  # psycopg 3
     if cancel_safe is not None:

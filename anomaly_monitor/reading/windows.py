@@ -82,6 +82,7 @@ def read_window(
     hold_back: bool = False,
     arrow: ArrowReader | None = None,
     plain: bool = False,
+    read_ahead: bool = True,
 ) -> Window:
     """Up to ``limit`` rows with id above ``after_id``, in id order.
 
@@ -93,7 +94,8 @@ def read_window(
     where it stopped the window.
     With ``arrow``, the rows are read through its ADBC connection when it can; with
     ``plain`` too, this window is read by the plain path (it is expected to be small)
-    and, if it comes back full, the next one is read ahead through ``arrow``.
+    and, if it comes back full, the next one is read ahead through ``arrow`` (unless
+    not ``read_ahead``: the caller will not read it soon).
     """
     query = WindowQuery(source, tuple(source.features if features is None else features),
                         limit, hold_back)
@@ -101,7 +103,7 @@ def read_window(
     if page is None:
         page = PlainPage.read(connection, query, after_id)
     stop, held_back = window_end(page, ready_before, future_from)
-    if arrow is not None and stop == len(page.ids) == limit:  # a backlog: read ahead
+    if arrow is not None and read_ahead and stop == len(page.ids) == limit:  # a backlog
         arrow.read_ahead(query, int(page.ids[-1]))
     window = page.window(stop)
     window.held_back, window.horizon = held_back, page.horizon

@@ -158,7 +158,7 @@ def test_calibrate_dry_run_shows_precision_and_recall_on_contaminated_labelled_h
     header = next(line for line in out.splitlines() if line.startswith("threshold"))
     assert header.split()[-3:] == ["precision", "recall", "F1"]
     for label in ("robust fpr=0.01", "quantile fpr=0.01", "pot fpr=0.001 (as quantile)",
-                  "labels (max F1)", "chosen (robust)"):
+                  "labels (max F1)", "chosen: robust"):
         assert re.search(rf"^{re.escape(label)} +\S+ +[\d.]+% +\d+( +[\d.-]+){{3}}$", out,
                          re.M), (label, out)
     document = cli_json("--config", config, "calibrate", "plant", "--dry-run", "--json")

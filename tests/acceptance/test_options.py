@@ -86,3 +86,36 @@ def test_the_daemon_does_not_wait_forever_for_a_database_that_does_not_exist(pg_
     assert done.returncode == 2, done.stderr
     assert "no_such_database" in done.stderr and "does not exist" in done.stderr
     assert "retrying" not in done.stderr
+
+
+def test_labels_without_a_label_column_is_a_configuration_error(config, tmp_path):
+    out = cli(config, "calibrate", "plant", "--method", "labels", expect=2)
+    assert "--method labels needs a label column: set label_column" in out
+    path = tmp_path / "labels.toml"
+    path.write_text(CONFIG.format(path=tmp_path / "x.db", threshold='method = "labels"'))
+    assert "needs label_column" in cli(path, "check", expect=2)
+
+
+def test_hyperparameter_values_are_checked_before_the_config_is_called_ok(tmp_path):
+    path = tmp_path / "am.toml"
+    path.write_text(CONFIG.format(path=tmp_path / "x.db", threshold='method = "quantile"')
+                    + "\n[monitor.model]\nepochs = -3\n")
+    cli(path, "db", "upgrade", expect=0)
+    out = cli(path, "check", expect=2)
+    assert "epochs" in out and ": ok (" not in out.split("epochs")[0]
+    assert "PROBLEM: " in out.splitlines()[0]
+
+
+def test_a_missing_table_is_named_with_its_schema(config):
+    cli(config, "db", "upgrade", expect=0)
+    out = cli(config, "check", expect=2)
+    assert "table 'readings' does not exist in schema 'main'" in out
+
+
+def test_an_unparseable_url_says_what_a_url_looks_like(tmp_path):
+    path = tmp_path / "am.toml"
+    path.write_text(CONFIG.replace("sqlite:///{path}", "postgresql://u:p@ss:w@rd@h:x/db")
+                    .format(threshold='method = "quantile"'))
+    out = cli(path, "status", expect=2)
+    assert "expected dialect[+driver]://user:password@host[:port]/database" in out
+    assert "p@ss" not in out and "w@rd" not in out

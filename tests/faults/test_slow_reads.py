@@ -14,11 +14,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor.below import backfill
 from anomaly_monitor.cursors import lease_holder, read_cursor
 from anomaly_monitor.db import create_engine
 from anomaly_monitor.lifecycle import train_monitor
@@ -154,10 +156,53 @@ def test_a_row_that_cannot_be_read_in_time_is_quarantined(pg_url, caplog):
     assert f"row {ids[50]} cannot be read within the statement timeout" in caplog.text
     # One slow row, not a slow table: windows are full-sized again after it.
     assert worker.runners["slow"].state.read_state.limit(100) == 100
+    # Once it reads in time, a backfill scores it and takes it out of quarantine.
+    with engine.begin() as connection:
+        connection.execute(sa.text("DELETE FROM slow_rows"))
+    runner = worker.runners["slow"]
+    results = backfill(engine, runner.monitor, runner._source(), worker.models, ids[0],
+                       ids[-1])
+    assert sum(r.rows for r in results) == 1
+    with engine.connect() as connection:
+        assert connection.execute(sa.select(sa.func.count()).select_from(quarantine)).scalar() == 0
     assert worker.metrics.registry.get_sample_value(
         "anomaly_monitor_rows_quarantined_total",
         {"monitor": "slow", "reason": "read_timeout"}) == 1
     engine.dispose()
+
+
+def test_a_read_cancelled_by_someone_else_is_retried_not_shrunk(pg_url):
+    engine, table, sensors, _ = _slow_plant(pg_url, "slow_values", batch_size=100)
+    url = pg_url + "?options=-c%20statement_timeout%3D30000"  # 30 s
+    slow = create_engine(url)
+    runner = Worker(settings(url, _monitor_of(engine)), slow, Metrics(CollectorRegistry()),
+                    device="cpu").runners["slow"]
+    ids = insert_rows(engine, table, sensors.normal(20),
+                      start=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1), step_seconds=1)
+    _slow(engine, {ids[5]: 20.0})
+    poll = threading.Thread(target=lambda: runner.poll(budget_seconds=0))
+    poll.start()
+    query = ("SELECT pid FROM pg_stat_activity WHERE state = 'active' AND query LIKE "
+             "'%slow_values%' AND pid <> pg_backend_pid()")
+
+    def reading() -> bool:
+        with engine.connect() as connection:
+            return connection.execute(sa.text(query)).first() is not None
+
+    wait_for(reading, timeout=30)
+    with engine.connect() as connection:  # a DBA's pg_cancel_backend, long before 30 s
+        connection.execute(sa.text(f"SELECT pg_cancel_backend(({query}))"))
+    poll.join(timeout=30)
+    state = runner.state
+    assert state.status == "error" and state.read_state.slow_rows is None
+    assert "canceling statement" in (state.detail or "")
+    slow.dispose()
+    engine.dispose()
+
+
+def _monitor_of(engine: sa.Engine):
+    return monitor_settings(name="slow", table="slow_values", query_delay_seconds=1.0,
+                            batch_size=100)
 
 
 def test_a_row_whose_id_cannot_be_read_in_time_pauses_until_it_can(pg_url):
