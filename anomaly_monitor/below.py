@@ -25,6 +25,7 @@ import dataclasses
 import datetime as dt
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import sqlalchemy as sa
@@ -180,16 +181,42 @@ def _backfill_chunk(engine: sa.Engine, monitor: MonitorSettings, source: SourceT
             quarantine.c.reason == "read_timeout", quarantine.c.source_id.in_(kept)))
         _write_rows(connection, monitor.name, generation, window, flagged, clock())
         connection.execute(batches.insert().values(**batch, generation=generation))
+        # The last count less these rows, so that status does not wait for the next one.
+        below = sa.case((cursors.c.rows_below > result.rows,
+                         cursors.c.rows_below - result.rows),
+                        (cursors.c.rows_below.is_(None), None), else_=0)
         connection.execute(cursors.update().where(cursors.c.monitor == monitor.name)
-                           .values(rows_consumed=cursors.c.rows_consumed + result.rows))
+                           .values(rows_consumed=cursors.c.rows_consumed + result.rows,
+                                   rows_below=below))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
                                generation=generation, version=version)
+
+
+@dataclass(frozen=True)
+class Backfill:
+    """What :func:`backfill` did: its batches, the ids it covered (``to_id`` is at most
+    the cursor) and how many rows that range holds."""
+
+    batches: list[BatchResult]
+    from_id: int
+    to_id: int
+    rows_in_range: int
+
+    @property
+    def rows(self) -> int:
+        """Rows scored or quarantined."""
+        return sum(b.rows for b in self.batches)
+
+    @property
+    def skipped(self) -> int:
+        """Rows of the range left alone: read by a batch already, or the sweep's."""
+        return max(0, self.rows_in_range - self.rows)
 
 
 def backfill(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
     from_id: int, to_id: int, *, clock: Callable[[], dt.datetime] = utcnow,
-) -> list[BatchResult]:
+) -> Backfill:
     """Score the rows with ids ``from_id..to_id`` at or below the cursor that no batch
     of its generation read, in batches of ``monitor.batch_size`` rows (each committed
     with a ``backfill`` record); rows above the cursor are left to the worker. Raises
@@ -206,6 +233,10 @@ def backfill(
         raise BackfillError(f"ids from {from_id} are above the cursor ({cursor.position}): "
                             "the worker scores those")
     hi_all = min(to_id, cursor.position)
+    with engine.connect() as connection:
+        in_range = int(connection.execute(sa.select(sa.func.count()).select_from(source.table)
+                                          .where(source.id_column.between(from_id, hi_all)))
+                       .scalar())
     results, lo = [], from_id
     while lo <= hi_all:
         with engine.connect() as connection:
@@ -215,4 +246,4 @@ def backfill(
         if result is not None:
             results.append(result)
         lo = hi + 1
-    return results
+    return Backfill(results, from_id, hi_all, in_range)

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -89,10 +89,18 @@ def run(app: App, once: bool, monitor_names: tuple[str, ...], device: str,
             worker.run_forever(install_signals=False)
     finally:
         if worker.reload_requested:
+            # Held back in this thread until the new run installs its handlers; one that
+            # another thread (torch's, a reader's) takes meanwhile reaches the handlers
+            # still installed here, which cancel the reload (never the default action,
+            # which would kill the process mid-reload).
             signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        restore_signals()
+        else:
+            restore_signals()
     if worker.reload_requested:
-        _restart_process(app)
+        _restart_process(app, lambda: worker.reload_requested)
+        # Only back here when a stop cancelled the restart: take what is pending, end.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        restore_signals()
 
 
 #: Held back while a reload re-execs the process (see ``run``).
@@ -108,15 +116,20 @@ def _check_new_config(app: App, monitor_names: Sequence[str]) -> None:
         raise ConfigError(f"{settings.path}: no [[monitor]] configured")
 
 
-def _restart_process(app: App) -> None:
+def _restart_process(app: App, still_wanted: Callable[[], bool]) -> None:
     """Replace this process with a fresh ``run`` of the same command line (after
-    SIGHUP): configuration, models and connections are set up again; the pid stays."""
+    SIGHUP): configuration, models and connections are set up again; the pid stays.
+    A stop that came meanwhile (``still_wanted()`` turned false) ends the process
+    instead."""
     app.close()
     logging.getLogger(__name__).info("restarting with the configuration read afresh")
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
+    if not still_wanted():
+        logging.getLogger(__name__).info("a stop came during the reload: not restarting")
+        return
     # The interpreter's own command line, flags included (``python -m anomaly_monitor``
     # or the console script): the same code starts, whatever the working directory holds.
     os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line, no shell)

@@ -180,11 +180,15 @@ def cursor(app: App, monitor: str, reset_to: int | None, to_start: bool, to_end:
                    f"{lease['owner']}")
 
 
+#: The ids a BIGINT column holds.
+BIGINT = click.IntRange(-(2**63), 2**63 - 1)
+
+
 @main.command("backfill")
 @click.argument("monitor")
-@click.option("--from-id", "from_id", type=int, required=True, metavar="A",
+@click.option("--from-id", "from_id", type=BIGINT, required=True, metavar="A",
               help="The lowest id to score.")
-@click.option("--to-id", "to_id", type=int, required=True, metavar="B",
+@click.option("--to-id", "to_id", type=BIGINT, required=True, metavar="B",
               help="The highest id to score (at most the cursor: the worker scores the rest).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
@@ -194,6 +198,7 @@ def backfill_command(app: App, monitor: str, from_id: int, to_id: int,
     read (rows written below the cursor, e.g. with old or negative ids), once: ids
     already read are skipped, however often this runs."""
     from anomaly_monitor.below import BackfillError, backfill
+    from anomaly_monitor.checks import check_writes
     from anomaly_monitor.cursors import BatchConflictError
     from anomaly_monitor.registry import ModelCache
     from anomaly_monitor.source import SchemaError, reflect_source
@@ -204,22 +209,30 @@ def backfill_command(app: App, monitor: str, from_id: int, to_id: int,
     require_schema(app)
     try:
         with app.engine.connect() as connection:
+            writable = check_writes(connection)
+            if not writable.ok:
+                raise CliError(f"cannot backfill: {writable.message}", EXIT_USAGE)
             source = reflect_source(connection, settings)
-        results = backfill(app.engine, settings, source, ModelCache("auto"), from_id, to_id)
+        done = backfill(app.engine, settings, source, ModelCache("auto"), from_id, to_id)
     except (BackfillError, SchemaError) as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
     except BatchConflictError as exc:  # paused or reset meanwhile: chunks before it stand
         raise CliError(f"{exc}; the batches committed before it stand, and running the "
                        "same backfill again skips them") from None
-    totals = {"monitor": monitor, "from_id": from_id, "to_id": to_id,
-              "batches": len(results), "rows": sum(r.rows for r in results),
-              "scored": sum(r.scored for r in results),
-              "flagged": sum(r.flagged for r in results),
-              "quarantined": sum(r.quarantined for r in results)}
+    batches = done.batches
+    totals = {"monitor": monitor, "from_id": done.from_id, "to_id": done.to_id,
+              "asked_to_id": to_id, "batches": len(batches), "rows": done.rows,
+              "scored": sum(r.scored for r in batches),
+              "flagged": sum(r.flagged for r in batches),
+              "quarantined": sum(r.quarantined for r in batches), "skipped": done.skipped}
     if as_json:
         echo_json(totals)
         return
-    click.echo(f"monitor {monitor}: ids {from_id}..{to_id}: {totals['scored']} row(s) scored, "
-               f"{totals['flagged']} flagged, {totals['quarantined']} quarantined in "
-               f"{totals['batches']} batch(es); ids a batch had read, and gaps the worker's "
-               "sweep still watches, were skipped")
+    click.echo(f"monitor {monitor}: ids {done.from_id}..{done.to_id}: {totals['scored']} "
+               f"row(s) scored, {totals['flagged']} flagged, {totals['quarantined']} "
+               f"quarantined in {totals['batches']} batch(es)"
+               + (f"; {done.skipped} row(s) skipped (read by a batch already, or in gaps "
+                  "the worker's sweep still watches)" if done.skipped else ""))
+    if done.to_id < to_id:
+        click.echo(f"ids {done.to_id + 1}..{to_id} are above the cursor: the worker scores "
+                   "those")

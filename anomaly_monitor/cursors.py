@@ -351,7 +351,7 @@ class Reset:
 
 
 def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
-                 force: bool = False) -> Reset:
+                 force: bool = False, skipped_rows: int = 0) -> Reset:
     """Move the monitor's cursor to ``position`` (rows with higher ids are scored next)
     and resume it.
 
@@ -363,6 +363,8 @@ def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
     :class:`LeaseHeldError` while a live worker holds the lease of a monitor that is
     not paused, unless ``force``: the lease is then taken from it, and its current
     batch rolls back. Raises ``LookupError`` when the monitor has no cursor yet.
+    Moving it forward skips ``skipped_rows`` rows: counted as consumed, so that they are
+    not reported as rows written below the cursor (rows already there still are).
     """
     row = connection.execute(
         sa.select(cursors.c.position, cursors.c.generation, cursors.c.paused,
@@ -388,9 +390,10 @@ def reset_cursor(connection: sa.Connection, monitor: str, position: int, *,
         position=position, generation=generation, position_timestamp=None, paused=False,
         pause_reason=None, updated_at=utcnow(), lease_owner=None, lease_expires_at=None,
         lease_token=cursors.c.lease_token + 1,
-        # Counting rows below the cursor starts afresh from here (skipped rows are no news).
-        rows_consumed=0 if back else cursors.c.rows_consumed, below_floor=None,
-        rows_below=None, below_checked_at=None))
+        # A new generation counts rows below the cursor afresh; a skip is no such row.
+        **({"rows_consumed": 0, "below_floor": None, "rows_below": None,
+            "below_checked_at": None} if back else
+           {"rows_consumed": cursors.c.rows_consumed + skipped_rows})))
     closed = _close_gaps_above(connection, monitor, position) if back else 0
     return Reset(int(row.position), position, int(row.generation), generation,
                  bool(row.paused), row.lease_owner if taken else None, closed)

@@ -107,6 +107,8 @@ def redact(url: str | URL) -> str:
 
 
 def _normalise(url: URL) -> URL:
+    if url.host and "@" in url.host:  # user:pa@ss@host: the '@' in the password
+        raise ValueError("an unescaped '@'")
     # "postgresql://" means psycopg2 to SQLAlchemy; this package ships psycopg 3.
     if url.drivername in ("postgresql", "postgres"):
         return url.set(drivername="postgresql+psycopg")

@@ -163,7 +163,13 @@ def move_cursor(connection: sa.Connection, monitor: MonitorSettings, target: int
                 f"monitor {monitor.name!r}: --reset-to {position} is past the newest id of "
                 f"table {source.table.fullname!r} ({newest}): rows inserted up to there would "
                 "never be scored; use --to-end to skip to the newest row, or --force")
-    reset = reset_cursor(connection, monitor.name, position, force=force)
+    cursor = read_cursor(connection, monitor.name)
+    skipped = 0
+    if cursor is not None and position > cursor.position:
+        skipped = int(connection.execute(sa.select(sa.func.count()).select_from(source.table)
+                                         .where(source.id_column > cursor.position,
+                                                source.id_column <= position)).scalar())
+    reset = reset_cursor(connection, monitor.name, position, force=force, skipped_rows=skipped)
     parts = [f"monitor {monitor.name}: cursor moved from {reset.old_position} to "
              f"{reset.new_position}"]
     if reset.new_generation != reset.old_generation:

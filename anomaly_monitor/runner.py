@@ -85,7 +85,9 @@ def _when(moment: dt.datetime | None) -> str:
 CONFIGURATION_SQLSTATES = ("28", "3D")
 #: The same, as libpq words them when the server gives no SQLSTATE (at connect).
 CONFIGURATION_MESSAGES = ("password authentication failed", "no pg_hba.conf entry",
-                          "does not exist")
+                          "does not exist", "invalid value for parameter",
+                          "unrecognized configuration parameter", "invalid sslmode value",
+                          "invalid connection option", "invalid integer value")
 
 
 def is_configuration_error(exc: BaseException) -> bool:

@@ -119,3 +119,20 @@ def test_an_unparseable_url_says_what_a_url_looks_like(tmp_path):
     out = cli(path, "status", expect=2)
     assert "expected dialect[+driver]://user:password@host[:port]/database" in out
     assert "p@ss" not in out and "w@rd" not in out
+
+
+def test_an_unescaped_at_in_the_password_is_a_configuration_error(tmp_path):
+    path = tmp_path / "am.toml"
+    path.write_text(CONFIG.replace("sqlite:///{path}", "postgresql://mon:Pa@ss@127.0.0.1/db")
+                    .format(threshold='method = "quantile"'))
+    for command in (["check"], ["status"], ["run", "--once"]):
+        out = cli(path, *command, expect=2)
+        assert "must be percent-encoded (%40" in out and "Pa@ss" not in out and "ss@" not in out
+
+
+def test_a_bad_connection_option_is_a_configuration_error(pg_url, tmp_path):
+    path = tmp_path / "am.toml"
+    bad = pg_url + "?options=-c%20statement_timeout%3Dabc"
+    path.write_text(CONFIG.replace("sqlite:///{path}", bad).format(threshold='method = "quantile"'))
+    out = cli(path, "status", expect=2)
+    assert "statement_timeout" in out

@@ -70,27 +70,39 @@ def test_rows_below_the_cursor_are_counted_then_backfilled_once(engine, tmp_path
     assert status["rows_below_cursor"] == 30
     assert "at least 30 row(s) were written below the cursor" in _cli(tmp_path, engine,
                                                                       "status")
+    # Moving the cursor forward (skipping rows) or nowhere does not hide them.
+    skipped = insert_rows(engine, table, sensors.normal(7))
+    _cli(tmp_path, engine, "cursor", "plant", "--to-end", "--force")
+    _cli(tmp_path, engine, "cursor", "plant", "--reset-to", str(skipped[-1]), "--force")
+    worker.runners["plant"].state.below_check_at = 0.0
+    insert_rows(engine, table, sensors.normal(3))
+    worker.poll("plant")
+    assert registry.get_sample_value("anomaly_monitor_rows_below_cursor",
+                                     {"monitor": "plant"}) == 30
 
     out = _cli(tmp_path, engine, "backfill", "plant", "--from-id", "-1000", "--to-id", "0")
     assert "30 row(s) scored" in out
+    status = json.loads(_cli(tmp_path, engine, "status", "--json"))["monitors"][0]
+    assert status["rows_below_cursor"] == 0  # at once, not at the next count
     with engine.connect() as connection:
         flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
     assert len(flagged) == len(set(flagged))
     assert sum(1 for i in flagged if i < 0) >= 4  # the anomalous backfilled rows
-    assert rows_in_batches(engine) == 160  # every row exactly once
+    assert rows_in_batches(engine) == 163  # every row read once (the 7 skipped: none)
     again = json.loads(_cli(tmp_path, engine, "backfill", "plant", "--from-id", "-1000",
                             "--to-id", "0", "--json"))
-    assert again["rows"] == 0 and rows_in_batches(engine) == 160
-    # Over the whole table: the 130 rows batches read are skipped; what no batch read,
-    # the 600 rows of history before the monitor started, is scored.
+    assert again["rows"] == 0 and again["skipped"] == 30 and rows_in_batches(engine) == 163
+    # Over the whole table: the 133 rows batches read are skipped; what no batch read,
+    # the 600 rows of history before the monitor started and the 7 skipped by --to-end,
+    # is scored.
     whole = json.loads(_cli(tmp_path, engine, "backfill", "plant", "--from-id", "-1000",
-                            "--to-id", str(ids[-1] + 10), "--json"))
-    assert whole["rows"] == 600 and rows_in_batches(engine) == 760
+                            "--to-id", str(10**6), "--json"))
+    assert whole["rows"] == 607 and rows_in_batches(engine) == 770
     with engine.connect() as connection:
         kinds = dict(connection.execute(sa.select(batches.c.kind, sa.func.sum(batches.c.rows))
                                         .group_by(batches.c.kind)).all())
         flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
-    assert kinds["backfill"] == 630 and len(flagged) == len(set(flagged))
+    assert kinds["backfill"] == 637 and len(flagged) == len(set(flagged))
     worker.runners["plant"].state.below_check_at = 0.0
     worker.poll("plant")
     assert registry.get_sample_value("anomaly_monitor_rows_below_cursor",
@@ -119,6 +131,13 @@ def test_a_backfill_skips_rows_read_and_scores_ids_in_closed_gaps(engine, tmp_pa
     out = _cli(tmp_path, engine, "backfill", "plant", "--from-id", str(present[-1] + 1),
                "--to-id", str(present[-1] + 100), expect=2)
     assert "above the cursor" in out
+    out = _cli(tmp_path, engine, "backfill", "plant", "--from-id", str(start),
+               "--to-id", str(present[-1] + 100))
+    assert f"ids {present[-1] + 1}..{present[-1] + 100} are above the cursor" in out
+    assert "0 row(s) scored" in out and "row(s) skipped" in out
+    out = _cli(tmp_path, engine, "backfill", "plant", "--from-id", "-1" + "0" * 20,
+               "--to-id", "1", expect=2)
+    assert "--from-id" in out
     out = _cli(tmp_path, engine, "backfill", "plant", "--from-id", "5", "--to-id", "1",
                expect=2)
     assert "--from-id 5 is above --to-id 1" in out
