@@ -156,6 +156,10 @@ class ReadState:
     #: Whether the monitor has batches with open gaps (``None``: not known yet). Only
     #: its lease holder writes them, so while it knows of none a sweep need not look.
     open_gaps: bool | None = None
+    #: The session's statement_timeout in seconds (``None``: none), read when a
+    #: cancelled read first needs it (``timeout_known``).
+    statement_timeout: float | None = None
+    timeout_known: bool = False
 
     def limit(self, batch_size: int) -> int:
         """How many rows to read for the next window."""
@@ -317,7 +321,7 @@ class WindowTimeoutError(Exception):
 
 
 @contextlib.contextmanager
-def _window_read(connection: sa.Connection) -> Iterator[None]:
+def _window_read(connection: sa.Connection, read_state: ReadState) -> Iterator[None]:
     """Turn a statement timeout of the window query into :class:`WindowTimeoutError`;
     other queries' timeouts, and a query cancelled by someone well before the timeout,
     stay database errors (retried, not shrunk)."""
@@ -327,10 +331,15 @@ def _window_read(connection: sa.Connection) -> Iterator[None]:
     except Exception as exc:
         if not is_query_canceled(exc):
             raise
+        # From when a page read ahead began, if the read was one: it ran that long.
         elapsed = time.monotonic() - started
-        with connection.engine.connect() as fresh:
-            timeout = statement_timeout_seconds(fresh)
-        if not ran_into_timeout(elapsed, timeout):
+        if read_state.arrow is not None:
+            elapsed += read_state.arrow.page_age_seconds
+        if not read_state.timeout_known:  # read once, on its own connection
+            with connection.engine.connect() as fresh:
+                read_state.statement_timeout = statement_timeout_seconds(fresh)
+            read_state.timeout_known = True
+        if not ran_into_timeout(elapsed, read_state.statement_timeout):
             raise
         raise WindowTimeoutError(str(exc)) from exc
 
@@ -359,7 +368,7 @@ def _read_next(
         # monitor relies on query_delay_seconds, which reflect_source requires).
         hold_back = is_postgresql(engine) and not source.is_view
         arrow = read_state.reader(engine)
-        with _window_read(connection):
+        with _window_read(connection, read_state):
             window = read_window(connection, source, cursor.position, limit,
                                  features=version.features, ready_before=ready_before,
                                  future_from=future_from, hold_back=hold_back, arrow=arrow,
@@ -370,10 +379,11 @@ def _read_next(
             log.warning("monitor %s: a transaction open for over %.0f s holds rows after id "
                         "%s back; reading past it (the sweep scores what it commits later)",
                         monitor.name, HORIZON_MAX_STALL_SECONDS, window.held_back)
-            with _window_read(connection):
+            with _window_read(connection, read_state):
                 window = read_window(connection, source, cursor.position, limit,
                                      features=version.features, ready_before=ready_before,
-                                     future_from=future_from, arrow=arrow)
+                                     future_from=future_from, arrow=arrow,
+                                     read_ahead=read_state.read_ahead)
         check_position(connection, source, cursor.position, cursor.position_timestamp,
                        caught_up=window.last_id is None and window.held_back is None)
         model = models.model(connection, version) if window.size else None
@@ -497,8 +507,10 @@ def _read_timed_out(
     result = BatchResult(monitor.name, "committed", quarantined=1, first_id=found,
                          last_id=found, model_version=version.version, caught_up=False,
                          quarantine_reasons={"read_timeout": 1})
-    batch = _batch_row(result, started, "window", gap_ranges([found], cursor.position, found),
-                       t0)
+    gaps = gap_ranges([found], cursor.position, found)
+    batch = _batch_row(result, started, "window", gaps, t0)
+    if gaps:
+        read_state.open_gaps = True
     _commit(engine, monitor.name, lease, clock(), window, [], batch,
             generation=cursor.generation, move=(cursor.position, found, None))
     read_state.slow_row_skipped()

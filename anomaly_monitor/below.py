@@ -85,7 +85,8 @@ def _covered(connection: sa.Connection, monitor: str, generation: int, lo: int,
     for first, last, gaps, open_gaps, batch_generation in connection.execute(
             sa.select(batches.c.first_id, batches.c.last_id, batches.c.gaps,
                       batches.c.open_gaps, batches.c.generation)
-            .where(batches.c.monitor == monitor, batches.c.last_id >= lo)):
+            .where(batches.c.monitor == monitor, batches.c.last_id >= lo,
+                   sa.or_(batches.c.first_id <= hi, batches.c.open_gaps.is_not(None)))):
         # The sweep reads the open gaps of every generation: those are its rows.
         spans += [(int(a), int(b)) for a, b in (open_gaps or [])]
         if batch_generation != generation or int(first) > hi:
@@ -120,6 +121,22 @@ def _uncovered(lo: int, hi: int, covered: Sequence[tuple[int, int]]) -> list[lis
     if at <= hi:
         left.append([at, hi])
     return left
+
+
+def _credited(rows: int) -> dict[str, sa.ColumnElement[int] | None]:
+    """The cursor's counts after a backfill scored ``rows`` rows never counted before.
+    They are taken to be the rows counted below the cursor first (that is what a
+    backfill is for), then rows from before the start: the floor drops by the rest, so
+    that the next count agrees, and status shows the change at once."""
+    below = sa.func.coalesce(cursors.c.rows_below, 0)
+    rest = sa.case((below >= rows, 0), else_=rows - below)
+    return {
+        "rows_consumed": cursors.c.rows_consumed + rows,
+        "rows_below": sa.case((cursors.c.rows_below.is_(None), None),
+                              (below > rows, below - rows), else_=0),
+        "below_floor": sa.case((cursors.c.below_floor.is_(None), None),
+                               else_=cursors.c.below_floor - rest),
+    }
 
 
 def _chunk_end(connection: sa.Connection, source: SourceTable, lo: int, hi: int,
@@ -176,18 +193,15 @@ def _backfill_chunk(engine: sa.Engine, monitor: MonitorSettings, source: SourceT
         kept = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
         batch = _batch_row(result, started, "backfill",
                            gap_ranges(kept, result.first_id - 1, result.last_id), t0)
-        connection.execute(quarantine.delete().where(  # read at last: no longer quarantined
-            quarantine.c.monitor == monitor.name, quarantine.c.generation == generation,
-            quarantine.c.reason == "read_timeout", quarantine.c.source_id.in_(kept)))
+        retried = set(_timed_out(connection, monitor.name, generation, lo, hi)) & set(kept)
+        if retried:  # read at last: no longer quarantined (and counted already)
+            connection.execute(quarantine.delete().where(
+                quarantine.c.monitor == monitor.name, quarantine.c.generation == generation,
+                quarantine.c.reason == "read_timeout", quarantine.c.source_id.in_(retried)))
         _write_rows(connection, monitor.name, generation, window, flagged, clock())
         connection.execute(batches.insert().values(**batch, generation=generation))
-        # The last count less these rows, so that status does not wait for the next one.
-        below = sa.case((cursors.c.rows_below > result.rows,
-                         cursors.c.rows_below - result.rows),
-                        (cursors.c.rows_below.is_(None), None), else_=0)
         connection.execute(cursors.update().where(cursors.c.monitor == monitor.name)
-                           .values(rows_consumed=cursors.c.rows_consumed + result.rows,
-                                   rows_below=below))
+                           .values(**_credited(result.rows - len(retried))))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
                                generation=generation, version=version)
 

@@ -27,7 +27,8 @@ from anomaly_monitor.tables import anomalies, batches, cursors, model_versions, 
 TIMESTAMP_SAMPLE_ROWS = 200
 #: What the daemon and ``train`` write, by table.
 WRITES = {cursors: ("SELECT", "INSERT", "UPDATE"), anomalies: ("SELECT", "INSERT"),
-          quarantine: ("SELECT", "INSERT"), batches: ("SELECT", "INSERT", "UPDATE"),
+          quarantine: ("SELECT", "INSERT", "DELETE"),  # a backfill re-reads read_timeout rows
+          batches: ("SELECT", "INSERT", "UPDATE"),
           model_versions: ("SELECT", "INSERT", "UPDATE")}
 PERMISSION_DENIED = "42501"
 

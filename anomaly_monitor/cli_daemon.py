@@ -122,14 +122,14 @@ def _restart_process(app: App, still_wanted: Callable[[], bool]) -> None:
     A stop that came meanwhile (``still_wanted()`` turned false) ends the process
     instead."""
     app.close()
+    if not still_wanted():
+        logging.getLogger(__name__).info("a stop came during the reload: not restarting")
+        return
     logging.getLogger(__name__).info("restarting with the configuration read afresh")
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
     sys.stderr.flush()
-    if not still_wanted():
-        logging.getLogger(__name__).info("a stop came during the reload: not restarting")
-        return
     # The interpreter's own command line, flags included (``python -m anomaly_monitor``
     # or the console script): the same code starts, whatever the working directory holds.
     os.execv(sys.executable, sys.orig_argv)  # noqa: S606 (our own command line, no shell)

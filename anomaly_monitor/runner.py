@@ -373,6 +373,7 @@ class MonitorRunner:
             state.lease = None  # claim again (or stand by) at the next poll
             state.status = Status.STANDBY
             state.read_state.close()
+            state.read_state.open_gaps = None  # another holder may have left some
             return None
         except Exception as exc:  # the daemon never dies on data or the DB
             if self.stop_event.is_set() and state.read_state.cancelled:
@@ -482,6 +483,9 @@ class MonitorRunner:
                          "clock)", monitor.name, result.holder, _when(result.expires_at))
             state.lease, state.status, state.waiting_for = None, Status.STANDBY, result.holder
             self.metrics.set_rows_below(monitor.name, 0)  # the leader reports it
+            # What this worker measured as leader is stale when it leads again.
+            state.rows_below, state.below_check_at = 0, 0.0
+            state.newest_timestamp, state.looked_up_newest = None, False
             state.detail = (f"another worker ({result.holder}) holds the lease until "
                             f"{_when(result.expires_at)}" if result.holder is not None else
                             "the lease changed hands during the claim; claiming it again at "
@@ -501,6 +505,8 @@ class MonitorRunner:
         elif state.lease is None:
             log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)
         state.waiting_for = None
+        if state.lease is None or state.lease.token != result.lease.token:
+            state.read_state.open_gaps = None  # not a renewal: another holder may have left some
         state.lease, state.lease_renewed = result.lease, self.clock.monotonic()
         return True
 

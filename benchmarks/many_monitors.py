@@ -153,7 +153,7 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
     start = time.monotonic()
     thread.start()
     producer.start()
-    worst, steady, held, caught_up = 0.0, 0.0, 0, None
+    worst, steady, held, caught_up, caught_up_at = 0.0, 0.0, 0, None, 0.0
     last = {m.name: time.time() for m in monitors}
     while time.monotonic() - start < seconds:
         time.sleep(0.25)
@@ -162,8 +162,8 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
         for name in last:
             last[name] = max(last[name], successes.get(name, 0.0))
             worst = max(worst, now - last[name])
-            if caught_up is not None:
-                steady = max(steady, now - last[name])
+            if caught_up is not None:  # gaps that began after every backlog was scored
+                steady = max(steady, now - max(last[name], caught_up_at))
         held = max(held, _connections(admin))
         if caught_up is None:
             with admin.connect() as connection:
@@ -171,7 +171,7 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
                     "SELECT count(*) FROM am_cursors WHERE position >= :n"),
                     {"n": backlog}).scalar()
             if scored == len(monitors):
-                caught_up = time.monotonic() - start
+                caught_up, caught_up_at = time.monotonic() - start, time.time()
     idle = _connections(admin)
     series = sum(1 for line in scrape(registry).splitlines()
                  if line and not line.startswith("#"))

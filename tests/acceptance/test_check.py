@@ -92,7 +92,7 @@ def restricted(pg_server, pg_url):
         connection.execute(sa.text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {reader}"))
         connection.execute(sa.text(f"GRANT SELECT ON am_alembic_version TO {nobody}"))
         connection.execute(sa.text(
-            f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {nobody}"))
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {nobody}"))
         connection.execute(sa.text(f"REVOKE ALL ON readings FROM {nobody}"))
     database = pg_url.rsplit("/", 1)[1]
     yield pg_server.url(database, reader), pg_server.url(database, nobody)

@@ -51,7 +51,7 @@ def test_rows_below_the_cursor_are_counted_then_backfilled_once(engine, tmp_path
                                          sensors=sensors)
     worker = Worker(settings(engine.url.render_as_string(hide_password=False), monitor),
                     engine, Metrics(CollectorRegistry()), device="cpu")
-    ids = insert_rows(engine, table, sensors.normal(120))
+    insert_rows(engine, table, sensors.normal(120))
     worker.poll("plant")
     # A backfill below the cursor: negative ids, and anomalous ones among them.
     below = list(range(-30, 0))
