@@ -1,4 +1,4 @@
-"""``run``, ``status`` and ``anomalies``: the daemon and what it found."""
+"""``run``, ``status``, ``anomalies`` and ``quarantine``: the daemon and what it found."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from anomaly_monitor.cli import (
 )
 from anomaly_monitor.config import SCORING_THREADS, ConfigError, Settings, load_settings
 from anomaly_monitor.db import describe_error, redact
+from anomaly_monitor.reading.values import REASONS
 from anomaly_monitor.runner import is_configuration_error
 from anomaly_monitor.source import RESTARTED
 from anomaly_monitor.tables import as_utc
@@ -192,11 +193,12 @@ def status(app: App, as_json: bool) -> None:
         echo_json({"database": redact(app.settings.database_url), "monitors": states})
         return
     print_table(["monitor", "state", "version", "threshold", "cursor", "backlog", "lag s",
-            "last batch", "anomalies 24h"],
+            "last batch", "anomalies 24h", "quarantined"],
            [(s["monitor"], s["state"], s["active_version"],
              f"{s['threshold']:.6g}" if s["threshold"] is not None else None, s["cursor"],
              s["backlog"], s["lag_seconds"],
-             s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"])
+             s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"],
+             sum(s["quarantined"].values()))
             for s in states])
     for s in states:
         lease = s["lease"]
@@ -221,24 +223,59 @@ def status(app: App, as_json: bool) -> None:
 @main.command()
 @click.argument("monitor")
 @click.option("--since", type=click.DateTime(DATETIME_FORMATS),
+              help="Only rows stamped since (UTC, the row's own timestamp).")
+@click.option("--scored-since", type=click.DateTime(DATETIME_FORMATS),
               help="Only rows scored since (UTC).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def anomalies(app: App, monitor: str, since: dt.datetime | None, limit: int,
-              as_json: bool) -> None:
-    """Flagged rows of MONITOR with severity and top features."""
+def anomalies(app: App, monitor: str, since: dt.datetime | None,
+              scored_since: dt.datetime | None, limit: int, as_json: bool) -> None:
+    """Flagged rows of MONITOR with score, threshold, severity and top features."""
     app.read_only = True
     from anomaly_monitor.report import list_anomalies
 
     app.settings.monitor(monitor)
     with app.engine.connect() as connection:
-        rows = list_anomalies(connection, monitor, since=as_utc(since), limit=limit)
+        rows = list_anomalies(connection, monitor, since=as_utc(since),
+                              scored_since=as_utc(scored_since), limit=limit)
     if as_json:
         echo_json(rows)
         return
-    print_table(["source id", "timestamp", "score", "severity", "version", "top features"],
-           [(r["source_id"], r["source_timestamp"], f"{r['score']:.4g}", r["severity"],
-             r["model_version"],
+    print_table(["source id", "timestamp", "score", "threshold", "severity", "version",
+                 "top features"],
+           [(r["source_id"], r["source_timestamp"], f"{r['score']:.4g}",
+             f"{r['threshold']:.4g}", r["severity"], r["model_version"],
              ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
             for r in rows])
+
+
+@main.command("quarantine")
+@click.argument("monitor")
+@click.option("--reason", type=click.Choice(REASONS), help="Only rows of this reason.")
+@click.option("--since", type=click.DateTime(DATETIME_FORMATS),
+              help="Only rows quarantined since (UTC).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def quarantine_command(app: App, monitor: str, reason: str | None, since: dt.datetime | None,
+                       limit: int, as_json: bool) -> None:
+    """Rows of MONITOR that could not be scored, with the reason and their raw values."""
+    app.read_only = True
+    from anomaly_monitor.report import list_quarantine
+
+    app.settings.monitor(monitor)
+    with app.engine.connect() as connection:
+        rows = list_quarantine(connection, monitor, reason=reason, since=as_utc(since),
+                               limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+    print_table(["source id", "reason", "detail", "quarantined at", "raw values"],
+                [(r["source_id"], r["reason"], r["detail"], r["quarantined_at"],
+                  _short(r["raw_values"])) for r in rows])
+
+
+def _short(values: Any, width: int = 60) -> str:
+    text = ", ".join(f"{k}={v!r}" for k, v in (values or {}).items())
+    return text if len(text) <= width else text[:width - 3] + "..."

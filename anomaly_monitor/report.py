@@ -18,7 +18,7 @@ from anomaly_monitor.source import (
     oldest_id,
     reflect_source,
 )
-from anomaly_monitor.tables import anomalies, as_utc, batches, cursors, utcnow
+from anomaly_monitor.tables import anomalies, as_utc, batches, cursors, quarantine, utcnow
 
 RECENT_WINDOW = dt.timedelta(hours=24)
 #: PostgreSQL: ``status`` gives up counting one monitor's backlog after this long, so
@@ -91,6 +91,7 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     # A newest row stamped ahead of this clock is no lag (the metric clamps it too).
     status["lag_seconds"] = round(max(0.0, lag), 1) if lag is not None else None
     status["newest_in_future"] = lag is not None and lag < 0
+    status["quarantined"] = quarantine_counts(connection, monitor.name)
     status["anomalies_24h"] = int(connection.execute(
         sa.select(sa.func.count()).select_from(anomalies).where(
             anomalies.c.monitor == monitor.name, anomalies.c.scored_at >= now - RECENT_WINDOW)
@@ -109,12 +110,17 @@ def list_anomalies(
     monitor: str,
     *,
     since: dt.datetime | None = None,
+    scored_since: dt.datetime | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
-    """Flagged rows of ``monitor``, newest cursor generation and source id first."""
+    """Flagged rows of ``monitor`` (``since``: stamped at or after it, by the row's own
+    timestamp; ``scored_since``: scored at or after it), newest cursor generation and
+    source id first."""
     query = sa.select(anomalies).where(anomalies.c.monitor == monitor)
     if since is not None:
-        query = query.where(anomalies.c.scored_at >= since)
+        query = query.where(anomalies.c.source_timestamp >= since)
+    if scored_since is not None:
+        query = query.where(anomalies.c.scored_at >= scored_since)
     rows = connection.execute(query.order_by(anomalies.c.generation.desc(),
                                              anomalies.c.source_id.desc()).limit(limit)).all()
     return [
@@ -126,6 +132,34 @@ def list_anomalies(
         }
         for r in rows
     ]
+
+
+def list_quarantine(
+    connection: sa.Connection,
+    monitor: str,
+    *,
+    reason: str | None = None,
+    since: dt.datetime | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Quarantined rows of ``monitor`` (``reason``: of that reason only; ``since``:
+    quarantined at or after it), newest first."""
+    query = sa.select(quarantine).where(quarantine.c.monitor == monitor)
+    if reason is not None:
+        query = query.where(quarantine.c.reason == reason)
+    if since is not None:
+        query = query.where(quarantine.c.quarantined_at >= since)
+    rows = connection.execute(query.order_by(quarantine.c.id.desc()).limit(limit)).all()
+    return [{"source_id": r.source_id, "reason": r.reason, "detail": r.detail,
+             "raw_values": r.raw_values, "quarantined_at": _iso(as_utc(r.quarantined_at)),
+             "generation": r.generation} for r in rows]
+
+
+def quarantine_counts(connection: sa.Connection, monitor: str) -> dict[str, int]:
+    """The monitor's quarantined rows by reason."""
+    return {reason: int(count) for reason, count in connection.execute(
+        sa.select(quarantine.c.reason, sa.func.count()).where(quarantine.c.monitor == monitor)
+        .group_by(quarantine.c.reason))}
 
 
 def cursor_report(connection: sa.Connection, monitor: MonitorSettings) -> dict[str, Any]:

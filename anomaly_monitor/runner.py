@@ -191,6 +191,8 @@ class MonitorRunner:
         #: its polls are shorter and its Arrow reader is closed after each one, so that
         #: the worker holds at most a connection per thread, not one per monitor.
         self.share = share
+        #: The level of the "lease acquired" line (DEBUG for ``run --once``, from cron).
+        self.lease_log_level = logging.INFO
         self.engine = engine
         self.metrics = metrics
         self.models = models
@@ -317,6 +319,10 @@ class MonitorRunner:
         if version is not None and state.reported_model != (version.version, version.threshold):
             self.metrics.set_model(monitor.name, str(version.version), version.kind,
                                    version.threshold, version.expected_ratio())
+            if state.reported_model is not None:  # not at start: a switch worth a line
+                log.info("monitor %s: now scoring with version %d, threshold %.6g (was "
+                         "version %d, threshold %.6g)", monitor.name, version.version,
+                         version.threshold, *state.reported_model)
             state.reported_model = (version.version, version.threshold)
         if result.status == "committed":
             state.batches += 1
@@ -502,8 +508,9 @@ class MonitorRunner:
             log.warning("monitor %s: this worker's lease was reset (the cursor was moved, "
                         "anomaly-monitor cursor); claimed it again (token %d)", monitor.name,
                         result.lease.token)
-        elif state.lease is None:
-            log.info("monitor %s: lease acquired (token %d)", monitor.name, result.lease.token)
+        elif state.lease is None:  # every run of run --once: not worth an INFO line there
+            log.log(self.lease_log_level, "monitor %s: lease acquired (token %d)",
+                    monitor.name, result.lease.token)
         state.waiting_for = None
         if state.lease is None or state.lease.token != result.lease.token:
             state.read_state.open_gaps = None  # not a renewal: another holder may have left some

@@ -170,6 +170,8 @@ class Worker:
 
     def run_once(self) -> dict[str, MonitorState]:
         """Process everything pending on every monitor once (``run --once``)."""
+        for runner in self.runners.values():
+            runner.lease_log_level = logging.DEBUG
         try:
             for name in self.monitors:
                 if not self.stop_event.is_set():

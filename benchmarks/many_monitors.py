@@ -148,6 +148,14 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
     loading = time.monotonic()
     worker.preload_models()  # timed apart: run_forever finds them loaded
     preload = time.monotonic() - loading
+    polls = [0]
+    poll = worker.poll
+
+    def counted(name: str, **kwargs: object) -> object:
+        polls[0] += 1
+        return poll(name, **kwargs)  # type: ignore[arg-type]
+
+    worker.poll = counted  # type: ignore[method-assign]
     producer = _Producer(admin, tables)
     thread = threading.Thread(target=worker.run_forever, kwargs={"install_signals": False})
     start = time.monotonic()
@@ -183,7 +191,7 @@ def _run(url: str, admin: sa.Engine, tables: list[sa.Table], monitors: list, sec
             "steady_gap_s": steady if caught_up is not None else float("nan"),
             "preload_s": preload,
             "max_connections": held, "idle_connections": idle,
-            "series_per_monitor": series / len(monitors)}
+            "series_per_monitor": series / len(monitors), "polls_per_s": polls[0] / seconds}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -205,8 +213,8 @@ def main(argv: list[str] | None = None) -> None:
              "the number of monitors) and Arrow readers kept between polls.", "",
              "| monitors | interval (s) | worker | models loaded (s) | longest without a "
              "successful poll (s) | the same once caught up (s) | all caught up (s) | "
-             "max connections | connections at the end | series per monitor |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "max connections | connections at the end | series per monitor | polls/s |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(running_server())
         for run in args.runs:
@@ -224,12 +232,13 @@ def main(argv: list[str] | None = None) -> None:
                 lines.append(f"| {count} | {interval:.0f} | {mode} | {f['preload_s']:.1f} | "
                              f"{f['worst_gap_s']:.1f} | {f['steady_gap_s']:.1f} | "
                              f"{f['caught_up_s']:.1f} | {f['max_connections']} | "
-                             f"{f['idle_connections']} | {f['series_per_monitor']:.0f} |")
+                             f"{f['idle_connections']} | {f['series_per_monitor']:.0f} | "
+                             f"{f['polls_per_s']:.1f} |")
             base, new = figures["baseline"], figures["fair share"]
             lines.append(f"| {count} | {interval:.0f} | ratio baseline/fair | | "
                          f"{base['worst_gap_s'] / new['worst_gap_s']:.2f}x | | "
                          f"{base['caught_up_s'] / new['caught_up_s']:.2f}x | "
-                         f"{base['max_connections'] / new['max_connections']:.2f}x | | |")
+                         f"{base['max_connections'] / new['max_connections']:.2f}x | | | |")
             admin.dispose()
     text = "\n".join(lines) + "\n"
     print(text)
