@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from anomaly_monitor.config import ConfigError, MonitorSettings, Settings, check_model_params
+from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.reading.query import raw, select_rows
 from anomaly_monitor.reading.values import epoch_unit, json_value, to_timestamp
 from anomaly_monitor.registry import RegistryError, active_version, load_model
@@ -148,6 +149,9 @@ def check_monitor(connection: sa.Connection, settings: Settings,
         yield _model(connection, monitor, source)
     except (SchemaError, RegistryError) as exc:
         yield _problem(str(exc))
+    cursor = read_cursor(connection, monitor.name)
+    if cursor is not None and cursor.paused:
+        yield _problem(f"monitor {monitor.name}: paused by the worker: {cursor.pause_reason}")
 
 
 def check_writes(connection: sa.Connection) -> Finding:

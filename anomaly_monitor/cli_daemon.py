@@ -192,11 +192,11 @@ def status(app: App, as_json: bool) -> None:
     if as_json:
         echo_json({"database": redact(app.settings.database_url), "monitors": states})
         return
-    print_table(["monitor", "state", "version", "threshold", "cursor", "backlog", "lag s",
-            "last batch", "anomalies 24h", "quarantined"],
+    print_table(["monitor", "state", "version", "threshold", "cursor", "backlog",
+            "newest row age s", "polled s ago", "last batch", "anomalies 24h", "quarantined"],
            [(s["monitor"], s["state"], s["active_version"],
              f"{s['threshold']:.6g}" if s["threshold"] is not None else None, s["cursor"],
-             s["backlog"], s["lag_seconds"],
+             s["backlog"], s["lag_seconds"], s["seconds_since_poll"],
              s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"],
              sum(s["quarantined"].values()))
             for s in states])

@@ -7,7 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import lease_holder, read_cursor, reset_cursor
 from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.registry import active_version, get_version
@@ -73,8 +73,15 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
                                .where(cursors.c.monitor == monitor.name)).first()
     status["rows_below_cursor"] = below.rows_below if below is not None else None
     status["rows_below_checked_at"] = _iso(as_utc(below.below_checked_at)) if below else None
+    # The lease is renewed at every poll's start: when the worker last polled.
+    lease = status["lease"]
+    status["seconds_since_poll"] = None if lease is None or not lease["expires_at"] else \
+        max(0.0, round(lease_duration(monitor) - (
+            dt.datetime.fromisoformat(lease["expires_at"]) - now).total_seconds(), 1))
     try:
         source = reflect_source(connection, monitor)
+        status["table"] = source.table.fullname if source.table.schema else \
+            f"{sa.inspect(connection).default_schema_name}.{source.table.name}"
         status["backlog"] = _bounded_count(connection, source, cursor.position) \
             if cursor else None
         status["source_error"] = None if status["backlog"] != -1 else (

@@ -57,6 +57,22 @@ def test_anomalies_quarantine_and_status_show_what_was_found(engine, tmp_path):
                            "--json")) == []
     status = json.loads(_cli(tmp_path, engine, "status", "--json"))["monitors"][0]
     assert status["quarantined"] == {"null": 3}
+    assert status["table"] in ("main.readings", "public.readings")  # schema-qualified
+    assert 0 <= status["seconds_since_poll"] < 30  # apart from the newest row's age
+    assert "polled s ago" in _cli(tmp_path, engine, "status")
+
+
+def test_check_names_a_paused_monitor(engine, tmp_path):
+    from anomaly_monitor.cursors import set_paused
+
+    trained_plant(engine, monitor_settings())
+    with engine.begin() as connection:
+        set_paused(connection, "plant", "a test pause")
+    config = tmp_path / "am.toml"
+    config.write_text(daemon_config(engine, FEATURES, 1.0))
+    result = CliRunner().invoke(main, ["--config", str(config), "check"])
+    assert result.exit_code == 2
+    assert "PROBLEM: monitor plant: paused by the worker: a test pause" in result.output
 
 
 def test_a_new_threshold_is_logged_once_and_run_once_is_quiet_about_leases(
