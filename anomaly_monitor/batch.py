@@ -469,6 +469,20 @@ def run_batch(
                                version=version)
 
 
+def probe_next_id(engine: sa.Engine, source: SourceTable, position: int, *,
+                  stopping: Callable[[], bool]) -> int | None:
+    """The id after ``position`` (:func:`next_id`); :class:`SlowReadError` when not even
+    that can be read within the statement timeout (unless ``stopping()``: the query
+    was cancelled for a stop)."""
+    try:
+        with engine.connect() as connection:
+            return next_id(connection, source, position)
+    except Exception as exc:
+        if is_query_canceled(exc) and not stopping():
+            raise SlowReadError(source, position) from None
+        raise
+
+
 def _read_timed_out(
     engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, models: ModelCache,
     read_state: ReadState, limit: int, *, lease: Lease | None,
@@ -489,13 +503,8 @@ def _read_timed_out(
                     rows)
         return BatchResult(monitor.name, "slow", caught_up=False, position=cursor.position,
                            generation=cursor.generation, version=version)
-    try:
-        with engine.connect() as connection:
-            found = next_id(connection, source, cursor.position)
-    except Exception as exc:
-        if is_query_canceled(exc) and not read_state.cancelled:
-            raise SlowReadError(source, cursor.position) from None
-        raise
+    found = probe_next_id(engine, source, cursor.position,
+                          stopping=lambda: read_state.cancelled)
     if found is None:  # the row is gone
         return BatchResult(monitor.name, "idle", position=cursor.position,
                            generation=cursor.generation, version=version)

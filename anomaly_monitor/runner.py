@@ -21,7 +21,13 @@ from enum import StrEnum
 
 import sqlalchemy as sa
 
-from anomaly_monitor.batch import BatchResult, ReadState, run_batch, sweep_late_rows
+from anomaly_monitor.batch import (
+    BatchResult,
+    ReadState,
+    probe_next_id,
+    run_batch,
+    sweep_late_rows,
+)
 from anomaly_monitor.below import BELOW_CHECK_SECONDS, BELOW_COUNT_TIMEOUT_MS, measure_below
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import (
@@ -34,7 +40,6 @@ from anomaly_monitor.cursors import (
 )
 from anomaly_monitor.db import describe_error
 from anomaly_monitor.metrics import Metrics
-from anomaly_monitor.reading.cancel import is_query_canceled
 from anomaly_monitor.registry import ModelCache, RegistryError
 from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
@@ -42,11 +47,9 @@ from anomaly_monitor.source import (
     SLOW_READ,
     IdsRestartedError,
     SchemaError,
-    SlowReadError,
     SourceTable,
     check_position,
     count_after,
-    next_id,
     reflect_source,
 )
 from anomaly_monitor.tables import as_utc, batches, utcnow
@@ -291,13 +294,7 @@ class MonitorRunner:
     def _probe(self, source: SourceTable, position: int) -> None:
         """Raise :class:`SlowReadError` while the id after ``position`` still cannot be
         read within the statement timeout."""
-        try:
-            with self.engine.connect() as connection:
-                next_id(connection, source, position)
-        except Exception as exc:
-            if is_query_canceled(exc) and not self.stop_event.is_set():
-                raise SlowReadError(source, position) from None
-            raise
+        probe_next_id(self.engine, source, position, stopping=self.stop_event.is_set)
 
     def _record(self, result: BatchResult) -> None:
         monitor = self.monitor
