@@ -22,7 +22,14 @@ from anomaly_monitor.reading.values import epoch_unit, json_value, to_timestamp
 from anomaly_monitor.registry import RegistryError, active_version, load_model
 from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import SchemaError, SourceTable, reflect_source
-from anomaly_monitor.tables import anomalies, batches, cursors, model_versions, quarantine
+from anomaly_monitor.tables import (
+    anomalies,
+    batches,
+    cursors,
+    model_versions,
+    quarantine,
+    standbys,
+)
 
 #: Timestamps of this many of the newest rows are parsed.
 TIMESTAMP_SAMPLE_ROWS = 200
@@ -30,7 +37,8 @@ TIMESTAMP_SAMPLE_ROWS = 200
 WRITES = {cursors: ("SELECT", "INSERT", "UPDATE"), anomalies: ("SELECT", "INSERT"),
           quarantine: ("SELECT", "INSERT", "DELETE"),  # a backfill re-reads read_timeout rows
           batches: ("SELECT", "INSERT", "UPDATE"),
-          model_versions: ("SELECT", "INSERT", "UPDATE")}
+          model_versions: ("SELECT", "INSERT", "UPDATE"),
+          standbys: ("SELECT", "INSERT", "UPDATE", "DELETE")}
 PERMISSION_DENIED = "42501"
 
 

@@ -206,6 +206,9 @@ def status(app: App, as_json: bool) -> None:
             verb = "held until" if not lease["expired"] else "expired at"
             click.echo(f"monitor {s['monitor']}: lease {verb} {lease['expires_at']} (database "
                        f"clock) by {lease['owner']}")
+        if s["standbys"]:
+            click.echo(f"monitor {s['monitor']}: standing by: " + ", ".join(
+                f"{w['owner']} (seen {w['seconds_ago']:.0f} s ago)" for w in s["standbys"]))
         if s["pause_reason"]:
             cleared = ("until the cursor is moved" if s["pause_reason"].startswith(RESTARTED)
                        else "cleared when it next finds the problem fixed")

@@ -34,7 +34,8 @@ from anomaly_monitor.config import (
 from anomaly_monitor.tables import as_utc
 
 if TYPE_CHECKING:
-    from anomaly_monitor.lifecycle import CalibrationPlan
+    from anomaly_monitor.calibration_plan import CalibrationPlan
+    from anomaly_monitor.registry import ModelVersion
 
 # -- train / calibrate ------------------------------------------------------------------
 
@@ -87,18 +88,19 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
 @click.option("--dry-run", is_flag=True, help="Show what each threshold would flag; change "
               "nothing.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a score histogram PNG.")
+@click.option("--version", "version", type=click.IntRange(min=1),
+              help="Calibrate this version (e.g. one trained with --no-activate), not the "
+                   "active one.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | None,
               alerts_per_day: float | None, value: float | None, dry_run: bool,
-              plot: str | None, as_json: bool) -> None:
-    """Set the threshold of MONITOR's active version from its held-out scores."""
-    from anomaly_monitor.lifecycle import (
-        apply_calibration,
-        method_label,
-        plan_calibration,
-        plot_calibration,
-    )
+              plot: str | None, version: int | None, as_json: bool) -> None:
+    """Set the threshold of MONITOR's active version (or --version) from its held-out
+    scores; the rows after its training window show what each threshold would flag."""
+    from anomaly_monitor.calibration_plan import apply_calibration, plan_calibration
+    from anomaly_monitor.calibration_plot import plot_calibration
+    from anomaly_monitor.lifecycle import method_label
 
     settings = app.settings.monitor(monitor)
     base = settings.threshold
@@ -120,7 +122,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     if alerts_per_day is None and target_fpr is None:
         threshold_settings = ThresholdSettings(chosen_method, threshold_settings.target_fpr,
                                                base.alerts_per_day, threshold_settings.value)
-    plan = plan_calibration(app.engine, settings, threshold_settings)
+    plan = plan_calibration(app.engine, settings, threshold_settings, version=version)
     if plot:
         plot_calibration(plan, plot)
     if as_json:
@@ -136,8 +138,14 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
         click.echo("dry run: nothing changed", err=as_json)
         return
     apply_calibration(app.engine, settings, plan)
-    click.echo(f"threshold of version {plan.version.version} set to {plan.chosen.value:.6g} "
+    number = plan.version.version
+    click.echo(f"threshold of version {number} set to {plan.chosen.value:.6g} "
                f"({method_label(plan.chosen)})", err=as_json)
+    if plan.version.status != "active":
+        click.echo(f"version {number} is not active; review it, then: anomaly-monitor models "
+                   f"activate {number}" + (f" --monitor {monitor}"
+                                          if len(app.settings.monitors) > 1 else ""),
+                   err=as_json)
 
 
 def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
@@ -145,7 +153,9 @@ def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
     return {
         "version": plan.version.version, "chosen": plan.chosen.to_dict(), "dry_run": dry_run,
         "holdout_rows": int(plan.holdout_scores.size),
+        "version_status": plan.version.status,
         "recent_rows": int(plan.recent_scores.size),
+        "recent_ids": list(plan.recent_ids) if plan.recent_ids else None,
         "labelled_rows": plan.labelled_rows, "labelled_anomalies": plan.labelled_anomalies,
         "estimated_contamination": plan.contamination,
         "candidates": [{"label": c.label, "method": c.threshold.method,
@@ -160,9 +170,16 @@ def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
     """The ``calibrate`` table: each candidate's flags, and its precision/recall given labels."""
     labelled = f", {plan.labelled_rows} labelled ({plan.labelled_anomalies} anomalies)" \
         if plan.labelled_rows else ""
-    click.echo(f"monitor {monitor}, version {plan.version.version}: "
-               f"{plan.holdout_scores.size} held-out rows{labelled}, "
-               f"{plan.recent_scores.size} recent rows")
+    status = "" if plan.version.status == "active" else f" ({plan.version.status})"
+    click.echo(f"monitor {monitor}, version {plan.version.version}{status}: "
+               f"{plan.holdout_scores.size} held-out rows{labelled}")
+    if plan.recent_ids is not None:
+        first, last = plan.recent_ids
+        click.echo(f"recent rows: the newest {plan.recent_scores.size} after the training "
+                   f"window (ids {first}-{last}), which the model has not seen")
+    else:
+        click.echo("recent rows: none yet after the training window (last id "
+                   f"{plan.version.training['last_id']}); 'recent flagged' counts none")
     if plan.contamination is not None:
         click.echo(f"robust fit: {plan.contamination:.2%} of held-out rows score above the "
                    "bulk of normal scores")
@@ -220,15 +237,71 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
 @models.command("show")
 @click.argument("version", type=int)
 @_monitor_option
+@click.option("--json", "as_json", is_flag=True,
+              help="Everything recorded, the severity grid included.")
 @pass_app
-def models_show(app: App, version: int, monitor_name: str | None) -> None:
-    """Show everything recorded about VERSION (JSON)."""
+def models_show(app: App, version: int, monitor_name: str | None, as_json: bool) -> None:
+    """Summarise VERSION: training, architecture, threshold, held-out scores."""
     app.read_only = True
-    from anomaly_monitor.registry import get_version
+    from anomaly_monitor.registry import activation_history, get_version
 
     monitor = app.monitor(monitor_name)
     with app.engine.connect() as connection:
-        echo_json(get_version(connection, monitor.name, version).to_dict())
+        model = get_version(connection, monitor.name, version)
+        history = [(a, t) for v, a, t in activation_history(connection, monitor.name)
+                   if v == version]
+    if as_json:
+        echo_json(model.to_dict())
+        return
+    for line in _version_summary(model, history):
+        click.echo(line)
+    click.echo(f"(everything recorded: anomaly-monitor models show {version} --json)")
+
+
+def _when(value: dt.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value is not None else "-"
+
+
+def _iso(value: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(value).astimezone(dt.UTC) if value else None
+
+
+def _version_summary(model: ModelVersion, history: list[tuple[str, dt.datetime]]) -> list[str]:
+    """The lines of ``models show`` without ``--json``."""
+    training, validation = model.training, model.validation
+    architecture = training.get("architecture") or {}
+    hidden = "-".join(str(h) for h in architecture.get("hidden_dims", [])) or "-"
+    epochs = "/".join(str(e) for e in training.get("epochs_run", []))
+    quantiles = validation.get("score_quantiles") or {}
+    spread = ", ".join(f"p{float(q) * 100:g} {v:.4g}" for q, v in quantiles.items())
+    auroc = validation.get("auroc")
+    params = {k: v for k, v in model.threshold_params.items() if k != "calibration_flag_rate"}
+    rate = validation.get("holdout_flag_rate")
+    lines = [
+        f"monitor {model.monitor}, version {model.version} ({model.kind}): {model.status}, "
+        f"created {_when(model.created_at)}",
+        f"features ({len(model.features)}): {', '.join(model.features)}",
+        f"architecture: hidden layers {hidden}, code size {architecture.get('latent_dim', '-')}"
+        f"; {model.hyperparameters.get('n_estimators', 1)} estimator(s), epochs run {epochs} "
+        f"of {model.hyperparameters.get('epochs')}; {training.get('device')}, "
+        f"{training.get('seconds')} s",
+        f"trained on {training.get('rows')} rows, ids {training.get('first_id')}-"
+        f"{training.get('holdout_first_id', 0) - 1} ({training.get('skipped_rows', 0)} skipped); "
+        f"held out {training.get('holdout_rows')} rows, ids {training.get('holdout_first_id')}-"
+        f"{training.get('last_id')}; rows stamped {_when(_iso(training.get('first_timestamp')))}"
+        f" to {_when(_iso(training.get('last_timestamp')))}",
+        f"threshold {model.threshold:.6g} ({model.threshold_method}"
+        + "".join(f", {k} {v}" for k, v in params.items()) + ")"
+        + (f", flags {rate:.3%} of the held-out rows" if rate is not None else ""),
+        f"held-out scores: {spread or '-'}"
+        + (f"; AUROC {auroc:.3f} on the label column" if auroc is not None else ""),
+        "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in model.hyperparameters.items()
+                                         if v is not None and k not in ("kind", "verbose")),
+        f"artifact sha256 {model.artifact_sha256}",
+    ]
+    if history:
+        lines.append("activations: " + ", ".join(f"{a} {_when(t)}" for a, t in history))
+    return lines
 
 
 def _activation(app: App, monitor_name: str | None,

@@ -28,11 +28,12 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 
 from anomaly_monitor.identity import local_process_dead, parse_owner, worker_identity
-from anomaly_monitor.tables import Timestamp, as_utc, batches, cursors, utcnow
+from anomaly_monitor.tables import Timestamp, as_utc, batches, cursors, standbys, utcnow
 
 __all__ = ["BatchConflictError", "Claim", "CursorState", "Lease", "LeaseHeldError", "Reset",
-           "claim", "create_cursor", "fence", "fenced", "lease_holder", "read_cursor",
-           "release", "reset_cursor", "set_paused", "worker_identity"]
+           "claim", "create_cursor", "fence", "fenced", "forget_standby", "lease_holder",
+           "list_standbys", "note_standby", "read_cursor", "release", "reset_cursor",
+           "set_paused", "worker_identity"]
 
 
 class BatchConflictError(RuntimeError):
@@ -254,6 +255,37 @@ def claim(
             .where(cursors.c.monitor == monitor)
         ).one()
     return Claim(None, True, row.lease_owner, as_utc(row.lease_expires_at))
+
+
+def note_standby(connection: sa.Connection, monitor: str, owner: str) -> None:
+    """Record that ``owner`` stands by for the monitor's lease (now, database clock)."""
+    updated = connection.execute(
+        standbys.update().where(standbys.c.monitor == monitor, standbys.c.owner == owner)
+        .values(seen_at=database_time()))
+    if updated.rowcount == 0:  # only this worker writes its own row: no race to insert
+        connection.execute(standbys.insert().values(monitor=monitor, owner=owner,
+                                                    seen_at=database_time()))
+
+
+def forget_standby(connection: sa.Connection, monitor: str, owner: str) -> None:
+    """``owner`` no longer stands by for the monitor (it leads, or it stopped)."""
+    connection.execute(standbys.delete().where(standbys.c.monitor == monitor,
+                                               standbys.c.owner == owner))
+
+
+def list_standbys(connection: sa.Connection, monitor: str, within: float) -> list[dict[str, Any]]:
+    """The workers that stood by for the monitor in the last ``within`` seconds
+    (database clock), most recently seen first, apart from the lease holder."""
+    holder = sa.select(cursors.c.lease_owner).where(cursors.c.monitor == monitor,
+                                                    cursors.c.lease_owner.is_not(None))
+    rows = connection.execute(
+        sa.select(standbys.c.owner, standbys.c.seen_at, database_time().label("now"))
+        .where(standbys.c.monitor == monitor, standbys.c.seen_at >= database_time(-within),
+               standbys.c.owner.not_in(holder))
+        .order_by(standbys.c.seen_at.desc())).all()
+    return [{"owner": r.owner, "seen_at": as_utc(r.seen_at).isoformat(),
+             "seconds_ago": max(0.0, round((as_utc(r.now) - as_utc(r.seen_at))
+                                           .total_seconds(), 1))} for r in rows]
 
 
 def release(connection: sa.Connection, lease: Lease) -> None:

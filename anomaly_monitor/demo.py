@@ -215,7 +215,7 @@ def _serve_metrics(registry: Any, port: int, echo: Callable[[str], None]) -> Non
 
 def _calibrate(engine: sa.Engine, monitor: Any, echo: Callable[[str], None]) -> None:
     """What ``calibrate --dry-run`` shows, then the configured threshold applied."""
-    from anomaly_monitor.lifecycle import apply_calibration, plan_calibration
+    from anomaly_monitor.calibration_plan import apply_calibration, plan_calibration
 
     plan = plan_calibration(engine, monitor, monitor.threshold)
     echo(f"   calibration over {plan.holdout_scores.size:,} held-out rows "

@@ -8,6 +8,7 @@ Calibration recomputes a version's threshold from its stored held-out scores.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,23 +24,14 @@ from anomaly_monitor.calibration import (
     FewScoresWarning,
     Threshold,
     calibrate,
-    fit_robust,
     fpr_for_alerts_per_day,
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
-from anomaly_monitor.cursors import read_cursor
-from anomaly_monitor.reading.values import Window
-from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
-    RegistryError,
     activate,
-    active_version,
-    calibration_scores,
-    load_model,
     rollback_target,
-    set_threshold,
     store_version,
 )
 from anomaly_monitor.scoring import check_features
@@ -51,16 +43,14 @@ from anomaly_monitor.source import (
     reflect_source,
 )
 
+log = logging.getLogger(__name__)
+
 #: Share of the training window (its newest rows) held out for calibration.
 HOLDOUT_FRACTION = 0.2
 #: The fewest usable rows a model is trained on.
 MIN_TRAINING_ROWS = 50
 #: Training reads at most this many rows unless --limit says otherwise (bounded memory).
 DEFAULT_TRAINING_LIMIT = 1_000_000
-#: Rows before the cursor scored by ``calibrate --dry-run``.
-DRY_RUN_RECENT_ROWS = 10_000
-#: Target false-positive rates of the dry run's candidates, beside the configured one.
-DRY_RUN_RATES = (0.01, 0.001, 0.0001)
 SECONDS_PER_DAY = 86_400.0
 #: Storing a trained version is tried this many times when another ``train`` of the
 #: same monitor took the next version number at the same moment.
@@ -151,7 +141,7 @@ def choose_threshold(
         known_scores, truth = known_labels(scores, labels)
         threshold = calibrate(known_scores, "labels", labels=truth.astype(int))
     else:
-        threshold = _calibrate_noting_fallback(scores, settings.method, target, settings.value)
+        threshold = calibrate_noting_fallback(scores, settings.method, target, settings.value)
     if settings.alerts_per_day is not None:
         threshold.params["alerts_per_day"] = settings.alerts_per_day
     return threshold
@@ -166,7 +156,7 @@ def method_label(threshold: Threshold, rate: str = "") -> str:
     return f"{threshold.method}{rate}{note}"
 
 
-def _calibrate_noting_fallback(
+def calibrate_noting_fallback(
     scores: npt.NDArray[np.float64], method: str, target_fpr: float, value: float | None
 ) -> Threshold:
     """``calibrate`` with a fallback (POT, robust) recorded in ``params["fallback"]`` and a
@@ -231,6 +221,10 @@ def train_monitor(
             f"values); at least {MIN_TRAINING_ROWS} are needed"
         )
     n_fit = round(len(data.ids) * (1 - HOLDOUT_FRACTION))
+    log.info("train %s: read %d rows of %s (%d skipped) in %.1f s; fitting %s on %d, "
+             "calibrating on %d", monitor.name, len(data.ids), source.table.fullname,
+             data.skipped, time.perf_counter() - started, monitor.kind, n_fit,
+             len(data.ids) - n_fit)
     params: dict[str, Any] = {"random_state": 0, **monitor.model}
     if epochs is not None:
         params["epochs"] = epochs
@@ -274,6 +268,9 @@ def train_monitor(
             # or on SQLite committed after this transaction's snapshot: read it again.
             if not _raced(exc) or attempt == STORE_ATTEMPTS:
                 raise
+    log.info("train %s: stored version %d (%s), threshold %.6g (%s), %.0f s in all",
+             monitor.name, version.version, "active" if activate_version else "not activated",
+             threshold.value, threshold.method, time.perf_counter() - started)
     return TrainReport(version, int(n_fit), data.skipped, time.perf_counter() - started,
                        activate_version)
 
@@ -287,10 +284,6 @@ def _raced(exc: sa.exc.DBAPIError) -> bool:
 
 def _iso(value: dt.datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def _parse_iso(value: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(value) if value else None
 
 
 def activate_checked(
@@ -321,220 +314,3 @@ def rollback(connection: sa.Connection, monitor: MonitorSettings) -> ModelVersio
     history, ``am_activations``, records it as a rollback)."""
     return activate_checked(connection, monitor, None, rollback_target(connection, monitor.name),
                             action="rollback")
-
-
-# -- calibration ---------------------------------------------------------------------------
-
-#: Scores and 0/1 labels (NaN: unknown) of the held-out rows.
-Labelled = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
-
-
-@dataclass
-class Candidate:
-    """A threshold and what it would flag.
-
-    ``precision``, ``recall`` and ``f1`` are measured on the labelled held-out rows
-    when the monitor has a label column; ``None`` without labels, and precision
-    (recall, F1) also when the threshold flags no row (no row is labelled anomalous).
-    """
-
-    label: str
-    threshold: Threshold
-    holdout_rate: float = 0.0
-    recent_flagged: int = 0
-    precision: float | None = None
-    recall: float | None = None
-    f1: float | None = None
-
-
-@dataclass
-class CalibrationPlan:
-    """Everything ``calibrate`` shows: the chosen threshold and the alternatives."""
-
-    version: ModelVersion
-    chosen: Threshold
-    candidates: list[Candidate]
-    holdout_scores: npt.NDArray[np.float64]
-    recent_scores: npt.NDArray[np.float64]
-    #: Held-out rows with a known label, and how many of them are labelled anomalies.
-    labelled_rows: int = 0
-    labelled_anomalies: int = 0
-    #: The share of held-out rows the ``robust`` fit puts above the bulk of normal scores.
-    contamination: float | None = None
-
-
-def _recent_scores(
-    connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel, rows: int
-) -> npt.NDArray[np.float64]:
-    """Scores of up to ``rows`` rows just before the cursor (recent batches)."""
-    cursor = read_cursor(connection, monitor.name)
-    if cursor is None or rows <= 0:
-        return np.zeros(0)
-    source = reflect_source(connection, monitor)
-    start = connection.execute(
-        sa.select(source.id_column).where(source.id_column <= cursor.position)
-        .order_by(source.id_column.desc()).offset(rows - 1).limit(1)
-    ).scalar()
-    if start is None:  # fewer rows than asked for: start at the oldest
-        start = connection.execute(sa.select(sa.func.min(source.id_column))).scalar()
-    if start is None:
-        return np.zeros(0)
-    after = int(start) - 1
-    window: Window = read_window(connection, source, after, rows,
-                                 features=model.version.features)
-    window_ids = window.ids <= cursor.position
-    if not window_ids.any():
-        return np.zeros(0)
-    return model.detector.decision_function(window.values[window_ids])
-
-
-def _holdout_labels(
-    connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel
-) -> Labelled | None:
-    """Scores and labels of the held-out rows, re-read; ``None`` without a label column."""
-    if monitor.label_column is None:
-        return None
-    source = reflect_source(connection, monitor)
-    training = model.version.training
-    first, last = training["holdout_first_id"], training["last_id"]
-    values, labels = [], []
-    for page in read_training(connection, source, id_range=(first, last), with_label=True):
-        values.append(page.values)
-        labels.append(page.labels if page.labels is not None else np.zeros(len(page.ids)))
-    if not values or not sum(len(v) for v in values):
-        return None
-    matrix = np.concatenate(values)
-    return model.detector.decision_function(matrix), np.concatenate(labels)
-
-
-def plan_calibration(
-    engine: sa.Engine,
-    monitor: MonitorSettings,
-    settings: ThresholdSettings,
-    *,
-    recent_rows: int = DRY_RUN_RECENT_ROWS,
-) -> CalibrationPlan:
-    """The threshold ``settings`` gives for the active version, and the alternatives.
-
-    Each candidate is measured on the held-out rows (flag rate; precision, recall
-    and F1 when the monitor has a label column) and on the recent rows.
-    """
-    with engine.connect() as connection:
-        number = active_version(connection, monitor.name)
-        if number is None:
-            raise RegistryError(
-                f"monitor {monitor.name!r} has no active model; run: "
-                f"anomaly-monitor train {monitor.name}"
-            )
-        holdout = calibration_scores(connection, monitor.name, number)
-        model = load_model(connection, monitor.name, number, device="cpu")
-        recent = _recent_scores(connection, monitor, model, recent_rows)
-        labelled = _holdout_labels(connection, monitor, model)
-    version = model.version
-    chosen = _chosen_threshold(version, holdout, labelled, settings)
-    candidates = [*_candidates(version, holdout, labelled, settings.target_fpr),
-                  Candidate(f"chosen: {method_label(chosen)}", chosen)]
-    for candidate in candidates:
-        _measure(candidate, holdout, recent, labelled)
-    truth = None if labelled is None else known_labels(*labelled)[1]
-    fit = fit_robust(holdout) if holdout.size else None
-    return CalibrationPlan(
-        version, chosen, candidates, holdout, recent,
-        labelled_rows=0 if truth is None else int(truth.size),
-        labelled_anomalies=0 if truth is None else int(truth.sum()),
-        contamination=None if fit is None else fit.contamination,
-    )
-
-
-def _chosen_threshold(
-    version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
-    settings: ThresholdSettings,
-) -> Threshold:
-    """The threshold ``settings`` asks for; ``labels`` uses the re-read held-out labels."""
-    if settings.method == "labels" and labelled is not None:
-        return choose_threshold(labelled[0], settings, labels=labelled[1])
-    training = version.training
-    rate = rows_per_day(training["rows"] + training["holdout_rows"],
-                        _parse_iso(training.get("first_timestamp")),
-                        _parse_iso(training.get("last_timestamp")))
-    return choose_threshold(holdout, settings, rows_per_day=rate)
-
-
-def _candidates(
-    version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
-    target_fpr: float,
-) -> list[Candidate]:
-    """The current threshold, each rate method at a few rates, and max-F1 given labels."""
-    candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method))]
-    for method in RATE_METHODS:
-        for rate in sorted({target_fpr, *DRY_RUN_RATES}, reverse=True):
-            threshold = _calibrate_noting_fallback(holdout, method, rate, None)
-            candidates.append(Candidate(method_label(threshold, f" fpr={rate:g}"), threshold))
-    if labelled is not None:
-        known_scores, truth = known_labels(*labelled)
-        if truth.any():
-            threshold = calibrate(known_scores, "labels", labels=truth.astype(int))
-            candidates.append(Candidate("labels (max F1)", threshold))
-    return candidates
-
-
-def _measure(
-    candidate: Candidate, holdout: npt.NDArray[np.float64], recent: npt.NDArray[np.float64],
-    labelled: Labelled | None,
-) -> None:
-    """Fill in what ``candidate`` flags: held-out rate, recent rows, label metrics."""
-    value = candidate.threshold.value
-    candidate.holdout_rate = float((holdout > value).mean()) if holdout.size else 0.0
-    candidate.recent_flagged = int((recent > value).sum())
-    if labelled is None:
-        return
-    known_scores, truth = known_labels(*labelled)
-    flagged = known_scores > value
-    hits, n_flagged, positives = int((truth & flagged).sum()), int(flagged.sum()), int(truth.sum())
-    candidate.precision = hits / n_flagged if n_flagged else None
-    candidate.recall = hits / positives if positives else None
-    candidate.f1 = 2.0 * hits / (n_flagged + positives) if positives else None
-
-
-def apply_calibration(engine: sa.Engine, monitor: MonitorSettings, plan: CalibrationPlan) -> None:
-    """Store the plan's chosen threshold on its version (used from the next batch on)."""
-    with engine.begin() as connection:
-        if active_version(connection, monitor.name) != plan.version.version:
-            raise RegistryError(
-                f"monitor {monitor.name!r}: the active version changed during calibration; "
-                "run calibrate again"
-            )
-        set_threshold(connection, monitor.name, plan.version.version, plan.chosen)
-
-
-def plot_calibration(plan: CalibrationPlan, path: str) -> None:
-    """Draw the held-out score histogram with the current and chosen thresholds."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise RegistryError(
-            "--plot needs matplotlib: pip install 'anomaly-monitor[plot]'") from None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    scores = plan.holdout_scores
-    everything = np.concatenate([scores, plan.recent_scores,
-                                 [plan.version.threshold, plan.chosen.value]])
-    everything = everything[everything > 0]
-    bins = (np.geomspace(max(everything.min(), 1e-6), max(everything.max() * 1.05, 1e-5), 80)
-            if everything.size else 10)
-    ax.hist(scores, bins=bins, alpha=0.7, label="held-out rows")
-    if plan.recent_scores.size:
-        ax.hist(plan.recent_scores, bins=bins, alpha=0.5, label="recent rows")
-    ax.axvline(plan.version.threshold, color="grey", linestyle="--", label="current threshold")
-    ax.axvline(plan.chosen.value, color="red", label=f"new threshold ({plan.chosen.method})")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("anomaly score (higher = more anomalous)")
-    ax.set_ylabel("rows")
-    ax.set_title(f"monitor {plan.version.monitor}, model version {plan.version.version}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

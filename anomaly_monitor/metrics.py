@@ -27,6 +27,10 @@ OUTCOMES = ("success", "error")
 #: Batch durations from 10 ms to 2 minutes.
 DURATION_BUCKETS_SECONDS = (0.01, 0.05, 0.25, 1, 5, 30, 120)
 SEVERITY_BUCKETS = (25, 50, 75, 90, 99)
+#: Why a monitor is paused, the ``cause`` label of ``anomaly_monitor_pause_info``.
+PAUSE_CAUSES = ("schema", "model", "ids_restarted", "slow_reads", "repeated_failures")
+#: The pause reason is cut to this many characters in the ``reason`` label.
+PAUSE_REASON_MAX_CHARS = 160
 
 
 class Metrics:
@@ -77,6 +81,11 @@ class Metrics:
         self.paused = Gauge(f"{PREFIX}_paused",
                             "1 while the monitor is paused (the reason is in 'status').",
                             labels, registry=registry)
+        self.pause_info = Gauge(
+            f"{PREFIX}_pause_info", "1 while the monitor is paused, with the cause (one of "
+            f"{', '.join(PAUSE_CAUSES)}) and the reason; no series while it runs.",
+            ["monitor", "cause", "reason"], registry=registry)
+        self._pause_labels: dict[str, tuple[str, str]] = {}
         self.id_restarts = Counter(
             f"{PREFIX}_id_restarts", "Times the table's ids were found no longer to continue "
             "from the cursor (the monitor pauses until the cursor is moved).", labels,
@@ -135,9 +144,22 @@ class Metrics:
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))
 
-    def set_paused(self, monitor: str, paused: bool) -> None:
-        """Whether the monitor is paused (1) or running (0)."""
+    def set_paused(self, monitor: str, paused: bool, cause: str = "schema",
+                   reason: str = "") -> None:
+        """Whether the monitor is paused (1) or running (0); while paused, the one
+        ``pause_info`` series of the monitor carries ``cause`` and ``reason`` (cut to
+        :data:`PAUSE_REASON_MAX_CHARS`), so that an alert can show them."""
+        if cause not in PAUSE_CAUSES:
+            raise ValueError(f"unknown pause cause {cause!r}")
         self.paused.labels(monitor).set(1 if paused else 0)
+        labels = (cause, reason[:PAUSE_REASON_MAX_CHARS]) if paused else None
+        with self._lock:
+            old = self._pause_labels.pop(monitor, None)
+            if old is not None and old != labels:
+                self.pause_info.remove(monitor, *old)
+            if labels is not None:
+                self._pause_labels[monitor] = labels
+                self.pause_info.labels(monitor, *labels).set(1)
 
     def observe_id_restart(self, monitor: str) -> None:
         """Count a table found restarted under the cursor."""

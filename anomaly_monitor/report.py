@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings, lease_duration
-from anomaly_monitor.cursors import lease_holder, read_cursor, reset_cursor
+from anomaly_monitor.cursors import lease_holder, list_standbys, read_cursor, reset_cursor
 from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import (
@@ -69,6 +69,7 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["paused"] = bool(cursor and cursor.paused)
     status["pause_reason"] = cursor.pause_reason if cursor else None
     status["lease"] = lease_holder(connection, monitor.name)
+    status["standbys"] = list_standbys(connection, monitor.name, lease_duration(monitor))
     below = connection.execute(sa.select(cursors.c.rows_below, cursors.c.below_checked_at)
                                .where(cursors.c.monitor == monitor.name)).first()
     status["rows_below_cursor"] = below.rows_below if below is not None else None

@@ -34,6 +34,8 @@ from anomaly_monitor.cursors import (
     BatchConflictError,
     Lease,
     claim,
+    forget_standby,
+    note_standby,
     read_cursor,
     release,
     set_paused,
@@ -47,6 +49,7 @@ from anomaly_monitor.source import (
     SLOW_READ,
     IdsRestartedError,
     SchemaError,
+    SlowReadError,
     SourceTable,
     check_position,
     count_after,
@@ -107,6 +110,20 @@ def is_configuration_error(exc: BaseException) -> bool:
         "does not exist" not in text or "database" in text or "role" in text)
 
 
+def pause_cause(exc: BaseException) -> str:
+    """The bounded cause (one of :data:`~anomaly_monitor.metrics.PAUSE_CAUSES`) of a
+    pause for ``exc``: the ``cause`` label of ``anomaly_monitor_pause_info``."""
+    if isinstance(exc, IdsRestartedError):
+        return "ids_restarted"
+    if isinstance(exc, SlowReadError):
+        return "slow_reads"
+    if isinstance(exc, RegistryError):
+        return "model"
+    if isinstance(exc, SchemaError):
+        return "schema"
+    return "repeated_failures"
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` looks like a lost or refused connection, worth retrying forever."""
     if is_configuration_error(exc):
@@ -158,6 +175,8 @@ class MonitorState:
     lease_renewed: float = 0.0
     #: The lease holder this standby last logged that it waits for.
     waiting_for: str | None = None
+    #: When this worker last recorded itself as a standby (monotonic); ``None``: no row.
+    standby_noted: float | None = None
     #: The (version, threshold) last published to the model metrics.
     reported_model: tuple[int, float] | None = None
     read_state: ReadState = field(default_factory=ReadState)
@@ -206,9 +225,10 @@ class MonitorRunner:
 
     def release(self) -> None:
         """Give up the lease, if held, so that a standby takes over at once (and close
-        the Arrow reader)."""
+        the Arrow reader); a standby no longer shows as one."""
         state = self.state
         state.read_state.close()
+        self._forget_standby()
         if state.lease is None:
             return
         try:
@@ -231,7 +251,7 @@ class MonitorRunner:
             state.reflected_at = now
         return state.source
 
-    def _pause(self, reason: str, *, restarted: bool = False) -> bool:
+    def _pause(self, reason: str, cause: str) -> bool:
         """Pause the monitor with ``reason``: logged and written once, not again while
         it stays paused for the same reason. ``False`` when the pause cannot be written
         (the monitor is then failing, retried after an interval: not shown as paused
@@ -242,9 +262,9 @@ class MonitorRunner:
         state.read_state.close()
         if again:
             state.source = None
-            self.metrics.set_paused(monitor.name, True)
+            self.metrics.set_paused(monitor.name, True, cause, reason)
             return True
-        if restarted:
+        if cause == "ids_restarted":
             self.metrics.observe_id_restart(monitor.name)
         try:
             with self.engine.begin() as connection:
@@ -258,7 +278,7 @@ class MonitorRunner:
             self.metrics.observe_error(monitor.name)
             return False
         state.status, state.detail, state.source = Status.PAUSED, reason, None
-        self.metrics.set_paused(monitor.name, True)
+        self.metrics.set_paused(monitor.name, True, cause, reason)
         log.error("monitor %s paused: %s", monitor.name, reason)
         return True
 
@@ -343,7 +363,7 @@ class MonitorRunner:
         state.failures += 1
         if state.failures >= PAUSE_AFTER_FAILURES and not is_transient(exc):
             reason = f"{state.failures} failures in a row: {describe_error(exc, self.engine.url)}"
-            if not self._pause(reason):  # counted as an error there
+            if not self._pause(reason, "repeated_failures"):  # counted as an error there
                 return monitor.interval_seconds
             self.metrics.observe_error(monitor.name)
             return 0.0
@@ -369,7 +389,7 @@ class MonitorRunner:
             result = run_batch(self.engine, monitor, self._source(), self.models,
                                lease=state.lease, read_state=state.read_state)
         except (SchemaError, RegistryError) as exc:
-            self._pause(str(exc), restarted=isinstance(exc, IdsRestartedError))
+            self._pause(str(exc), pause_cause(exc))
             return None
         except BatchConflictError as exc:
             log.warning("%s", exc)
@@ -485,6 +505,7 @@ class MonitorRunner:
                 log.info("monitor %s: standing by; %s holds the lease until %s (database "
                          "clock)", monitor.name, result.holder, _when(result.expires_at))
             state.lease, state.status, state.waiting_for = None, Status.STANDBY, result.holder
+            self._note_standby(seconds)
             self.metrics.set_rows_below(monitor.name, 0)  # the leader reports it
             # What this worker measured as leader is stale when it leads again.
             state.rows_below, state.below_check_at = 0, 0.0
@@ -509,10 +530,40 @@ class MonitorRunner:
             log.log(self.lease_log_level, "monitor %s: lease acquired (token %d)",
                     monitor.name, result.lease.token)
         state.waiting_for = None
+        self._forget_standby()
         if state.lease is None or state.lease.token != result.lease.token:
             state.read_state.open_gaps = None  # not a renewal: another holder may have left some
         state.lease, state.lease_renewed = result.lease, self.clock.monotonic()
         return True
+
+    def _note_standby(self, lease_seconds: float) -> None:
+        """Record this worker as a standby (``status`` lists it), at most every third
+        of the lease's duration; a report, never a failure of the poll."""
+        state = self.state
+        now = self.clock.monotonic()
+        if state.standby_noted is not None and now - state.standby_noted < lease_seconds / 3:
+            return
+        try:
+            with self.engine.begin() as connection:
+                note_standby(connection, self.monitor.name, self.owner)
+        except Exception as exc:
+            log.debug("monitor %s: could not record this standby (%s)", self.monitor.name,
+                      describe_error(exc, self.engine.url))
+            return
+        state.standby_noted = now
+
+    def _forget_standby(self) -> None:
+        """Remove this worker's standby row, if it wrote one (it leads, or it stops)."""
+        state = self.state
+        if state.standby_noted is None:
+            return
+        try:
+            with self.engine.begin() as connection:
+                forget_standby(connection, self.monitor.name, self.owner)
+        except Exception as exc:  # it ages out of status after a lease duration
+            log.debug("monitor %s: could not remove this standby (%s)", self.monitor.name,
+                      describe_error(exc, self.engine.url))
+        state.standby_noted = None
 
     def _count_below(self) -> None:
         """Count the rows written below the cursor (:func:`measure_below`); warn when

@@ -94,6 +94,15 @@ cursors = sa.Table(
     sa.Column("below_checked_at", Timestamp),
 )
 
+standbys = sa.Table(
+    "am_standbys", metadata,
+    # Workers standing by for a monitor's lease, and when each last said so (database
+    # clock); shown by status, removed when the worker takes the lease or stops.
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), primary_key=True),
+    sa.Column("owner", sa.String(200), primary_key=True),
+    sa.Column("seen_at", Timestamp, nullable=False),
+)
+
 anomalies = sa.Table(
     "am_anomalies", metadata,
     _row_id(),

@@ -198,3 +198,10 @@ def scrape(registry: CollectorRegistry) -> str:
     finally:
         server.shutdown()
         thread.join(timeout=5)
+
+
+def pause_info(registry: CollectorRegistry, monitor: str) -> list[dict[str, str]]:
+    """The labels of the monitor's pause_info series (set to 1)."""
+    return [sample.labels for metric in registry.collect()
+            if metric.name == "anomaly_monitor_pause_info" for sample in metric.samples
+            if sample.labels["monitor"] == monitor and sample.value == 1]

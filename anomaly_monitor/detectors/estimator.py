@@ -11,7 +11,6 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from anomaly_monitor.detectors.autoencoder import DenoisingAutoencoder
 from anomaly_monitor.detectors.base import (
@@ -21,6 +20,7 @@ from anomaly_monitor.detectors.base import (
     check_matrix,
 )
 from anomaly_monitor.detectors.capacity import auto_architecture
+from anomaly_monitor.detectors.progress import FitProgress
 from anomaly_monitor.detectors.sparse import SparseAutoencoder
 from anomaly_monitor.detectors.state import FittedStateMixin
 from anomaly_monitor.detectors.terms import (
@@ -148,7 +148,8 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         maximum (0 scores by reconstruction alone).
     random_state : seed of initialisation, splits, shuffling and noise.
     device : ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-    verbose : show a tqdm progress bar during ``fit``.
+    verbose : show a tqdm progress bar during ``fit``; without it, progress is logged
+        at INFO (logger ``anomaly_monitor.training``) every 10 s.
     """
 
     def __init__(
@@ -324,10 +325,8 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         )
         self.modules_: list[nn.Module] = []
         self.history_: list[TrainingHistory] = []
-        with tqdm(
-            total=self.epochs * self.n_estimators, disable=not self.verbose,
-            desc=f"fit {self.kind}", unit="epoch",
-        ) as progress:
+        with FitProgress(self.epochs * self.n_estimators, f"fit {self.kind}",
+                         bar=self.verbose) as progress:
             for seed in (int(s) for s in seeds):
                 module, history = self._fit_one(scaled, config, seed, progress)
                 self.modules_.append(module)
@@ -371,7 +370,7 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
                                     dtype=np.float32)
 
     def _fit_one(
-        self, scaled: Tensor, config: TrainingConfig, seed: int, progress: tqdm
+        self, scaled: Tensor, config: TrainingConfig, seed: int, progress: FitProgress
     ) -> tuple[nn.Module, TrainingHistory]:
         n_rows = scaled.shape[0]
         order = torch.from_numpy(np.random.default_rng(seed).permutation(n_rows))

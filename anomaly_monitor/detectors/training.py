@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from anomaly_monitor.detectors.progress import FitProgress
 
 
 class TrainableModule(Protocol):
@@ -85,7 +87,7 @@ def train_module(
     x_val: Tensor | None,
     config: TrainingConfig,
     seed: int,
-    progress: tqdm | None = None,
+    progress: FitProgress | None = None,
 ) -> TrainingHistory:
     """Train ``module`` in place with Adam; keep the weights of the best validation epoch.
 

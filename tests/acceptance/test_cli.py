@@ -69,6 +69,10 @@ def cli(*args, expect=0, stderr=False):
     return result.stderr if stderr else result.output
 
 
+def shown_threshold(config):
+    return json.loads(cli("--config", config, "models", "show", "1", "--json"))["threshold"]
+
+
 def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     config, engine, table, _ = workspace
     assert "reachable" in cli("--config", config, "check")
@@ -77,18 +81,21 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     assert "status: active" in out
     assert re.search(r"\| *1 *\| *dae|plant +1 +dae +active", cli("--config", config,
                                                                  "models", "list"))
-    shown = json.loads(cli("--config", config, "models", "show", "1"))
+    summary = cli("--config", config, "models", "show", "1")  # readable, a screen at most
+    assert "version 1 (dae): active" in summary and "threshold " in summary
+    assert len(summary.splitlines()) < 20 and "levels" not in summary
+    shown = json.loads(cli("--config", config, "models", "show", "1", "--json"))
     assert shown["status"] == "active" and shown["features"] == list(FEATURES)
     architecture = shown["training"]["architecture"]  # chosen from the data at fit
     assert 1 <= architecture["latent_dim"] < len(FEATURES) and architecture["hidden_dims"]
     before = shown["threshold"]
     out = cli("--config", config, "calibrate", "plant", "--dry-run", "--target-fpr", "0.05")
     assert "dry run: nothing changed" in out and "quantile fpr=0.05" in out
-    assert json.loads(cli("--config", config, "models", "show", "1"))["threshold"] == before
+    assert shown_threshold(config) == before
     plot = tmp_path / "scores.png"
     out = cli("--config", config, "calibrate", "plant", "--target-fpr", "0.05", "--plot", plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads(cli("--config", config, "models", "show", "1"))["threshold"] < before
+    assert shown_threshold(config) < before
     sensors = Sensors(seed=5)
     insert_rows(engine, table, sensors.normal(100))
     anomalies = insert_rows(engine, table, sensors.anomalous(10), label=1)

@@ -20,6 +20,7 @@ from tests.helpers import (
     bulk_insert,
     insert_rows,
     monitor_settings,
+    pause_info,
     rows_in_batches,
     settings,
     trained_plant,
@@ -70,6 +71,8 @@ def test_ids_that_restart_pause_the_monitor_until_the_cursor_moves(running):
     assert _restarts(worker) == 1
     assert worker.metrics.registry.get_sample_value(
         "anomaly_monitor_paused", {"monitor": "plant"}) == 1
+    assert [info["cause"] for info in pause_info(worker.metrics.registry, "plant")] == [
+        "ids_restarted"]
     with engine.connect() as connection:
         status = monitor_status(connection, monitor)
     assert status["state"] == "paused" and status["pause_reason"].startswith("ids restarted")

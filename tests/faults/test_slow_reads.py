@@ -34,6 +34,7 @@ from tests.helpers import (
     bulk_insert,
     insert_rows,
     monitor_settings,
+    pause_info,
     rows_in_batches,
     settings,
     source_table,
@@ -220,11 +221,14 @@ def test_a_row_whose_id_cannot_be_read_in_time_pauses_until_it_can(pg_url):
     registry = worker.metrics.registry
     assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "slow"}) == 1
     assert worker.poll("slow").status == "paused"  # re-checked, still too slow
+    [info] = pause_info(registry, "slow")
+    assert info["cause"] == "slow_reads" and info["reason"].startswith("reads time out")
     with engine.begin() as connection:
         connection.execute(sa.text("DELETE FROM slow_rows"))  # the operator fixes the view
     state = worker.poll("slow", budget_seconds=float("inf"))
     assert (state.status, state.rows, state.quarantined) == ("running", 40, 0), state.detail
     assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "slow"}) == 0
+    assert pause_info(registry, "slow") == []  # no pause_info series once it runs
     engine.dispose()
 
 

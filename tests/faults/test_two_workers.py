@@ -7,17 +7,22 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.batch import run_batch
+from anomaly_monitor.cli import main
 from anomaly_monitor.cursors import BatchConflictError
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache
+from anomaly_monitor.report import monitor_status
 from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import anomalies, batches
 from anomaly_monitor.worker import Worker
 from tests.helpers import (
+    FEATURES,
     Sensors,
+    daemon_config,
     insert_rows,
     monitor_settings,
     settings,
@@ -59,6 +64,34 @@ def test_a_standby_takes_over_when_the_leader_dies(two):
     assert time.monotonic() - before_renewal >= LEASE_SECONDS * 0.5
     assert standby.states["plant"].rows == 10
     assert leader.poll("plant").status == "standby"
+
+
+def test_status_shows_the_lease_holder_and_the_standbys(two, tmp_path):
+    engine, _, _, monitor, (leader, standby) = two
+    assert leader.poll("plant").status == "running"
+    assert standby.poll("plant").status == "standby"
+    with engine.connect() as connection:
+        status = monitor_status(connection, monitor)
+    assert status["lease"]["owner"] == leader.owner
+    assert [w["owner"] for w in status["standbys"]] == [standby.owner]
+    assert 0 <= status["standbys"][0]["seconds_ago"] < 5
+    config = tmp_path / "am.toml"
+    config.write_text(daemon_config(engine, FEATURES, 1.0))
+    out = CliRunner().invoke(main, ["--config", str(config), "status"]).output
+    assert f"monitor plant: standing by: {standby.owner} (seen " in out
+    assert f"by {leader.owner}" in out
+    # A stopped standby is no longer listed; one that takes the lease is the holder.
+    standby.release_leases()
+    with engine.connect() as connection:
+        assert monitor_status(connection, monitor)["standbys"] == []
+    assert standby.poll("plant").status == "standby"
+    leader.release_leases()
+    assert standby.poll("plant").status == "running"
+    assert leader.poll("plant").status == "standby"
+    with engine.connect() as connection:
+        status = monitor_status(connection, monitor)
+    assert status["lease"]["owner"] == standby.owner
+    assert [w["owner"] for w in status["standbys"]] == [leader.owner]
 
 
 def test_a_clean_stop_hands_over_at_once(two):

@@ -11,15 +11,10 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.batch import run_batch
+from anomaly_monitor.calibration_plan import apply_calibration, plan_calibration
 from anomaly_monitor.config import ThresholdSettings
 from anomaly_monitor.cursors import BatchConflictError, read_cursor
-from anomaly_monitor.lifecycle import (
-    activate_checked,
-    apply_calibration,
-    plan_calibration,
-    rollback,
-    train_monitor,
-)
+from anomaly_monitor.lifecycle import activate_checked, rollback, train_monitor
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import (
     ModelCache,
@@ -36,6 +31,7 @@ from tests.helpers import (
     bulk_insert,
     insert_rows,
     monitor_settings,
+    pause_info,
     settings,
     source_table,
     trained_plant,
@@ -222,6 +218,11 @@ def test_worker_pauses_a_broken_monitor_and_keeps_the_others(plant, db_url):
     assert registry.get_sample_value("anomaly_monitor_rows_scored_total",
                                      {"monitor": "plant"}) == 20
     assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "broken"}) == 1
+    # The cause and reason are a label of the one pause_info series, for the alert.
+    info = pause_info(registry, "broken")
+    assert len(info) == 1 and info[0]["cause"] == "schema"
+    assert "missing_table" in info[0]["reason"]
+    assert pause_info(registry, "plant") == []
     assert registry.get_sample_value("anomaly_monitor_backlog_rows", {"monitor": "plant"}) == 0
     assert registry.get_sample_value("anomaly_monitor_model_info",
                                      {"monitor": "plant", "version": "1", "kind": "dae"}) == 1

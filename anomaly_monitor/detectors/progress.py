@@ -1,0 +1,68 @@
+"""Progress of ``fit``: a bar on a terminal, log lines otherwise.
+
+Training takes minutes on large tables. With ``verbose`` (a terminal) a tqdm bar
+shows the epochs; without it, a line is logged at INFO every
+:data:`LOG_EVERY_SECONDS` (and one when training ends), so that a service log or
+``anomaly-monitor -v train`` from cron shows that training goes on and how long
+is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("anomaly_monitor.training")
+
+#: Seconds between two progress lines in the log.
+LOG_EVERY_SECONDS = 10.0
+
+
+class FitProgress:
+    """Count the epochs of a fit (``total`` of them); a context manager."""
+
+    def __init__(self, total: int, description: str, *, bar: bool,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total
+        self.description = description
+        self.done = 0
+        self.postfix = ""
+        self._clock = clock
+        self._started = self._logged = clock()
+        self._bar = tqdm(total=total, desc=description, unit="epoch") if bar else None
+
+    def __enter__(self) -> FitProgress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif kind is None:
+            log.info("%s: done, %d epochs in %.0f s%s", self.description, self.done,
+                     self._clock() - self._started, self.postfix)
+
+    def update(self, epochs: int) -> None:
+        """Count ``epochs`` more (run, or skipped by early stopping)."""
+        self.done = min(self.total, self.done + epochs)
+        if self._bar is not None:
+            self._bar.update(epochs)
+            return
+        now = self._clock()
+        if now - self._logged >= LOG_EVERY_SECONDS and self.done < self.total:
+            self._logged = now
+            elapsed = now - self._started
+            left = elapsed * (self.total - self.done) / max(1, self.done)
+            log.info("%s: %d/%d epochs (%.0f%%), %.0f s so far, at most about %.0f s "
+                     "left%s", self.description, self.done, self.total,
+                     100 * self.done / self.total, elapsed, left, self.postfix)
+
+    def set_postfix(self, **values: str) -> None:
+        """Show ``values`` (e.g. the validation loss) after the count."""
+        if self._bar is not None:
+            self._bar.set_postfix(**values)
+        self.postfix = "".join(f", {name} {value}" for name, value in values.items())
