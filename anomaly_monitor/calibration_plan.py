@@ -32,7 +32,6 @@ from anomaly_monitor.registry import (
     RegistryError,
     active_version,
     calibration_scores,
-    get_version,
     load_model,
     set_threshold,
 )
@@ -221,21 +220,12 @@ def _measure(
     candidate.f1 = 2.0 * hits / (n_flagged + positives) if positives else None
 
 
-def apply_calibration(engine: sa.Engine, monitor: MonitorSettings, plan: CalibrationPlan) -> None:
+def apply_calibration(engine: sa.Engine, monitor: MonitorSettings, plan: CalibrationPlan) -> str:
     """Store the plan's chosen threshold on its version (used from the next batch on
-    when it is active). Refused when the version's threshold or (for the active
-    version) the active version changed since the plan was made."""
+    when it is active); returns the version's status. Refused when the version's
+    threshold or status changed since the plan was made (checked in the update)."""
     number = plan.version.version
     with engine.begin() as connection:
-        stored = get_version(connection, monitor.name, number)
-        if plan.version.status == "active" and active_version(connection, monitor.name) != number:
-            raise RegistryError(
-                f"monitor {monitor.name!r}: the active version changed during calibration; "
-                "run calibrate again"
-            )
-        if stored.threshold != plan.version.threshold:
-            raise RegistryError(
-                f"monitor {monitor.name!r} version {number}: its threshold changed during "
-                "calibration; run calibrate again"
-            )
-        set_threshold(connection, monitor.name, number, plan.chosen)
+        set_threshold(connection, monitor.name, number, plan.chosen,
+                      replacing=plan.version.threshold, status=plan.version.status)
+    return plan.version.status

@@ -40,6 +40,7 @@ def plot_calibration(plan: CalibrationPlan, path: str) -> None:
     fig, ax = plt.subplots(figsize=FIGURE_INCHES)
     bins = _bins(plan, current, new)
     for scores, style in _histograms(plan):
+        scores = scores[np.isfinite(scores) & (scores > 0)]  # a log axis shows no others
         if scores.size:
             ax.hist(scores, bins=bins, histtype="step", linewidth=1.8, **style)
     rate = _flag_rate(plan.holdout_scores, new)
@@ -60,6 +61,7 @@ def plot_calibration(plan: CalibrationPlan, path: str) -> None:
     ax.xaxis.set_minor_formatter(FuncFormatter(
         lambda value, _: f"{value:g}" if f"{value:.1e}"[0] in "25" else ""))
     ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     ax.set_xlabel("anomaly score (higher = more anomalous; rows right of a line are flagged)")
     ax.set_ylabel("rows per bin")
     ax.set_title(f"monitor {plan.version.monitor}, model version {plan.version.version}")

@@ -151,7 +151,7 @@ class Group(click.Group):
             raise
         except BrokenPipeError:
             # The reader went away (``status | head``): stop quietly, as SIGPIPE would.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _silence_stdout()
             raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
         except Exception as exc:
             app = ctx.obj if isinstance(ctx.obj, App) else None
@@ -162,6 +162,20 @@ class Group(click.Group):
         finally:
             if isinstance(ctx.obj, App):
                 ctx.obj.close()
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's final flush into
+    the closed pipe does not print an error (a no-op without a real descriptor)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (OSError, ValueError):  # replaced by a test runner or a wrapper
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, descriptor)
+    finally:
+        os.close(devnull)
 
 
 pass_app = click.make_pass_decorator(App)

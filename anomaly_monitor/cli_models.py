@@ -137,11 +137,11 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     if dry_run:
         click.echo("dry run: nothing changed", err=as_json)
         return
-    apply_calibration(app.engine, settings, plan)
+    status = apply_calibration(app.engine, settings, plan)
     number = plan.version.version
     click.echo(f"threshold of version {number} set to {plan.chosen.value:.6g} "
                f"({method_label(plan.chosen)})", err=as_json)
-    if plan.version.status != "active":
+    if status != "active":
         click.echo(f"version {number} is not active; review it, then: anomaly-monitor models "
                    f"activate {number}" + (f" --monitor {monitor}"
                                           if len(app.settings.monitors) > 1 else ""),
@@ -276,7 +276,9 @@ def _version_summary(model: ModelVersion, history: list[tuple[str, dt.datetime]]
     spread = ", ".join(f"p{float(q) * 100:g} {v:.4g}" for q, v in quantiles.items())
     auroc = validation.get("auroc")
     params = {k: v for k, v in model.threshold_params.items() if k != "calibration_flag_rate"}
-    rate = validation.get("holdout_flag_rate")
+    # Set by calibrate with the threshold; the training-time rate for older versions.
+    rate = model.threshold_params.get("calibration_flag_rate",
+                                      validation.get("holdout_flag_rate"))
     lines = [
         f"monitor {model.monitor}, version {model.version} ({model.kind}): {model.status}, "
         f"created {_when(model.created_at)}",

@@ -72,15 +72,20 @@ def lease_holder(connection: sa.Connection, monitor: str) -> dict[str, Any] | No
     that time has passed); ``None`` when the lease is free or there is no cursor."""
     row = connection.execute(
         sa.select(cursors.c.lease_owner, cursors.c.lease_token, cursors.c.lease_expires_at,
-                  (cursors.c.lease_expires_at < database_time()).label("expired"))
+                  (cursors.c.lease_expires_at < database_time()).label("expired"),
+                  database_time().label("now"))
         .where(cursors.c.monitor == monitor)
     ).first()
     if row is None or row.lease_owner is None:
         return None
     expires = as_utc(row.lease_expires_at)
+    now = as_utc(row.now)
     return {"owner": row.lease_owner, "token": int(row.lease_token),
             "expires_at": expires.isoformat() if expires else None,
-            "expired": bool(row.expired) if row.expired is not None else True}
+            "expired": bool(row.expired) if row.expired is not None else True,
+            # On the database clock, like the expiry: this host's clock plays no part.
+            "seconds_left": round((expires - now).total_seconds(), 1)
+            if expires is not None and now is not None else None}
 
 
 def create_cursor(connection: sa.Connection, monitor: str, position: Callable[[], int],
@@ -257,8 +262,13 @@ def claim(
     return Claim(None, True, row.lease_owner, as_utc(row.lease_expires_at))
 
 
-def note_standby(connection: sa.Connection, monitor: str, owner: str) -> None:
-    """Record that ``owner`` stands by for the monitor's lease (now, database clock)."""
+def note_standby(connection: sa.Connection, monitor: str, owner: str,
+                 forget_after: float) -> None:
+    """Record that ``owner`` stands by for the monitor's lease (now, database clock),
+    and forget the standbys of the monitor not seen for ``forget_after`` seconds
+    (workers that died without removing their row)."""
+    connection.execute(standbys.delete().where(
+        standbys.c.monitor == monitor, standbys.c.seen_at < database_time(-forget_after)))
     updated = connection.execute(
         standbys.update().where(standbys.c.monitor == monitor, standbys.c.owner == owner)
         .values(seen_at=database_time()))

@@ -144,15 +144,16 @@ class Metrics:
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))
 
-    def set_paused(self, monitor: str, paused: bool, cause: str = "schema",
+    def set_paused(self, monitor: str, paused: bool, cause: str | None = None,
                    reason: str = "") -> None:
-        """Whether the monitor is paused (1) or running (0); while paused, the one
-        ``pause_info`` series of the monitor carries ``cause`` and ``reason`` (cut to
+        """Whether the monitor is paused (1, with its ``cause``, one of
+        :data:`PAUSE_CAUSES`) or running (0); while paused, the one ``pause_info``
+        series of the monitor carries ``cause`` and ``reason`` (cut to
         :data:`PAUSE_REASON_MAX_CHARS`), so that an alert can show them."""
-        if cause not in PAUSE_CAUSES:
-            raise ValueError(f"unknown pause cause {cause!r}")
+        if paused and cause not in PAUSE_CAUSES:
+            raise ValueError(f"a pause needs a cause among {PAUSE_CAUSES}, not {cause!r}")
         self.paused.labels(monitor).set(1 if paused else 0)
-        labels = (cause, reason[:PAUSE_REASON_MAX_CHARS]) if paused else None
+        labels = (str(cause), reason[:PAUSE_REASON_MAX_CHARS]) if paused else None
         with self._lock:
             old = self._pause_labels.pop(monitor, None)
             if old is not None and old != labels:

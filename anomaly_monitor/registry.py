@@ -282,17 +282,29 @@ def rollback_target(connection: sa.Connection, monitor: str) -> int:
 
 
 def set_threshold(
-    connection: sa.Connection, monitor: str, version: int, threshold: Threshold
+    connection: sa.Connection, monitor: str, version: int, threshold: Threshold, *,
+    replacing: float | None = None, status: str | None = None,
 ) -> None:
-    """Store a new threshold for a version (takes effect on the next batch)."""
+    """Store a new threshold for a version (takes effect on the next batch). With
+    ``replacing`` (the threshold it was calibrated from) and ``status``, only if the
+    version still has them, in the same statement; otherwise :class:`RegistryError`."""
+    conditions = [model_versions.c.monitor == monitor, model_versions.c.version == version]
+    if replacing is not None:
+        conditions.append(model_versions.c.threshold == replacing)
+    if status is not None:
+        conditions.append(model_versions.c.status == status)
     result = connection.execute(
-        model_versions.update().where(
-            model_versions.c.monitor == monitor, model_versions.c.version == version)
+        model_versions.update().where(*conditions)
         .values(threshold=float(threshold.value), threshold_method=threshold.method,
                 threshold_params=_threshold_params(threshold))
     )
-    if result.rowcount != 1:
+    if result.rowcount == 1:
+        return
+    if len(conditions) == 2:
         raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+    raise RegistryError(
+        f"monitor {monitor!r} version {version}: its threshold or status changed during "
+        "calibration (another calibrate, activate or rollback); run calibrate again")
 
 
 class ModelCache:

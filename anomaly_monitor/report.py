@@ -69,16 +69,16 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["paused"] = bool(cursor and cursor.paused)
     status["pause_reason"] = cursor.pause_reason if cursor else None
     status["lease"] = lease_holder(connection, monitor.name)
-    status["standbys"] = list_standbys(connection, monitor.name, lease_duration(monitor))
+    # A standby renews its row every third of a lease: listed while seen within two.
+    status["standbys"] = list_standbys(connection, monitor.name, 2 * lease_duration(monitor))
     below = connection.execute(sa.select(cursors.c.rows_below, cursors.c.below_checked_at)
                                .where(cursors.c.monitor == monitor.name)).first()
     status["rows_below_cursor"] = below.rows_below if below is not None else None
     status["rows_below_checked_at"] = _iso(as_utc(below.below_checked_at)) if below else None
     # The lease is renewed at every poll's start: when the worker last polled.
     lease = status["lease"]
-    status["seconds_since_poll"] = None if lease is None or not lease["expires_at"] else \
-        max(0.0, round(lease_duration(monitor) - (
-            dt.datetime.fromisoformat(lease["expires_at"]) - now).total_seconds(), 1))
+    status["seconds_since_poll"] = None if lease is None or lease["seconds_left"] is None \
+        else max(0.0, round(lease_duration(monitor) - lease["seconds_left"], 1))
     try:
         source = reflect_source(connection, monitor)
         status["table"] = source.table.fullname if source.table.schema else \

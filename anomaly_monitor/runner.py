@@ -134,6 +134,12 @@ def is_transient(exc: BaseException) -> bool:
                       | sa.exc.DisconnectionError | sa.exc.TimeoutError | OSError)
 
 
+#: A standby row not renewed for this many lease durations is deleted (its worker died).
+STANDBY_FORGET_LEASES = 10
+#: How the reason of a pause after repeated failures begins.
+REPEATED_FAILURES = "repeated failures"
+
+
 class Status(StrEnum):
     """Where a monitor stands in this worker (shown by ``run --once``)."""
 
@@ -175,6 +181,9 @@ class MonitorState:
     lease_renewed: float = 0.0
     #: The lease holder this standby last logged that it waits for.
     waiting_for: str | None = None
+    #: The reason of a repeated-failures pause lifted to try a batch again; ``None``
+    #: once a batch succeeds.
+    retrying_pause: str | None = None
     #: When this worker last recorded itself as a standby (monotonic); ``None``: no row.
     standby_noted: float | None = None
     #: The (version, threshold) last published to the model metrics.
@@ -259,12 +268,14 @@ class MonitorRunner:
         monitor = self.monitor
         state = self.state
         again = state.status == Status.PAUSED and state.detail == reason
+        # Paused again after a retry of the same repeated failures: written, not logged.
+        retried = state.retrying_pause == reason
         state.read_state.close()
         if again:
             state.source = None
             self.metrics.set_paused(monitor.name, True, cause, reason)
             return True
-        if cause == "ids_restarted":
+        if cause == "ids_restarted" and not retried:
             self.metrics.observe_id_restart(monitor.name)
         try:
             with self.engine.begin() as connection:
@@ -279,7 +290,8 @@ class MonitorRunner:
             return False
         state.status, state.detail, state.source = Status.PAUSED, reason, None
         self.metrics.set_paused(monitor.name, True, cause, reason)
-        log.error("monitor %s paused: %s", monitor.name, reason)
+        log.log(logging.DEBUG if retried else logging.ERROR, "monitor %s paused: %s",
+                monitor.name, reason)
         return True
 
     def _try_resume(self) -> None:
@@ -306,7 +318,15 @@ class MonitorRunner:
                                caught_up=True)
         with self.engine.begin() as connection:
             set_paused(connection, monitor.name, None)
-        log.info("monitor %s resumed", monitor.name)
+        if reason.startswith(REPEATED_FAILURES):
+            # Nothing to re-check but the batch itself: tried once per interval, quietly
+            # after the first time; a success resumes the monitor for good (_record).
+            first = self.state.retrying_pause != reason
+            self.state.retrying_pause = reason
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "monitor %s: trying a batch again after repeated failures", monitor.name)
+        else:
+            log.info("monitor %s resumed", monitor.name)
         self.metrics.set_paused(monitor.name, False)
         # A pause for the same reason right after is written (and logged) again.
         self.state.status, self.state.detail = Status.RUNNING, None
@@ -322,6 +342,10 @@ class MonitorRunner:
         if state.failures:
             log.info("monitor %s: working again after %d failed attempt(s)", monitor.name,
                      state.failures)
+        if state.retrying_pause is not None:
+            log.info("monitor %s resumed: a batch succeeded after repeated failures",
+                     monitor.name)
+            state.retrying_pause = None
         state.failures, state.detail = 0, None
         state.status = Status.RUNNING if result.status in ("committed", "idle", "slow") \
             else Status(result.status)
@@ -362,7 +386,9 @@ class MonitorRunner:
             return 0.0  # cancelled to stop: no failure (the process is ending)
         state.failures += 1
         if state.failures >= PAUSE_AFTER_FAILURES and not is_transient(exc):
-            reason = f"{state.failures} failures in a row: {describe_error(exc, self.engine.url)}"
+            # The same text at every retry: one pause, one log line, one metric series.
+            reason = (f"{REPEATED_FAILURES} ({PAUSE_AFTER_FAILURES} or more in a row): "
+                      f"{describe_error(exc, self.engine.url)}")
             if not self._pause(reason, "repeated_failures"):  # counted as an error there
                 return monitor.interval_seconds
             self.metrics.observe_error(monitor.name)
@@ -404,7 +430,9 @@ class MonitorRunner:
                          "the restart", monitor.name)
                 return None
             if not isinstance(exc, sa.exc.SQLAlchemyError):
-                log.exception("monitor %s: unexpected error", monitor.name)
+                # Once, not at every retry of a monitor paused for repeated failures.
+                log.log(logging.DEBUG if state.retrying_pause else logging.ERROR,
+                        "monitor %s: unexpected error", monitor.name, exc_info=True)
             self._failed(exc)
             return None
         if result.status == "paused":
@@ -507,6 +535,7 @@ class MonitorRunner:
             state.lease, state.status, state.waiting_for = None, Status.STANDBY, result.holder
             self._note_standby(seconds)
             self.metrics.set_rows_below(monitor.name, 0)  # the leader reports it
+            self.metrics.set_paused(monitor.name, False)  # and its pause, if any
             # What this worker measured as leader is stale when it leads again.
             state.rows_below, state.below_check_at = 0, 0.0
             state.newest_timestamp, state.looked_up_newest = None, False
@@ -545,7 +574,8 @@ class MonitorRunner:
             return
         try:
             with self.engine.begin() as connection:
-                note_standby(connection, self.monitor.name, self.owner)
+                note_standby(connection, self.monitor.name, self.owner,
+                             STANDBY_FORGET_LEASES * lease_seconds)
         except Exception as exc:
             log.debug("monitor %s: could not record this standby (%s)", self.monitor.name,
                       describe_error(exc, self.engine.url))

@@ -29,7 +29,8 @@ class FitProgress:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.total = total
         self.description = description
-        self.done = 0
+        #: Epochs run, and epochs left out by early stopping.
+        self.run = self.skipped = 0
         self.postfix = ""
         self._clock = clock
         self._started = self._logged = clock()
@@ -43,23 +44,34 @@ class FitProgress:
         if self._bar is not None:
             self._bar.close()
         elif kind is None:
-            log.info("%s: done, %d epochs in %.0f s%s", self.description, self.done,
-                     self._clock() - self._started, self.postfix)
+            stopped = f" ({self.skipped} left out by early stopping)" if self.skipped else ""
+            log.info("%s: done, %d epochs run%s in %.0f s%s", self.description, self.run,
+                     stopped, self._clock() - self._started, self.postfix)
 
     def update(self, epochs: int) -> None:
-        """Count ``epochs`` more (run, or skipped by early stopping)."""
-        self.done = min(self.total, self.done + epochs)
+        """Count ``epochs`` more epochs run."""
+        self.run += epochs
+        self._advance(epochs)
+
+    def skip(self, epochs: int) -> None:
+        """Count ``epochs`` that early stopping leaves out (they take no time)."""
+        self.skipped += epochs
+        self._advance(epochs)
+
+    def _advance(self, epochs: int) -> None:
         if self._bar is not None:
             self._bar.update(epochs)
             return
         now = self._clock()
-        if now - self._logged >= LOG_EVERY_SECONDS and self.done < self.total:
+        done = min(self.total, self.run + self.skipped)
+        if now - self._logged >= LOG_EVERY_SECONDS and done < self.total:
             self._logged = now
             elapsed = now - self._started
-            left = elapsed * (self.total - self.done) / max(1, self.done)
+            # At the pace of the epochs run so far; early stopping may end it sooner.
+            left = elapsed / max(1, self.run) * (self.total - done)
             log.info("%s: %d/%d epochs (%.0f%%), %.0f s so far, at most about %.0f s "
-                     "left%s", self.description, self.done, self.total,
-                     100 * self.done / self.total, elapsed, left, self.postfix)
+                     "left%s", self.description, done, self.total, 100 * done / self.total,
+                     elapsed, left, self.postfix)
 
     def set_postfix(self, **values: str) -> None:
         """Show ``values`` (e.g. the validation loss) after the count."""

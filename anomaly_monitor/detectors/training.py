@@ -135,7 +135,7 @@ def train_module(
                 stale += 1
         if stale >= config.patience or steps >= config.max_steps:
             if progress is not None:
-                progress.update(config.epochs - epoch)
+                progress.skip(config.epochs - epoch)
             break
     if best_state is not None:
         module.load_state_dict(best_state)

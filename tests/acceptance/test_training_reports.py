@@ -33,17 +33,23 @@ def _cli(config: str, *args: str, expect: int = 0) -> str:
 def test_progress_is_logged_every_interval_and_at_the_end(caplog):
     now = [0.0]
     with caplog.at_level(logging.INFO, logger="anomaly_monitor.training"), \
-            FitProgress(300, "fit dae", bar=False, clock=lambda: now[0]) as bar:
-        for _ in range(30):  # 30 epochs of 1 s: a line at 10, 20 and 30 s
+            FitProgress(200, "fit dae", bar=False, clock=lambda: now[0]) as bar:
+        for _ in range(20):  # the first of 2 estimators: 20 epochs of 1 s, then it stops
             now[0] += 1.0
             bar.update(1)
             bar.set_postfix(val_loss="0.5")
-        bar.update(270)  # early stopping skips the rest
+        bar.skip(80)
+        for _ in range(15):  # the second runs on at the same pace
+            now[0] += 1.0
+            bar.update(1)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == ("fit dae: 10/300 epochs (3%), 10 s so far, at most about 290 s left, "
+    assert lines[0] == ("fit dae: 10/200 epochs (5%), 10 s so far, at most about 190 s left, "
                         "val_loss 0.5")
-    assert lines[1].startswith("fit dae: 20/300 epochs")
-    assert lines[-1] == "fit dae: done, 300 epochs in 30 s, val_loss 0.5" and len(lines) == 4
+    # After early stopping, the estimate keeps the pace of the epochs actually run.
+    assert lines[2] == ("fit dae: 110/200 epochs (55%), 30 s so far, at most about 90 s left, "
+                        "val_loss 0.5")
+    assert lines[-1] == ("fit dae: done, 35 epochs run (80 left out by early stopping) in "
+                         "35 s, val_loss 0.5") and len(lines) == 4
 
 
 def test_train_without_a_terminal_logs_its_progress(engine, tmp_path, caplog, monkeypatch):
@@ -55,7 +61,8 @@ def test_train_without_a_terminal_logs_its_progress(engine, tmp_path, caplog, mo
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("train plant: read 400 rows of ") for line in lines), lines
     assert any(line.startswith("fit vae: ") and " epochs (" in line for line in lines), lines
-    assert any(line.startswith("fit vae: done, ") for line in lines), lines
+    assert any(line.startswith("fit vae: done, ") and " epochs run" in line
+               for line in lines), lines
     assert any(line.startswith("train plant: stored version 1 (active)") for line in lines)
 
 

@@ -3,6 +3,7 @@ paused past its lease cannot commit when it wakes up."""
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 
 import pytest
@@ -12,12 +13,12 @@ from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.batch import run_batch
 from anomaly_monitor.cli import main
-from anomaly_monitor.cursors import BatchConflictError
+from anomaly_monitor.cursors import BatchConflictError, note_standby
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache
 from anomaly_monitor.report import monitor_status
 from anomaly_monitor.source import reflect_source
-from anomaly_monitor.tables import anomalies, batches
+from anomaly_monitor.tables import anomalies, batches, standbys
 from anomaly_monitor.worker import Worker
 from tests.helpers import (
     FEATURES,
@@ -25,6 +26,7 @@ from tests.helpers import (
     daemon_config,
     insert_rows,
     monitor_settings,
+    pause_info,
     settings,
     trained_plant,
 )
@@ -92,6 +94,33 @@ def test_status_shows_the_lease_holder_and_the_standbys(two, tmp_path):
         status = monitor_status(connection, monitor)
     assert status["lease"]["owner"] == standby.owner
     assert [w["owner"] for w in status["standbys"]] == [leader.owner]
+
+
+def test_a_paused_leader_that_becomes_a_standby_no_longer_reports_the_pause(two):
+    engine, _, _, _, (leader, standby) = two
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE readings RENAME TO readings_away"))
+    assert leader.poll("plant").status == "paused"
+    assert pause_info(leader.metrics.registry, "plant")[0]["cause"] == "schema"
+    leader.release_leases()
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE readings_away RENAME TO readings"))
+    assert standby.poll("plant").status == "running"  # re-checked, resumed
+    assert leader.poll("plant").status == "standby"
+    registry = leader.metrics.registry
+    assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "plant"}) == 0
+    assert pause_info(registry, "plant") == []  # the leader reports the monitor now
+
+
+def test_standby_rows_of_dead_workers_are_forgotten(two):
+    engine = two[0]
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    with engine.begin() as connection:
+        connection.execute(standbys.insert().values(monitor="plant", owner="gone:1",
+                                                    seen_at=long_ago))
+        note_standby(connection, "plant", "alive:2", forget_after=600)
+        owners = connection.execute(sa.select(standbys.c.owner)).scalars().all()
+    assert owners == ["alive:2"]
 
 
 def test_a_clean_stop_hands_over_at_once(two):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import logging
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
+from anomaly_monitor import runner as runner_module
 from anomaly_monitor.batch import run_batch
 from anomaly_monitor.calibration_plan import apply_calibration, plan_calibration
 from anomaly_monitor.config import ThresholdSettings
@@ -296,7 +298,14 @@ def test_labels_calibration_uses_the_held_out_labels(engine):
     assert sum(scores[i] for i in anomaly_ids) == 30
     flagged_rate = float((plan.holdout_scores > plan.chosen.value).mean())
     assert 0.05 < flagged_rate < 0.2  # about the 30 anomalies among 300 held-out rows
+    # A plan made before another calibrate (or an activation) changed the version is
+    # refused in the update itself, not applied over the newer threshold.
+    stale = plan_calibration(engine, monitor, ThresholdSettings(method="quantile"))
     apply_calibration(engine, monitor, plan)
+    with engine.connect() as connection:
+        assert get_version(connection, "plant", 1).threshold_method == "labels"
+    with pytest.raises(RegistryError, match="changed during calibration"):
+        apply_calibration(engine, monitor, stale)
     with engine.connect() as connection:
         assert get_version(connection, "plant", 1).threshold_method == "labels"
 
@@ -311,6 +320,40 @@ def test_run_once_gives_up_after_repeated_failures_instead_of_hanging(plant, db_
     states = worker.run_once()
     assert states["plant"].status in ("error", "paused")
     assert states["plant"].failures >= 3
+
+
+def test_a_monitor_paused_by_repeated_failures_retries_quietly_with_one_series(
+        plant, db_url, monkeypatch, caplog):
+    engine, table, _, sensors, _ = plant
+    insert_rows(engine, table, sensors.normal(5))
+    worker = Worker(settings(db_url), engine, Metrics(CollectorRegistry()), device="cpu")
+    real_run_batch = runner_module.run_batch
+
+    def broken(*args, **kwargs):
+        raise ValueError("the batch breaks")
+
+    monkeypatch.setattr(runner_module, "run_batch", broken)
+    state = worker.runners["plant"].state
+    with caplog.at_level(logging.INFO, logger="anomaly_monitor.worker"):
+        for _ in range(12):  # the pause, then a retry at every poll
+            state.retry_at = 0.0
+            worker.poll("plant", budget_seconds=float("inf"))
+    assert state.status == "paused" and state.detail.startswith("repeated failures")
+    registry = worker.metrics.registry
+    [info] = pause_info(registry, "plant")  # one series, however many retries
+    assert info["cause"] == "repeated_failures" and "the batch breaks" in info["reason"]
+    paused_lines = [r for r in caplog.records if r.getMessage().startswith("monitor plant paused")]
+    assert len(paused_lines) == 1 and paused_lines[0].levelno == logging.ERROR
+    retries = [r for r in caplog.records if "trying a batch again" in r.getMessage()]
+    assert len(retries) == 1  # logged the first time only
+    tracebacks = [r for r in caplog.records if r.getMessage().endswith("unexpected error")]
+    assert len(tracebacks) == 5  # the failures that led to the pause, not every retry
+    monkeypatch.setattr(runner_module, "run_batch", real_run_batch)
+    with caplog.at_level(logging.INFO, logger="anomaly_monitor.worker"):
+        assert worker.poll("plant", budget_seconds=float("inf")).status == "running"
+    assert pause_info(registry, "plant") == []
+    assert registry.get_sample_value("anomaly_monitor_paused", {"monitor": "plant"}) == 0
+    assert any("resumed: a batch succeeded" in r.getMessage() for r in caplog.records)
 
 
 def test_a_malformed_timestamp_does_not_block_the_monitor(plant):
