@@ -6,6 +6,7 @@ line on stderr, never a traceback, and never contain the database password.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -42,7 +43,31 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 #: A closed output pipe: what a shell reports for a process ended by SIGPIPE.
 EXIT_BROKEN_PIPE = 141
-DATETIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+
+
+class UtcDateTime(click.ParamType):
+    """An ISO 8601 time as the tool prints it (``2026-01-05``, ``2026-01-05 03:53``,
+    ``2026-01-05T03:53:00+00:00``, ``...Z``): one with an offset is converted to UTC,
+    one without is taken as UTC; the value is naive UTC."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> dt.datetime:
+        if isinstance(value, dt.datetime):
+            return value
+        try:
+            parsed = dt.datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 time (e.g. 2026-01-05, "
+                      "2026-01-05T03:53:00, 2026-01-05T03:53:00+00:00)", param, ctx)
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(dt.UTC).replace(tzinfo=None)
+        return parsed
+
+
+#: The type of every time option.
+DATETIME = UtcDateTime()
 
 
 class CliError(click.ClickException):
@@ -56,10 +81,10 @@ class CliError(click.ClickException):
 def _translate(exc: Exception, url: str | None) -> CliError | None:
     """Map a known exception to a :class:`CliError`, ``None`` for unknown ones."""
     from anomaly_monitor.lifecycle import TrainingError
-    from anomaly_monitor.registry import RegistryError
+    from anomaly_monitor.registry import RegistryError, UnknownVersionError
     from anomaly_monitor.source import SchemaError
 
-    if isinstance(exc, ConfigError | SchemaError | DatabaseURLError):
+    if isinstance(exc, ConfigError | SchemaError | DatabaseURLError | UnknownVersionError):
         return CliError(str(exc), EXIT_USAGE)
     if type(exc).__module__.startswith("alembic") and type(exc).__name__ == "CommandError":
         return CliError(f"migration: {exc}", EXIT_USAGE)
@@ -84,8 +109,11 @@ class App:
         self.config = config
         self._settings: Settings | None = None
         self._engine: sa.Engine | None = None
-        #: Set by commands that only look: they never create a SQLite file.
+        #: Set by commands that only look (the SQLite file must exist, as for every
+        #: command but ``db upgrade``, which alone creates it).
         self.read_only = False
+        #: Set by ``db upgrade``: the one command that creates a missing SQLite file.
+        self.creates_database = False
 
     @property
     def settings(self) -> Settings:
@@ -99,7 +127,7 @@ class App:
         """The database engine of the configured URL."""
         if self._engine is None:
             url = self.settings.database_url
-            if self.read_only:
+            if not self.creates_database:
                 _refuse_missing_sqlite(url)
             self._engine = create_engine(url)
         return self._engine
@@ -125,7 +153,7 @@ class App:
 
 
 def _refuse_missing_sqlite(url: str) -> None:
-    """A command that only looks does not create the SQLite file it was pointed at."""
+    """No command but ``db upgrade`` creates the SQLite file it was pointed at."""
     from sqlalchemy.engine import make_url
 
     try:
@@ -275,9 +303,8 @@ def require_schema(app: App) -> None:
     current, head = migrate.current_revision(app.engine), migrate.head_revision()
     if current != head:
         raise CliError(
-            f"the am_ tables are at revision {current or 'base'}, not {head}; "
-            "run: anomaly-monitor db upgrade"
-        )
+            f"database {redact(app.settings.database_url)}: the am_ tables are at revision "
+            f"{current or 'base'}, not {head}; run: anomaly-monitor db upgrade", EXIT_USAGE)
 
 
 @main.command()

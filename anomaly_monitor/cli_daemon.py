@@ -14,7 +14,7 @@ import click
 import sqlalchemy as sa
 
 from anomaly_monitor.cli import (
-    DATETIME_FORMATS,
+    DATETIME,
     EXIT_USAGE,
     App,
     CliError,
@@ -225,9 +225,9 @@ def status(app: App, as_json: bool) -> None:
 
 @main.command()
 @click.argument("monitor")
-@click.option("--since", type=click.DateTime(DATETIME_FORMATS),
+@click.option("--since", type=DATETIME,
               help="Only rows stamped since (UTC, the row's own timestamp).")
-@click.option("--scored-since", type=click.DateTime(DATETIME_FORMATS),
+@click.option("--scored-since", type=DATETIME,
               help="Only rows scored since (UTC).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -239,6 +239,7 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
     from anomaly_monitor.report import list_anomalies
 
     app.settings.monitor(monitor)
+    require_schema(app)
     with app.engine.connect() as connection:
         rows = list_anomalies(connection, monitor, since=as_utc(since),
                               scored_since=as_utc(scored_since), limit=limit)
@@ -256,7 +257,7 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
 @main.command("quarantine")
 @click.argument("monitor")
 @click.option("--reason", type=click.Choice(REASONS), help="Only rows of this reason.")
-@click.option("--since", type=click.DateTime(DATETIME_FORMATS),
+@click.option("--since", type=DATETIME,
               help="Only rows quarantined since (UTC).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -268,6 +269,7 @@ def quarantine_command(app: App, monitor: str, reason: str | None, since: dt.dat
     from anomaly_monitor.report import list_quarantine
 
     app.settings.monitor(monitor)
+    require_schema(app)
     with app.engine.connect() as connection:
         rows = list_quarantine(connection, monitor, reason=reason, since=as_utc(since),
                                limit=limit)

@@ -31,9 +31,10 @@ def db() -> None:
 @click.argument("revision", default="head")
 @pass_app
 def db_upgrade(app: App, revision: str) -> None:
-    """Migrate the database up to REVISION (default: head)."""
+    """Migrate the database up to REVISION (default: head); creates a missing SQLite file."""
     from anomaly_monitor import migrate
 
+    app.creates_database = True
     migrate.upgrade(app.engine, revision)
     click.echo(f"database {redact(app.settings.database_url)} is at revision "
                f"{migrate.current_revision(app.engine)}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -12,7 +14,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.calibration import DEFAULT_METHOD
 from anomaly_monitor.cli import (
-    DATETIME_FORMATS,
+    DATETIME,
     EXIT_USAGE,
     App,
     CliError,
@@ -41,8 +43,8 @@ if TYPE_CHECKING:
 
 @main.command()
 @click.argument("monitor")
-@click.option("--since", type=click.DateTime(DATETIME_FORMATS), help="Oldest row (UTC).")
-@click.option("--until", type=click.DateTime(DATETIME_FORMATS), help="Rows before this (UTC).")
+@click.option("--since", type=DATETIME, help="Oldest row (UTC).")
+@click.option("--until", type=DATETIME, help="Rows before this (UTC).")
 @click.option("--limit", type=click.IntRange(min=1), help="Train on the newest N rows.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Maximum training epochs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
@@ -103,6 +105,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     from anomaly_monitor.lifecycle import method_label
 
     settings = app.settings.monitor(monitor)
+    require_schema(app)
     base = settings.threshold
     chosen_method = method or base.method
     check_threshold_options(chosen_method, {"--target-fpr": target_fpr is not None,
@@ -122,6 +125,8 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     if alerts_per_day is None and target_fpr is None:
         threshold_settings = ThresholdSettings(chosen_method, threshold_settings.target_fpr,
                                                base.alerts_per_day, threshold_settings.value)
+    if plot:
+        _check_plot_path(plot)
     plan = plan_calibration(app.engine, settings, threshold_settings, version=version)
     if plot:
         plot_calibration(plan, plot)
@@ -146,6 +151,18 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
                    f"activate {number}" + (f" --monitor {monitor}"
                                           if len(app.settings.monitors) > 1 else ""),
                    err=as_json)
+
+
+def _check_plot_path(plot: str) -> None:
+    """Refuse a --plot path that cannot be written as a PNG, before any work."""
+    path = Path(plot)
+    if path.suffix.lower() != ".png":
+        raise CliError(f"--plot {plot}: the plot is a PNG; give a path ending in .png",
+                       EXIT_USAGE)
+    parent = path.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CliError(f"--plot {plot}: directory {parent} does not exist or is not "
+                       "writable", EXIT_USAGE)
 
 
 def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
@@ -215,6 +232,7 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
 
     names = ([app.settings.monitor(monitor_name).name] if monitor_name
              else [m.name for m in app.settings.monitors])
+    require_schema(app)
     with app.engine.connect() as connection:
         versions = [v for name in names for v in list_versions(connection, name)]
         history = {name: activation_history(connection, name) for name in names}
@@ -246,6 +264,7 @@ def models_show(app: App, version: int, monitor_name: str | None, as_json: bool)
     from anomaly_monitor.registry import activation_history, get_version
 
     monitor = app.monitor(monitor_name)
+    require_schema(app)
     with app.engine.connect() as connection:
         model = get_version(connection, monitor.name, version)
         history = [(a, t) for v, a, t in activation_history(connection, monitor.name)
@@ -309,6 +328,7 @@ def _version_summary(model: ModelVersion, history: list[tuple[str, dt.datetime]]
 def _activation(app: App, monitor_name: str | None,
                 action: Callable[[sa.Connection, MonitorSettings], Any]) -> None:
     monitor = app.monitor(monitor_name)
+    require_schema(app)
     with app.engine.begin() as connection:
         version = action(connection, monitor)
     click.echo(f"monitor {monitor.name}: version {version.version} is active "
@@ -323,7 +343,16 @@ def _activation(app: App, monitor_name: str | None,
 def models_activate(app: App, version: int, monitor_name: str | None) -> None:
     """Make VERSION the active model (after verifying its artifact)."""
     from anomaly_monitor.lifecycle import activate_checked
+    from anomaly_monitor.registry import active_version
 
+    monitor = app.monitor(monitor_name)
+    require_schema(app)
+    with app.engine.connect() as connection:
+        if active_version(connection, monitor.name) == version:
+            # Not recorded again: the history rollback follows stays as it was.
+            click.echo(f"monitor {monitor.name}: version {version} is already active; "
+                       "nothing changed")
+            return
     _activation(app, monitor_name,
                 lambda connection, m: activate_checked(connection, m, None, version))
 

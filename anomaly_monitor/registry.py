@@ -36,6 +36,10 @@ class RegistryError(ValueError):
     """A version does not exist, cannot be activated, or its artifact is invalid."""
 
 
+class UnknownVersionError(RegistryError):
+    """The version asked for does not exist (the caller's input to fix)."""
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     """A stored version's metadata (without its weights)."""
@@ -151,7 +155,7 @@ def get_version(connection: sa.Connection, monitor: str, version: int) -> ModelV
             model_versions.c.monitor == monitor, model_versions.c.version == version)
     ).first()
     if row is None:
-        raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+        raise UnknownVersionError(f"monitor {monitor!r} has no model version {version}")
     return ModelVersion.from_row(row)
 
 
@@ -172,7 +176,7 @@ def calibration_scores(
             model_versions.c.monitor == monitor, model_versions.c.version == version)
     ).scalar()
     if data is None:
-        raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+        raise UnknownVersionError(f"monitor {monitor!r} has no model version {version}")
     return unpack_scores(data)
 
 
@@ -301,7 +305,7 @@ def set_threshold(
     if result.rowcount == 1:
         return
     if len(conditions) == 2:
-        raise RegistryError(f"monitor {monitor!r} has no model version {version}")
+        raise UnknownVersionError(f"monitor {monitor!r} has no model version {version}")
     raise RegistryError(
         f"monitor {monitor!r} version {version}: its threshold or status changed during "
         "calibration (another calibrate, activate or rollback); run calibrate again")

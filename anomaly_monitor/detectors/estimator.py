@@ -325,7 +325,8 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         )
         self.modules_: list[nn.Module] = []
         self.history_: list[TrainingHistory] = []
-        with FitProgress(self.epochs * self.n_estimators, f"fit {self.kind}",
+        description = f"fit {self.kind} ({self.n_estimators} x up to {self.epochs} epochs)"
+        with FitProgress(self.epochs * self.n_estimators, description,
                          bar=self.verbose) as progress:
             for seed in (int(s) for s in seeds):
                 module, history = self._fit_one(scaled, config, seed, progress)

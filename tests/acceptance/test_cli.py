@@ -13,6 +13,7 @@ import sys
 import urllib.request
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 
 from anomaly_monitor import migrate
@@ -246,6 +247,12 @@ def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):
     assert "already exists" in cli("init", expect=1)
     # check only looks: it does not create the SQLite file the config names
     assert "anomaly-monitor db upgrade creates it" in cli("check", expect=2)
+    # Nor does any other command but db upgrade, read-only or not.
+    for args in (["db", "current"], ["cursor", "plant"], ["train", "plant"],
+                 ["calibrate", "plant", "--dry-run"], ["models", "activate", "1"],
+                 ["models", "rollback"], ["run", "--once"],
+                 ["backfill", "plant", "--from-id", "1", "--to-id", "2"]):
+        assert "anomaly-monitor db upgrade creates it" in cli(*args, expect=2), args
     assert not (tmp_path / "anomaly_monitor.db").exists()
     assert f"at revision {migrate.head_revision()}" in cli("db", "upgrade")
     assert "up to date" in cli("db", "current")
@@ -254,6 +261,19 @@ def test_init_writes_a_config_that_check_reads(tmp_path, monkeypatch):
     assert "give --yes" in cli("db", "downgrade", "base", expect=2)  # stdin is no terminal
     assert "up to date" in cli("db", "current")  # nothing was dropped
     assert "revision base" in cli("db", "downgrade", "base", "--yes")
+
+
+def test_commands_on_an_unmigrated_database_name_db_upgrade(tmp_path):
+    path = tmp_path / "am.toml"
+    database = tmp_path / "x.db"
+    path.write_text(CONFIG.format(url=f"sqlite:///{database}", port=0, features='"f0"'))
+    sa.create_engine(f"sqlite:///{database}").connect().close()  # an empty file
+    for args in (["models", "list"], ["models", "show", "1"], ["models", "activate", "1"],
+                 ["models", "rollback"], ["anomalies", "plant"], ["quarantine", "plant"],
+                 ["calibrate", "plant", "--dry-run"], ["status"]):
+        out = cli("--config", path, *args, expect=2, stderr=True)
+        assert "at revision base" in out and "run: anomaly-monitor db upgrade" in out, args
+        assert len(out.strip().splitlines()) == 1, out
 
 
 def test_db_downgrade_takes_relative_revisions_and_names_what_base_drops(tmp_path):

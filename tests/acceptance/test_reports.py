@@ -48,6 +48,11 @@ def test_anomalies_quarantine_and_status_show_what_was_found(engine, tmp_path):
     rows = json.loads(_cli(tmp_path, engine, "anomalies", "plant", "--since", "2026-01-15",
                            "--json"))
     assert rows and {r["source_id"] for r in rows} <= set(recent)  # by the row's own time
+    # The times the tool prints are accepted back, with their offset.
+    for since in ("2026-01-15T00:00:00+00:00", "2026-01-15T00:00:00Z",
+                  "2026-01-15T01:00:00+01:00", "2026-01-15 00:00"):
+        assert json.loads(_cli(tmp_path, engine, "anomalies", "plant", "--since", since,
+                               "--json")) == rows, since
     assert "threshold" in _cli(tmp_path, engine, "anomalies", "plant").splitlines()[0]
     listed = json.loads(_cli(tmp_path, engine, "quarantine", "plant", "--json"))
     assert len(listed) == 3 and {r["reason"] for r in listed} == {"null"}

@@ -60,9 +60,9 @@ def test_train_without_a_terminal_logs_its_progress(engine, tmp_path, caplog, mo
         _cli(config, "-v", "train", "plant", "--epochs", "4")
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("train plant: read 400 rows of ") for line in lines), lines
-    assert any(line.startswith("fit vae: ") and " epochs (" in line for line in lines), lines
-    assert any(line.startswith("fit vae: done, ") and " epochs run" in line
-               for line in lines), lines
+    fit = "fit vae (3 x up to 4 epochs): "  # the ensemble's networks, each early-stopped
+    assert any(line.startswith(fit) and " epochs (" in line for line in lines), lines
+    assert any(line.startswith(fit + "done, ") and " epochs run" in line for line in lines)
     assert any(line.startswith("train plant: stored version 1 (active)") for line in lines)
 
 
@@ -99,7 +99,18 @@ def test_a_candidate_is_calibrated_and_shown_before_it_is_activated(engine, tmp_
     assert "version 2 (vae): candidate" in shown and "threshold " in shown
     assert "(quantile, target_fpr 0.05)" in shown
     assert "no model version 7" in _cli(config, "calibrate", "plant", "--version", "7",
-                                        expect=1)
+                                        expect=2)
+    # A plot that cannot be written is refused before any work, nothing changed.
+    assert "ending in .png" in _cli(config, "calibrate", "plant", "--plot",
+                                    str(tmp_path / "x.txt"), expect=2)
+    assert "does not exist or is not writable" in _cli(
+        config, "calibrate", "plant", "--plot", str(tmp_path / "no" / "x.png"), expect=2)
+    with engine.connect() as connection:
+        assert get_version(connection, "plant", 1).threshold == active_before
+    # Activating the active version changes nothing, not even the history.
+    assert "version 1 is already active; nothing changed" in _cli(config, "models",
+                                                                "activate", "1")
+    assert "monitor plant: activations, oldest first: 1\n" in _cli(config, "models", "list")
 
 
 def test_output_into_a_closed_pipe_ends_quietly(engine, tmp_path):
