@@ -105,7 +105,6 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
     from anomaly_monitor.lifecycle import method_label
 
     settings = app.settings.monitor(monitor)
-    require_schema(app)
     base = settings.threshold
     chosen_method = method or base.method
     check_threshold_options(chosen_method, {"--target-fpr": target_fpr is not None,
@@ -127,6 +126,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
                                                base.alerts_per_day, threshold_settings.value)
     if plot:
         _check_plot_path(plot)
+    require_schema(app)  # after the options: their errors need no database
     plan = plan_calibration(app.engine, settings, threshold_settings, version=version)
     if plot:
         plot_calibration(plan, plot)
