@@ -109,9 +109,6 @@ class App:
         self.config = config
         self._settings: Settings | None = None
         self._engine: sa.Engine | None = None
-        #: Set by commands that only look (the SQLite file must exist, as for every
-        #: command but ``db upgrade``, which alone creates it).
-        self.read_only = False
         #: Set by ``db upgrade``: the one command that creates a missing SQLite file.
         self.creates_database = False
 

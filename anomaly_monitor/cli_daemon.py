@@ -183,7 +183,6 @@ def _serve_metrics(registry: Any, settings: Settings) -> None:
 @pass_app
 def status(app: App, as_json: bool) -> None:
     """Per monitor: model, threshold, cursor, backlog, lag, last batch, anomalies (24 h)."""
-    app.read_only = True
     from anomaly_monitor.report import monitor_status
 
     require_schema(app)
@@ -235,7 +234,6 @@ def status(app: App, as_json: bool) -> None:
 def anomalies(app: App, monitor: str, since: dt.datetime | None,
               scored_since: dt.datetime | None, limit: int, as_json: bool) -> None:
     """Flagged rows of MONITOR with score, threshold, severity and top features."""
-    app.read_only = True
     from anomaly_monitor.report import list_anomalies
 
     app.settings.monitor(monitor)
@@ -265,7 +263,6 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
 def quarantine_command(app: App, monitor: str, reason: str | None, since: dt.datetime | None,
                        limit: int, as_json: bool) -> None:
     """Rows of MONITOR that could not be scored, with the reason and their raw values."""
-    app.read_only = True
     from anomaly_monitor.report import list_quarantine
 
     app.settings.monitor(monitor)

@@ -99,7 +99,6 @@ def db_current(app: App) -> None:
 def check(app: App) -> None:
     """Check the config, the database and every monitor's table, timestamps, privileges
     and active model; every problem is reported, then the exit status is 2."""
-    app.read_only = True
     from anomaly_monitor.checks import check_config, check_monitor, check_writes
 
     settings = app.settings

@@ -227,7 +227,6 @@ _monitor_option = click.option("--monitor", "-m", "monitor_name",
 @pass_app
 def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
     """List the versions of a monitor, newest first."""
-    app.read_only = True
     from anomaly_monitor.registry import activation_history, list_versions
 
     names = ([app.settings.monitor(monitor_name).name] if monitor_name
@@ -260,7 +259,6 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
 @pass_app
 def models_show(app: App, version: int, monitor_name: str | None, as_json: bool) -> None:
     """Summarise VERSION: training, architecture, threshold, held-out scores."""
-    app.read_only = True
     from anomaly_monitor.registry import activation_history, get_version
 
     monitor = app.monitor(monitor_name)

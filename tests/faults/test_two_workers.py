@@ -68,12 +68,16 @@ def test_a_standby_takes_over_when_the_leader_dies(two):
     assert leader.poll("plant").status == "standby"
 
 
+def _status(engine, monitor):
+    with engine.connect() as connection:
+        return monitor_status(connection, monitor)
+
+
 def test_status_shows_the_lease_holder_and_the_standbys(two, tmp_path):
     engine, _, _, monitor, (leader, standby) = two
     assert leader.poll("plant").status == "running"
     assert standby.poll("plant").status == "standby"
-    with engine.connect() as connection:
-        status = monitor_status(connection, monitor)
+    status = _status(engine, monitor)
     assert status["lease"]["owner"] == leader.owner
     assert [w["owner"] for w in status["standbys"]] == [standby.owner]
     assert 0 <= status["standbys"][0]["seconds_ago"] < 5
@@ -84,14 +88,12 @@ def test_status_shows_the_lease_holder_and_the_standbys(two, tmp_path):
     assert f"by {leader.owner}" in out
     # A stopped standby is no longer listed; one that takes the lease is the holder.
     standby.release_leases()
-    with engine.connect() as connection:
-        assert monitor_status(connection, monitor)["standbys"] == []
+    assert _status(engine, monitor)["standbys"] == []
     assert standby.poll("plant").status == "standby"
     leader.release_leases()
     assert standby.poll("plant").status == "running"
     assert leader.poll("plant").status == "standby"
-    with engine.connect() as connection:
-        status = monitor_status(connection, monitor)
+    status = _status(engine, monitor)
     assert status["lease"]["owner"] == standby.owner
     assert [w["owner"] for w in status["standbys"]] == [leader.owner]
 
