@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
+from anomaly_monitor.entities import state_writer, stream_context
 from anomaly_monitor.reading.arrow import ArrowReader
 from anomaly_monitor.reading.cancel import (
     is_query_canceled,
@@ -38,7 +39,13 @@ from anomaly_monitor.reading.cancel import (
 from anomaly_monitor.reading.values import BadRow, Window
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
-from anomaly_monitor.scoring import check_features, gap_ranges, score_window, subtract_ids
+from anomaly_monitor.scoring import (
+    StreamContext,
+    check_features,
+    gap_ranges,
+    score_window,
+    subtract_ids,
+)
 from anomaly_monitor.source import (
     SlowReadError,
     SourceTable,
@@ -110,6 +117,10 @@ class BatchResult:
     severities: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     #: Rows stamped too far in the future to wait for (scored at once).
     future_rows: int = 0
+    #: A window monitor's entities first seen in this batch, and its rows scored 0
+    #: because their entity was still learning.
+    new_entities: int = 0
+    learning_rows: int = 0
     #: ``idle`` with no row at all after the cursor when it was read (no delay held one
     #: back): the backlog is 0 without counting it.
     nothing_after: bool = False
@@ -278,6 +289,13 @@ def _result(
         caught_up=caught_up,
         quarantine_reasons=dict(Counter(b.reason for b in window.bad)), severities=severities,
     )
+
+
+def _stream_counts(stream: StreamContext | None) -> dict[str, int]:
+    """A window monitor's new entities and learning rows of a batch."""
+    if stream is None:
+        return {}
+    return {"new_entities": stream.new_entities, "learning_rows": stream.learning}
 
 
 def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
@@ -451,10 +469,12 @@ def run_batch(
         read_state.gap_rows = window.size
     if monitor.query_delay_seconds > 0:  # counted on the rows this batch keeps
         _note_future_rows(monitor.name, window, _future_from(started), read_state)
-    flagged, severities = score_window(monitor.name, model, window, started)
+    with engine.connect() as connection:
+        stream = stream_context(connection, source, model, window)
+    flagged, severities = score_window(monitor.name, model, window, started, stream)
     result = dataclasses.replace(
         _result(monitor, model, window, flagged, severities, caught_up=not full),
-        future_rows=window.future_rows)
+        future_rows=window.future_rows, **_stream_counts(stream))
     batch = _batch_row(result, started, "window", gaps, t0)
     if gaps:
         read_state.open_gaps = True
@@ -462,8 +482,10 @@ def run_batch(
     with engine.connect() as connection:
         anchor = timestamp_at(connection, source, window.last_id)
     last_stamp = anchor[1] if anchor is not None and anchor[0] == window.last_id else None
-    _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
-            generation=cursor.generation, move=(cursor.position, window.last_id, last_stamp))
+    now = clock()
+    _commit(engine, monitor.name, lease, now, window, flagged, batch,
+            generation=cursor.generation, move=(cursor.position, window.last_id, last_stamp),
+            also=state_writer(model, stream, now))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
                                position=window.last_id, generation=cursor.generation,
                                version=version)
@@ -597,13 +619,15 @@ def sweep_late_rows(
         window = read_gaps(connection, source, [row.open_gaps for row in pending], position,
                            features=version.features)
         model = models.model(connection, version) if window.size else None
+        stream = (stream_context(connection, source, model, window, late=True)
+                  if model is not None else None)
     expired = {row.id for row in pending
                if as_utc(row.started_at) < started - dt.timedelta(seconds=GAP_RETENTION_SECONDS)}
     if window.size == 0 and not expired:
         return None
     found = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
-    flagged, severities = (score_window(monitor.name, model, window, started) if model
-                           else ([], None))
+    flagged, severities = (score_window(monitor.name, model, window, started, stream)
+                           if model else ([], None))
 
     def close_gaps(connection: sa.Connection) -> None:
         for row in pending:

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from anomaly_monitor.batch import BatchResult, _batch_row, _result, _write_rows
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import fence, read_cursor
+from anomaly_monitor.entities import stream_context
 from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import ModelCache
@@ -173,9 +174,12 @@ def _backfill_chunk(engine: sa.Engine, monitor: MonitorSettings, source: SourceT
         ranges = _uncovered(lo, hi, _covered(connection, monitor.name, generation, lo, hi))
         window = read_gaps(connection, source, [ranges], position, features=version.features)
         model = models.model(connection, version) if window.size else None
+        # Rows below the cursor: each with the window it had, entities' states unmoved.
+        stream = (stream_context(connection, source, model, window, late=True)
+                  if model is not None else None)
     if model is None:
         return None
-    flagged, severities = score_window(monitor.name, model, window, started)
+    flagged, severities = score_window(monitor.name, model, window, started, stream)
     with engine.begin() as connection:
         # The cursor row's lock first: a concurrent backfill's rows are then seen here.
         fence(connection, monitor.name, None, clock(), generation=generation)

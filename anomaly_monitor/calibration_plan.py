@@ -16,10 +16,11 @@ import numpy.typing as npt
 import sqlalchemy as sa
 
 from anomaly_monitor.calibration import RATE_METHODS, Threshold, calibrate, fit_robust
-from anomaly_monitor.config import MonitorSettings, ThresholdSettings
+from anomaly_monitor.config import ConfigError, MonitorSettings, ThresholdSettings
 from anomaly_monitor.lifecycle import (
     calibrate_noting_fallback,
     choose_threshold,
+    entity_tail_threshold,
     known_labels,
     method_label,
     rows_per_day,
@@ -90,7 +91,7 @@ def _recent_scores(
     """Scores of the newest ``rows`` rows after the version's training window (rows
     the model has not seen), with their first and last id (``None``: no such rows)."""
     last_trained = int(model.version.training["last_id"])
-    if rows <= 0:
+    if rows <= 0 or model.window is not None:  # a stream's rows score only in order
         return np.zeros(0), None
     source = reflect_source(connection, monitor)
     start = connection.execute(
@@ -110,7 +111,7 @@ def _holdout_labels(
     connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel
 ) -> Labelled | None:
     """Scores and labels of the held-out rows, re-read; ``None`` without a label column."""
-    if monitor.label_column is None:
+    if monitor.label_column is None or model.window is not None:
         return None
     source = reflect_source(connection, monitor)
     training = model.version.training
@@ -151,8 +152,15 @@ def plan_calibration(
         holdout = calibration_scores(connection, monitor.name, number)
         recent, recent_ids = _recent_scores(connection, monitor, model, recent_rows)
         labelled = _holdout_labels(connection, monitor, model)
-    chosen = _chosen_threshold(model.version, holdout, labelled, settings)
-    candidates = [*_candidates(model.version, holdout, labelled, settings.target_fpr),
+    if model.window is not None and settings.method == "labels":
+        raise ConfigError(
+            f"monitor {monitor.name!r} is a window monitor: its rows score only in order "
+            "with their entities' states, so calibrate cannot re-score labelled rows yet; "
+            "use --method robust, quantile, pot or fixed")
+    chosen = _chosen_threshold(model.version, holdout, labelled, settings,
+                               per_entity=model.window is not None)
+    candidates = [*_candidates(model.version, holdout, labelled, settings.target_fpr,
+                               per_entity=model.window is not None),
                   Candidate(f"chosen: {method_label(chosen)}", chosen)]
     for candidate in candidates:
         _measure(candidate, holdout, recent, labelled)
@@ -168,7 +176,7 @@ def plan_calibration(
 
 def _chosen_threshold(
     version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
-    settings: ThresholdSettings,
+    settings: ThresholdSettings, *, per_entity: bool = False,
 ) -> Threshold:
     """The threshold ``settings`` asks for; ``labels`` uses the re-read held-out labels."""
     if settings.method == "labels" and labelled is not None:
@@ -177,7 +185,7 @@ def _chosen_threshold(
     rate = rows_per_day(training["rows"] + training["holdout_rows"],
                         _parse_iso(training.get("first_timestamp")),
                         _parse_iso(training.get("last_timestamp")))
-    return choose_threshold(holdout, settings, rows_per_day=rate)
+    return choose_threshold(holdout, settings, rows_per_day=rate, per_entity=per_entity)
 
 
 def _parse_iso(value: str | None) -> dt.datetime | None:
@@ -186,13 +194,15 @@ def _parse_iso(value: str | None) -> dt.datetime | None:
 
 def _candidates(
     version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
-    target_fpr: float,
+    target_fpr: float, *, per_entity: bool = False,
 ) -> list[Candidate]:
     """The current threshold, each rate method at a few rates, and max-F1 given labels."""
     candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method))]
     for method in RATE_METHODS:
         for rate in sorted({target_fpr, *DRY_RUN_RATES}, reverse=True):
-            threshold = calibrate_noting_fallback(holdout, method, rate, None)
+            threshold = (entity_tail_threshold(holdout, rate) if per_entity and
+                         method == "robust" else
+                         calibrate_noting_fallback(holdout, method, rate, None))
             candidates.append(Candidate(method_label(threshold, f" fpr={rate:g}"), threshold))
     if labelled is not None:
         known_scores, truth = known_labels(*labelled)

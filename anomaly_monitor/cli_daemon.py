@@ -192,12 +192,13 @@ def status(app: App, as_json: bool) -> None:
         echo_json({"database": redact(app.settings.database_url), "monitors": states})
         return
     print_table(["monitor", "state", "version", "threshold", "cursor", "backlog",
-            "newest row age s", "polled s ago", "last batch", "anomalies 24h", "quarantined"],
+            "newest row age s", "polled s ago", "last batch", "anomalies 24h", "quarantined",
+            "entities"],
            [(s["monitor"], s["state"], s["active_version"],
              f"{s['threshold']:.6g}" if s["threshold"] is not None else None, s["cursor"],
              s["backlog"], s["lag_seconds"], s["seconds_since_poll"],
              s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"],
-             sum(s["quarantined"].values()))
+             sum(s["quarantined"].values()), s["entities"])
             for s in states])
     for s in states:
         lease = s["lease"]
@@ -228,26 +229,32 @@ def status(app: App, as_json: bool) -> None:
               help="Only rows stamped since (UTC, the row's own timestamp).")
 @click.option("--scored-since", type=DATETIME,
               help="Only rows scored since (UTC).")
+@click.option("--entity", help="Only rows of this entity (a window monitor's "
+                               "entity_column value).")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def anomalies(app: App, monitor: str, since: dt.datetime | None,
-              scored_since: dt.datetime | None, limit: int, as_json: bool) -> None:
+              scored_since: dt.datetime | None, entity: str | None, limit: int,
+              as_json: bool) -> None:
     """Flagged rows of MONITOR with score, threshold, severity and top features."""
     from anomaly_monitor.report import list_anomalies
 
-    app.settings.monitor(monitor)
+    settings = app.settings.monitor(monitor)
+    if entity is not None and settings.entity_column is None:
+        raise click.UsageError(f"--entity: monitor {monitor!r} has no entity_column")
     require_schema(app)
     with app.engine.connect() as connection:
         rows = list_anomalies(connection, monitor, since=as_utc(since),
-                              scored_since=as_utc(scored_since), limit=limit)
+                              scored_since=as_utc(scored_since), entity=entity, limit=limit)
     if as_json:
         echo_json(rows)
         return
-    print_table(["source id", "timestamp", "score", "threshold", "severity", "version",
-                 "top features"],
-           [(r["source_id"], r["source_timestamp"], f"{r['score']:.4g}",
-             f"{r['threshold']:.4g}", r["severity"], r["model_version"],
+    with_entity = settings.entity_column is not None
+    print_table(["source id", *(["entity"] if with_entity else []), "timestamp", "score",
+                 "threshold", "severity", "version", "top features"],
+           [(r["source_id"], *([r["entity"]] if with_entity else []), r["source_timestamp"],
+             f"{r['score']:.4g}", f"{r['threshold']:.4g}", r["severity"], r["model_version"],
              ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
             for r in rows])
 

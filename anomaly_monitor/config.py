@@ -49,6 +49,30 @@ class ThresholdSettings:
     value: float | None = None
 
 
+#: Derived inputs a window monitor may add (``[monitor.window] derived``): ``diff``, the
+#: change of each feature from the sample before (for every lag of the window);
+#: ``spread``, the log of each feature's spread over the window against its baseline's
+#: (a stuck sensor has none).
+WINDOW_DERIVED = ("diff", "spread")
+#: The most samples a window may hold.
+MAX_WINDOW_SIZE = 512
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """``[monitor.window]``: score each row with the samples of its entity before it.
+
+    ``size`` samples before the row (oldest first) join its own features;
+    ``baseline_half_life`` (samples) is how fast each entity's scaling follows its
+    data: after a level shift, the mean has moved half-way there after that many of
+    the entity's samples.
+    """
+
+    size: int = 16
+    derived: tuple[str, ...] = ()
+    baseline_half_life: float = 1000.0
+
+
 @dataclass(frozen=True)
 class MonitorSettings:
     """One watched table."""
@@ -60,6 +84,10 @@ class MonitorSettings:
     schema: str | None = None
     features: tuple[str, ...] | None = None
     label_column: str | None = None
+    #: Windows and baselines are kept per value of this column (host, device).
+    entity_column: str | None = None
+    #: Set for a window monitor (a metric stream); ``None`` scores rows on their own.
+    window: WindowSettings | None = None
     kind: str = "vae"
     interval_seconds: float = 30.0
     batch_size: int = 10_000
@@ -180,6 +208,8 @@ _MONITOR: dict[str, Check] = {
     "features": (_names, "a non-empty list of column names (no quotes, semicolons, "
                          "backslashes or control characters)"),
     "label_column": _IDENTIFIER,
+    "entity_column": _IDENTIFIER,
+    "window": (lambda v: isinstance(v, dict), "a table"),
     "kind": (_one_of(KINDS), f"one of {', '.join(KINDS)}"),
     "interval_seconds": (_positive, "a positive number of seconds"),
     "batch_size": (lambda v: _is_int(v) and 1 <= v <= 1_000_000, "an integer 1-1000000"),
@@ -189,6 +219,15 @@ _MONITOR: dict[str, Check] = {
     "lease_seconds": (_positive, "a positive number of seconds"),
     "threshold": (lambda v: isinstance(v, dict), "a table"),
     "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
+}
+_WINDOW: dict[str, Check] = {
+    "size": (lambda v: _is_int(v) and 1 <= v <= MAX_WINDOW_SIZE,
+             f"an integer 1-{MAX_WINDOW_SIZE} (samples before each row)"),
+    "derived": (lambda v: isinstance(v, list) and all(x in WINDOW_DERIVED for x in v)
+                and len(set(v)) == len(v),
+                f"a list of distinct derived inputs among {', '.join(WINDOW_DERIVED)}"),
+    "baseline_half_life": ((lambda v: _is_number(v) and v >= 1),
+                           "a number of samples, at least 1"),
 }
 _REQUIRED_MONITOR = ("name", "table", "timestamp_column")
 
@@ -258,6 +297,16 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
         if len(set(data["features"])) != len(data["features"]):
             raise ConfigError(f"{path}: {where}: features lists a column twice")
     data["threshold"] = _threshold(data.get("threshold", {}), f"{where}.threshold", path)
+    if "window" in data:
+        window = _check_table(data["window"], _WINDOW, f"{where}.window", path)
+        data["window"] = WindowSettings(
+            size=window.get("size", WindowSettings.size),
+            derived=tuple(window.get("derived", ())),
+            baseline_half_life=float(window.get("baseline_half_life",
+                                                WindowSettings.baseline_half_life)))
+    if "entity_column" in data and "window" not in data:
+        raise ConfigError(f"{path}: {where}.entity_column needs a [monitor.window] table "
+                          "(baselines per entity are kept by window monitors)")
     if "model" in data:
         data["model"] = _model_params(data["model"], f"{where}.model", path)
     for key in ("interval_seconds", "query_delay_seconds", "lease_seconds"):
@@ -373,6 +422,14 @@ method = "robust"               # robust | quantile | pot | labels | fixed; robu
 target_fpr = 0.01               # share of normal rows flagged (robust, quantile, pot)
 # alerts_per_day = 20           # instead of target_fpr: from the observed row rate
 # value = 3.5                   # for method = "fixed"
+
+# A metric stream (one row per sample): score each row with the samples before it,
+# with a baseline (scaling, calibration) per entity.
+# entity_column = "host"        # windows and baselines per value of this column
+# [monitor.window]
+# size = 16                     # samples before each row that join its features
+# derived = ["diff"]            # also each sample's change from the one before
+# baseline_half_life = 1000     # samples: how fast an entity's baseline follows a shift
 
 # [monitor.model]               # detector hyperparameters (defaults work across datasets)
 # epochs = 100

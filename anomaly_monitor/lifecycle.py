@@ -27,6 +27,7 @@ from anomaly_monitor.calibration import (
     fpr_for_alerts_per_day,
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
+from anomaly_monitor.entities import row_entities, write_states
 from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
@@ -42,6 +43,7 @@ from anomaly_monitor.source import (
     read_training,
     reflect_source,
 )
+from anomaly_monitor.stream_training import fit_stream, window_spec
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,19 @@ def collect_training(
     )
 
 
+#: Training rows whose entities are read per query.
+ENTITY_PAGE_ROWS = 100_000
+
+
+def training_entities(connection: sa.Connection, source: SourceTable,
+                      ids: npt.NDArray[np.int64]) -> list[str]:
+    """The entity key of each training row (a page of ids per query)."""
+    keys: list[str] = []
+    for start in range(0, len(ids), ENTITY_PAGE_ROWS):
+        keys += row_entities(connection, source, ids[start:start + ENTITY_PAGE_ROWS])[0]
+    return keys
+
+
 def rows_per_day(rows: int, first: dt.datetime | None, last: dt.datetime | None) -> float | None:
     """The row rate of a training window, ``None`` without a time span."""
     if first is None or last is None:
@@ -128,14 +143,19 @@ def choose_threshold(
     *,
     labels: npt.NDArray[np.float64] | None = None,
     rows_per_day: float | None = None,
+    per_entity: bool = False,
 ) -> Threshold:
-    """The threshold that ``settings`` asks for over held-out ``scores``."""
+    """The threshold that ``settings`` asks for over held-out ``scores``. With
+    ``per_entity`` (a window monitor, whose scores are already each entity's
+    ``-log10`` tail probability) ``robust`` is that tail probability itself."""
     target = settings.target_fpr
     if settings.alerts_per_day is not None and settings.method in RATE_METHODS:
         if rows_per_day is None:
             raise TrainingError("alerts_per_day needs timestamps spanning more than an instant")
         target = fpr_for_alerts_per_day(settings.alerts_per_day, rows_per_day)
-    if settings.method == "labels":
+    if settings.method == "robust" and per_entity:
+        threshold = entity_tail_threshold(scores, target)
+    elif settings.method == "labels":
         if labels is None:
             raise TrainingError("threshold method 'labels' needs label_column in the monitor")
         known_scores, truth = known_labels(scores, labels)
@@ -145,6 +165,15 @@ def choose_threshold(
     if settings.alerts_per_day is not None:
         threshold.params["alerts_per_day"] = settings.alerts_per_day
     return threshold
+
+
+def entity_tail_threshold(scores: npt.NDArray[np.float64], target_fpr: float) -> Threshold:
+    """A window monitor's ``robust`` threshold: its scores are each entity's
+    ``-log10`` tail probability, so a target rate is the threshold ``-log10(rate)``
+    on every entity, without fitting the held-out scores."""
+    value = -float(np.log10(target_fpr))
+    return Threshold(value, "robust", {"target_fpr": target_fpr, "per_entity_tail": True},
+                     float((scores > value).mean()) if scores.size else None)
 
 
 def method_label(threshold: Threshold, rate: str = "") -> str:
@@ -229,15 +258,23 @@ def train_monitor(
     if epochs is not None:
         params["epochs"] = epochs
     detector = AutoencoderDetector(monitor.kind, device=device, verbose=verbose, **params)
-    frame = pd.DataFrame(data.values[:n_fit], columns=list(source.features))
-    detector.fit(frame)
-    detector.verbose = False
-    held_out = data.values[n_fit:]
-    scores = detector.decision_function(held_out)
     labels = data.labels[n_fit:] if data.labels is not None else None
+    stream = None
+    if monitor.window is not None:
+        with engine.connect() as connection:
+            keys = training_entities(connection, source, data.ids)
+        stream = fit_stream(detector, data.values.astype(np.float64), keys,
+                            window_spec(monitor, source.features), n_fit)
+        scores = stream.held_out_scores
+        labels = labels[stream.held_out_rows] if labels is not None else None
+    else:
+        detector.fit(pd.DataFrame(data.values[:n_fit], columns=list(source.features)))
+        scores = detector.decision_function(data.values[n_fit:])
+    detector.verbose = False
     threshold = choose_threshold(scores, monitor.threshold, labels=labels,
                                  rows_per_day=rows_per_day(len(data.ids), data.first_timestamp,
-                                                           data.last_timestamp))
+                                                           data.last_timestamp),
+                                 per_entity=stream is not None)
     training = {
         "rows": n_fit, "holdout_rows": len(scores), "skipped_rows": data.skipped,
         "first_id": int(data.ids[0]), "last_id": int(data.ids[-1]),
@@ -249,6 +286,9 @@ def train_monitor(
                          "latent_dim": int(detector.latent_dim_)},
         "seconds": round(time.perf_counter() - started, 2),
     }
+    if stream is not None:
+        training.update(window=stream.spec.to_dict(), entities=len(stream.states),
+                        fit_rows=stream.fit_rows)
     validation = {
         "holdout_flag_rate": threshold.calibration_flag_rate,
         "score_quantiles": {q: float(np.quantile(scores, float(q)))
@@ -259,7 +299,11 @@ def train_monitor(
         try:
             with engine.begin() as connection:
                 version = store_version(connection, monitor.name, detector, threshold, scores,
-                                        training=training, validation=validation)
+                                        training=training, validation=validation,
+                                        features=list(source.features))
+                if stream is not None:
+                    write_states(connection, monitor.name, version.version, stream.states,
+                                 version.created_at)
                 if activate_version:
                     version = activate_checked(connection, monitor, source, version.version)
             break

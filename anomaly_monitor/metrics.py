@@ -78,6 +78,12 @@ class Metrics:
         self.late_rows = Counter(
             f"{PREFIX}_late_rows", "Rows found behind the cursor and scored late.", labels,
             registry=registry)
+        self.new_entities = Counter(
+            f"{PREFIX}_new_entities", "Entities of a window monitor first seen while scoring "
+            "(learned from their first samples).", labels, registry=registry)
+        self.learning_rows = Counter(
+            f"{PREFIX}_learning_rows", "Rows of a window monitor scored 0 because their "
+            "entity was still learning its calibration.", labels, registry=registry)
         self.paused = Gauge(f"{PREFIX}_paused",
                             "1 while the monitor is paused (the reason is in 'status').",
                             labels, registry=registry)
@@ -106,7 +112,8 @@ class Metrics:
             for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
                            self.expected_ratio, self.severity, self.late_rows, self.paused,
-                           self.id_restarts, self.future_rows, self.rows_below):
+                           self.id_restarts, self.future_rows, self.rows_below,
+                           self.new_entities, self.learning_rows):
                 metric.labels(monitor)
             self.interval.labels(monitor).set(interval)
             for reason in REASONS:
@@ -140,6 +147,10 @@ class Metrics:
             self.rows_quarantined.labels(monitor, reason).inc(count)
         if result.future_rows:
             self.future_rows.labels(monitor).inc(result.future_rows)
+        if result.new_entities:
+            self.new_entities.labels(monitor).inc(result.new_entities)
+        if result.learning_rows:
+            self.learning_rows.labels(monitor).inc(result.learning_rows)
         self.batch_duration.labels(monitor).observe(result.duration_seconds)
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))

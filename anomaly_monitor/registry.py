@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from anomaly_monitor.calibration import SeverityScale, Threshold
 from anomaly_monitor.cursors import create_cursor
 from anomaly_monitor.tables import activations, as_utc, model_versions, utcnow
+from anomaly_monitor.windows import WindowSpec
 
 if TYPE_CHECKING:
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
@@ -89,6 +90,8 @@ class LoadedModel:
     version: ModelVersion
     detector: AutoencoderDetector
     severity: SeverityScale
+    #: A window monitor's version: how rows become inputs and scores.
+    window: WindowSpec | None = None
 
 
 def pack_scores(scores: npt.ArrayLike) -> bytes:
@@ -113,8 +116,11 @@ def store_version(
     *,
     training: dict[str, Any],
     validation: dict[str, Any],
+    features: list[str] | None = None,
 ) -> ModelVersion:
-    """Insert a new candidate version (number = previous + 1) and return it."""
+    """Insert a new candidate version (number = previous + 1) and return it.
+    ``features`` are the source columns it reads (default: the detector's inputs; a
+    window monitor's detector reads inputs built from them, ``training["window"]``)."""
     from anomaly_monitor.detectors.artifact import dump_detector
 
     manifest, weights = dump_detector(detector)
@@ -124,7 +130,7 @@ def store_version(
     version = int(latest or 0) + 1
     connection.execute(model_versions.insert().values(
         monitor=monitor, version=version, kind=detector.kind, status="candidate",
-        features=list(detector.feature_names_in_ or []),
+        features=features if features is not None else list(detector.feature_names_in_ or []),
         hyperparameters=manifest["hyperparameters"], manifest=manifest, artifact=weights,
         artifact_sha256=manifest["weights_sha256"], threshold=float(threshold.value),
         threshold_method=threshold.method, threshold_params=_threshold_params(threshold),
@@ -197,14 +203,18 @@ def load_model(
             raise ArtifactError("the manifest's sha256 differs from the version's recorded sha256")
         detector = restore_detector(AutoencoderDetector, manifest, bytes(weights), device=device)
         severity = SeverityScale.from_dict(meta.severity_scale)
+        window = (WindowSpec.from_dict(meta.training["window"])
+                  if meta.training.get("window") else None)
     except (ArtifactError, KeyError, TypeError, ValueError) as exc:
         raise RegistryError(f"monitor {monitor!r} version {version}: {exc}") from None
-    if list(detector.feature_names_in_ or []) != list(meta.features):
+    inputs = list(meta.features) if window is None else window.input_names()
+    if list(detector.feature_names_in_ or []) != inputs or \
+            (window is not None and list(window.features) != list(meta.features)):
         raise RegistryError(
             f"monitor {monitor!r} version {version}: the artifact's features differ from the "
             "version's recorded features"
         )
-    return LoadedModel(meta, detector, severity)
+    return LoadedModel(meta, detector, severity, window)
 
 
 def activate(
@@ -352,7 +362,7 @@ class ModelCache:
                 torch.set_num_threads(self.threads)
             loaded = load_model(connection, version.monitor, version.version, device=self.device)
         if loaded.version != version:  # a new threshold on the same weights
-            loaded = LoadedModel(version, loaded.detector, loaded.severity)
+            loaded = LoadedModel(version, loaded.detector, loaded.severity, loaded.window)
         self._models[version.monitor] = loaded
         return loaded
 

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import lease_holder, list_standbys, read_cursor, reset_cursor
 from anomaly_monitor.reading.cancel import bounded
+from anomaly_monitor.entities import count_entities, entity_key
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import (
     SchemaError,
@@ -61,6 +62,9 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     version = get_version(connection, monitor.name, number) if number is not None else None
     status["active_version"] = number
     status["kind"] = version.kind if version else None
+    # A window monitor's entities with a baseline under the active version.
+    status["entities"] = (count_entities(connection, monitor.name, number)
+                          if version is not None and version.training.get("window") else None)
     status["threshold"] = version.threshold if version else None
     status["threshold_method"] = version.threshold_method if version else None
     cursor = read_cursor(connection, monitor.name)
@@ -119,12 +123,15 @@ def list_anomalies(
     *,
     since: dt.datetime | None = None,
     scored_since: dt.datetime | None = None,
+    entity: str | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Flagged rows of ``monitor`` (``since``: stamped at or after it, by the row's own
-    timestamp; ``scored_since``: scored at or after it), newest cursor generation and
-    source id first."""
+    timestamp; ``scored_since``: scored at or after it; ``entity``: of that entity of a
+    window monitor), newest cursor generation and source id first."""
     query = sa.select(anomalies).where(anomalies.c.monitor == monitor)
+    if entity is not None:
+        query = query.where(anomalies.c.entity == entity_key(entity))
     if since is not None:
         query = query.where(anomalies.c.source_timestamp >= since)
     if scored_since is not None:
@@ -137,6 +144,7 @@ def list_anomalies(
             "score": r.score, "threshold": r.threshold, "severity": round(r.severity, 1),
             "model_version": r.model_version, "top_features": r.contributions,
             "scored_at": _iso(as_utc(r.scored_at)), "generation": r.generation,
+            "entity": r.entity,
         }
         for r in rows
     ]

@@ -5,16 +5,25 @@ Also the id arithmetic of gaps (ids a window skipped that may still commit).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from anomaly_monitor.calibration import SEVERITY_DECADES
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel, ModelVersion
 from anomaly_monitor.source import SchemaError
+from anomaly_monitor.windows import (
+    MIN_CALIBRATION_SAMPLES,
+    EntityState,
+    build_inputs,
+    calibrate_scores,
+)
 
 #: Feature contributions stored with each flagged row.
 TOP_FEATURES = 3
@@ -31,13 +40,17 @@ def check_features(monitor: MonitorSettings, version: ModelVersion) -> None:
 
 
 def _contributions(
-    model: LoadedModel, values: npt.NDArray[np.float64], scores: npt.NDArray[np.float64]
+    model: LoadedModel, values: npt.NDArray[np.float64], scores: npt.NDArray[np.float64],
+    names: list[str], *, raw_scores: bool = False,
 ) -> list[list[dict[str, Any]]]:
-    """The top features of each row: name, share of the score, raw value."""
+    """The top features of each row: name, share of the score, value. A window
+    monitor's names carry the lag (``cpu[t-3]``), its values are scaled by the entity's
+    baseline, and shares are of the model's raw score (its score is calibrated)."""
     if len(values) == 0:
         return []
     shares = model.detector.feature_errors(values)
-    names = model.version.features
+    if raw_scores:
+        scores = shares.sum(axis=1)
     top = np.argsort(-shares, axis=1, kind="stable")[:, :TOP_FEATURES]
     return [
         [{"feature": names[j], "share": round(float(shares[i, j] / scores[i]), 4)
@@ -46,24 +59,99 @@ def _contributions(
     ]
 
 
+@dataclass
+class StreamContext:
+    """What a window monitor's rows are scored with: each row's entity key (in
+    ``window.ids`` order) and the entities' states before the window. Scoring replaces
+    ``states`` with the states after it (``update``: the calibration learns the rows;
+    a late row is scored without moving its entity's state)."""
+
+    entities: list[str]
+    states: dict[str, EntityState]
+    update: bool = True
+    #: Windows read from the source for rows scored out of order (late rows), by row
+    #: index: they replace the entity's stored last samples.
+    contexts: dict[int, npt.NDArray[np.float64]] = field(default_factory=dict)
+    #: Rows whose entity was still learning its calibration (scored 0).
+    learning: int = 0
+    #: The entities that had a state before scoring.
+    states_before: frozenset[str] = field(init=False, default=frozenset())
+
+    @property
+    def new_entities(self) -> int:
+        """Entities of the rows that had no state yet."""
+        return len(set(self.entities) - set(self.states_before))
+
+    def __post_init__(self) -> None:
+        self.states_before = frozenset(self.states)
+
+
+def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The window monitor's scores of ``window`` and the model inputs."""
+    spec = model.window
+    assert spec is not None
+    if stream.contexts:  # rows out of order: each with its own window, states unmoved
+        parts = []
+        for i in range(len(window.ids)):
+            state = stream.states.get(stream.entities[i]) or EntityState.new(spec)
+            if i in stream.contexts:
+                state = dataclasses.replace(state, tail=stream.contexts[i])
+            parts.append(build_inputs(window.values[i:i + 1], [""], {"": state}, spec))
+        inputs = np.vstack([p[0] for p in parts])
+        raw = model.detector.decision_function(inputs)
+        scores = np.concatenate([
+            calibrate_scores(raw[i:i + 1], p[3], p[2], spec, update=False)
+            for i, p in enumerate(parts)])
+        learning = [p[2][""].calibrated < MIN_CALIBRATION_SAMPLES for p in parts]
+        stream.learning = int(sum(learning))
+        return scores, inputs
+    inputs, _, after, groups = build_inputs(window.values, stream.entities, stream.states,
+                                            spec)
+    raw = model.detector.decision_function(inputs)
+    stream.learning = 0
+    for key, rows in groups.items():
+        seen = stream.states[key].calibrated if key in stream.states else 0.0
+        stream.learning += int(np.clip(MIN_CALIBRATION_SAMPLES - seen, 0, len(rows)))
+    scores = calibrate_scores(raw, groups, after, spec, update=stream.update)
+    if stream.update:
+        stream.states = after
+    return scores, inputs
+
+
 def score_window(
-    monitor: str, model: LoadedModel, window: Window, scored_at: dt.datetime
+    monitor: str, model: LoadedModel, window: Window, scored_at: dt.datetime,
+    stream: StreamContext | None = None,
 ) -> tuple[list[dict[str, Any]], npt.NDArray[np.float64]]:
     """The rows of ``window`` the model flags, as ``am_anomalies`` rows, and their
-    severities (quarantined rows are not in ``window.values``)."""
+    severities (quarantined rows are not in ``window.values``). A window monitor's
+    model needs ``stream`` (its rows' entities and states)."""
     if len(window.ids) == 0:
         return [], np.zeros(0)
-    scores = model.detector.decision_function(window.values)
+    if model.window is not None:
+        if stream is None:
+            raise ValueError("a window monitor's rows are scored with their entities' states")
+        scores, inputs = _stream_scores(model, window, stream)
+        names = model.window.input_names()
+    else:
+        scores, inputs = model.detector.decision_function(window.values), window.values
+        names = model.version.features
     threshold = model.version.threshold
     flagged = np.flatnonzero(scores > threshold)
-    severities = model.severity.severity(scores[flagged])
-    tops = _contributions(model, window.values[flagged], scores[flagged])
+    if model.window is not None:  # the score is already -log10 of the tail probability
+        severities = np.clip(100.0 * scores[flagged] / SEVERITY_DECADES, 0.0, 100.0)
+    else:
+        severities = model.severity.severity(scores[flagged])
+    tops = _contributions(model, inputs[flagged], scores[flagged], names,
+                          raw_scores=model.window is not None)
     rows = [
         {"monitor": monitor, "source_id": int(window.ids[i]),
          "source_timestamp": window.timestamp(i), "score": float(scores[i]),
          "threshold": threshold, "severity": float(severities[k]),
          "model_version": model.version.version, "contributions": tops[k],
-         "scored_at": scored_at}
+         "scored_at": scored_at,
+         "entity": stream.entities[i] if stream is not None and
+         model.window is not None and model.window.entity_column is not None else None}
         for k, i in enumerate(flagged)
     ]
     return rows, severities

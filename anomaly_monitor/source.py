@@ -72,6 +72,8 @@ class SourceTable:
     timestamp_column: sa.Column[Any]
     features: tuple[str, ...]
     label_column: sa.Column[Any] | None = None
+    #: A window monitor's entity column (host, device): not a feature.
+    entity_column: sa.Column[Any] | None = None
     #: How epoch-number timestamps are read (see ``MonitorSettings.timestamp_unit``).
     timestamp_unit: str = "auto"
     #: Whether the source is a view (no transaction horizon on PostgreSQL).
@@ -142,7 +144,9 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
     ts_column = _column(monitor.name, table, monitor.timestamp_column, "timestamp_column")
     label = (None if monitor.label_column is None
              else _column(monitor.name, table, monitor.label_column, "label_column"))
-    reserved = {id_column.name, ts_column.name} | ({label.name} if label is not None else set())
+    entity = (None if monitor.entity_column is None
+              else _column(monitor.name, table, monitor.entity_column, "entity_column"))
+    reserved = {id_column.name, ts_column.name} | {c.name for c in (label, entity) if c is not None}
     if monitor.features is None:
         features = tuple(c.name for c in table.c
                          if c.name not in reserved and isinstance(c.type, NUMERIC_TYPES))
@@ -156,8 +160,8 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
         for name in features:
             if name in reserved:
                 raise SchemaError(
-                    f"monitor {monitor.name!r}: {name!r} is the id, timestamp or label "
-                    "column and cannot be a feature"
+                    f"monitor {monitor.name!r}: {name!r} is the id, timestamp, label or "
+                    "entity column and cannot be a feature"
                 )
     views = set(inspector.get_view_names(schema=monitor.schema))
     if connection.dialect.name == "postgresql":
@@ -169,7 +173,7 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
             "view's rows no transaction id to hold a window back while older transactions "
             "are still open, so rows could be skipped: set query_delay_seconds (e.g. 60) "
             "to read rows once they are that old")
-    source = SourceTable(monitor.name, table, id_column, ts_column, features, label,
+    source = SourceTable(monitor.name, table, id_column, ts_column, features, label, entity,
                          monitor.timestamp_unit, is_view)
     source.feature_columns()
     return source

@@ -27,6 +27,8 @@ NullableJson = sa.JSON(none_as_null=True).with_variant(
     postgresql.JSONB(none_as_null=True), "postgresql")
 Timestamp = sa.DateTime(timezone=True)
 MONITOR_NAME_LENGTH = 64
+#: Entity keys (a window monitor's entity_column values as text) are cut to this length.
+ENTITY_LENGTH = 200
 VERSION_STATUSES = ("candidate", "active", "retired")
 
 
@@ -116,8 +118,24 @@ anomalies = sa.Table(
     sa.Column("contributions", Json, nullable=False),
     sa.Column("scored_at", Timestamp, nullable=False),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    # A window monitor's entity (its entity_column's value as text); NULL otherwise.
+    sa.Column("entity", sa.String(ENTITY_LENGTH)),
     sa.UniqueConstraint("monitor", "generation", "source_id"),
     sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
+    sa.Index("ix_am_anomalies_monitor_entity", "monitor", "entity"),
+)
+
+entity_states = sa.Table(
+    "am_entity_states", metadata,
+    # A window monitor's per-entity baseline, last samples and calibration under one
+    # model version (anomaly_monitor.windows.EntityState bytes), written in the batch
+    # transaction that consumed the samples.
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("entity", sa.String(ENTITY_LENGTH), primary_key=True),
+    sa.Column("samples", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.LargeBinary, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
 )
 
 activations = sa.Table(

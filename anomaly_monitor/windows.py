@@ -1,0 +1,353 @@
+"""Window monitors: per-entity baselines, window inputs and per-entity calibration.
+
+No SQL here (``entities.py`` stores the states). A window monitor scores each row
+on its own features plus the ``size`` samples of its entity before it, in id order.
+Per entity it keeps an :class:`EntityState`:
+
+* a **baseline**, the mean and variance of each feature: cumulative over the
+  entity's first ``half_life / ln 2`` samples (a new entity is learned from its first
+  samples), exponentially weighted with ``half_life`` (in samples) after that, so a
+  level shift that persists becomes the new normal (the mean is half-way there after
+  ``half_life`` samples);
+* the raw values of its last ``size`` samples: the next row's window (a new entity's
+  window is padded with its first sample);
+* its **calibration**: a histogram of the log of its raw model scores.
+
+A row's inputs are its own values and its window's, each scaled by the baseline before
+the row, ``z = (x - mean) / sd`` clipped to ``+-Z_CLIP`` (so a level shift shows
+both against the window and against the baseline; a stuck sensor as a window without
+its usual spread), and with ``derived = ["diff"]`` each sample's change from the one
+before, scaled the same way. The names say the feature and the lag: ``cpu[t]``,
+``cpu[t-3]``, ``cpu.diff[t-1]``.
+
+The model's raw score (higher = more anomalous) becomes the row's **score** through
+its entity's calibration: ``score = -log10(p)`` where ``p`` is the share of the
+entity's earlier raw scores at or above it; past the entity's top decile ``p`` follows
+an exponential tail fitted to that decile, so it keeps falling past the highest score
+seen. A score of 3 means "one of this entity's samples in a thousand scores higher",
+on every entity. An entity with fewer than ``MIN_CALIBRATION_SAMPLES`` scored samples
+is still learning: its rows score 0 (never flagged) and count as learning.
+
+Every step is sequential per entity and independent of how rows are cut into
+batches: the same rows after the same state score identically.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+#: Scaled inputs are clipped to this many baseline deviations.
+Z_CLIP = 20.0
+#: A baseline's deviation is at least this share of its mean's magnitude (plus
+#: ``SD_FLOOR_ABSOLUTE``): a sensor that never moved is not infinitely surprising.
+SD_FLOOR_RELATIVE = 1e-3
+SD_FLOOR_ABSOLUTE = 1e-9
+#: The deviation of a normal distribution is this many times its mean absolute deviation.
+MAD_TO_SD = math.sqrt(math.pi / 2)
+#: ``spread`` inputs are ``log(window sd / baseline sd + SPREAD_FLOOR)``: a stuck sensor
+#: (no spread) gives ``log(SPREAD_FLOOR)``.
+SPREAD_FLOOR = 1e-2
+#: Log-score histogram bins of an entity's calibration.
+CALIBRATION_BINS = 128
+#: The histogram's range, in natural-log units around the training scores: from below
+#: their 1st percentile to this far above their maximum.
+CALIBRATION_HEADROOM = 6.0
+#: The share of an entity's scores above which its tail is extrapolated.
+TAIL_SHARE = 0.1
+#: An entity's rows score 0 until it has this many scored samples.
+MIN_CALIBRATION_SAMPLES = 50
+#: Rows whose entity had fewer samples before them are left out of the fit (their
+#: baseline is still forming).
+MIN_BASELINE_SAMPLES = 10
+#: Scores are floored at this tail probability (a finite ``-log10``).
+MIN_TAIL_PROBABILITY = 1e-300
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How a version turns a stream into inputs and scores (stored with the version)."""
+
+    features: tuple[str, ...]
+    size: int
+    derived: tuple[str, ...]
+    half_life: float
+    entity_column: str | None
+    #: The calibration histogram's range (natural log of raw scores).
+    log_low: float = -10.0
+    log_high: float = 10.0
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def cumulative_samples(self) -> int:
+        """Samples over which a new entity's baseline is cumulative before it decays."""
+        return max(1, round(self.half_life / math.log(2)))
+
+    @property
+    def alpha(self) -> float:
+        """The weight of a new sample in an established baseline."""
+        return 1.0 - 0.5 ** (1.0 / self.half_life)
+
+    def input_names(self) -> list[str]:
+        """The model's inputs: each feature at each lag, oldest first, then its diffs."""
+        names = [f"{f}[t-{lag}]" if lag else f"{f}[t]"
+                 for f in self.features for lag in range(self.size, -1, -1)]
+        if "diff" in self.derived:
+            names += [f"{f}.diff[t-{lag}]" if lag else f"{f}.diff[t]"
+                      for f in self.features for lag in range(self.size - 1, -1, -1)]
+        if "spread" in self.derived:
+            names += [f"{f}.spread[t-{self.size}..t]" for f in self.features]
+        return names
+
+    def edges(self) -> npt.NDArray[np.float64]:
+        return np.linspace(self.log_low, self.log_high, CALIBRATION_BINS + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"features": list(self.features), "size": self.size,
+                "derived": list(self.derived), "half_life": self.half_life,
+                "entity_column": self.entity_column, "log_low": self.log_low,
+                "log_high": self.log_high}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WindowSpec:
+        return cls(tuple(data["features"]), int(data["size"]), tuple(data["derived"]),
+                   float(data["half_life"]), data.get("entity_column"),
+                   float(data["log_low"]), float(data["log_high"]))
+
+
+@dataclass
+class EntityState:
+    """One entity's baseline, last samples and calibration (see the module docstring)."""
+
+    samples: int
+    mean: npt.NDArray[np.float64]
+    #: The running mean absolute deviation from the running mean.
+    scale: npt.NDArray[np.float64]
+    #: Raw values of the last ``min(samples, size)`` samples, oldest first.
+    tail: npt.NDArray[np.float64]
+    histogram: npt.NDArray[np.float64]
+
+    @classmethod
+    def new(cls, spec: WindowSpec) -> EntityState:
+        f = spec.n_features
+        return cls(0, np.zeros(f), np.zeros(f), np.zeros((0, f)), np.zeros(CALIBRATION_BINS))
+
+    @property
+    def calibrated(self) -> float:
+        """Scored samples in the calibration."""
+        return float(self.histogram.sum())
+
+    def pack(self) -> bytes:
+        """Little-endian float64 bytes: samples, tail rows, mean, scale, tail, histogram."""
+        head = np.array([self.samples, len(self.tail)], dtype="<f8")
+        parts = (head, self.mean, self.scale, self.tail.ravel(), self.histogram)
+        return np.concatenate(parts).astype("<f8").tobytes()
+
+    @classmethod
+    def unpack(cls, data: bytes, spec: WindowSpec) -> EntityState:
+        values = np.frombuffer(data, dtype="<f8").astype(np.float64)
+        f = spec.n_features
+        samples, rows = int(values[0]), int(values[1])
+        expected = 2 + 2 * f + rows * f + CALIBRATION_BINS
+        if len(values) != expected or rows > spec.size:
+            raise ValueError(f"an entity state of {len(values)} numbers, expected {expected}")
+        at = 2
+        mean, scale = values[at:at + f], values[at + f:at + 2 * f]
+        at += 2 * f
+        tail = values[at:at + rows * f].reshape(rows, f)
+        return cls(samples, mean.copy(), scale.copy(), tail.copy(),
+                   values[at + rows * f:].copy())
+
+
+@dataclass
+class Segment:
+    """One entity's rows of a batch, scaled: inputs to the model and the new state."""
+
+    inputs: npt.NDArray[np.float64]
+    #: Samples the entity had before each row.
+    before: npt.NDArray[np.int64]
+    state: EntityState
+
+
+def _running(values: npt.NDArray[np.float64], n0: int, start: npt.NDArray[np.float64],
+             k: int, alpha: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """A running mean of ``values`` (rows in order) after ``n0`` earlier samples whose
+    mean was ``start``: cumulative for the first ``k`` rows, then exponentially weighted
+    (``alpha``). Its value before each row, and after the last."""
+    from scipy.signal import lfilter  # imported when a window monitor scores
+
+    m = len(values)
+    before = np.empty_like(values)
+    current = start.copy()
+    if k:
+        ref = current if n0 else values[0]
+        sums = n0 * (current - ref) + np.cumsum(values[:k] - ref, axis=0)
+        after = ref + sums / (n0 + np.arange(1, k + 1))[:, None]
+        before[0] = current if n0 else values[0]
+        before[1:k] = after[:-1]
+        current = after[-1]
+    if k < m:
+        zi = ((1 - alpha) * current)[None, :]
+        after = lfilter([alpha], [1.0, -(1 - alpha)], values[k:], axis=0, zi=zi)[0]
+        before[k] = current
+        before[k + 1:] = after[:-1]
+        current = after[-1]
+    return before, current
+
+
+def _baseline(x: npt.NDArray[np.float64], state: EntityState, spec: WindowSpec
+              ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], EntityState]:
+    """The mean and deviation before each row of ``x`` (one entity, id order) and the
+    state's baseline after the last row. The deviation is ``MAD_TO_SD`` times the running
+    mean absolute deviation from the running mean: a spike moves it in proportion to its
+    size, not its square."""
+    n0 = state.samples
+    k = int(np.clip(spec.cumulative_samples - n0, 0, len(x)))  # rows still cumulative
+    mean_before, mean = _running(x, n0, state.mean, k, spec.alpha)
+    first = np.abs(x - mean_before)
+    if n0 == 0:  # a new entity: its first row has no deviation yet
+        first[0] = 0.0
+    scale_before, scale = _running(first, n0, state.scale, k, spec.alpha)
+    if n0 == 0:
+        scale_before[0] = 0.0
+    deviation = MAD_TO_SD * scale_before + SD_FLOOR_RELATIVE * np.abs(mean_before) \
+        + SD_FLOOR_ABSOLUTE
+    return mean_before, deviation, EntityState(n0 + len(x), mean, scale, state.tail,
+                                               state.histogram)
+
+
+def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowSpec
+                   ) -> Segment:
+    """The model inputs of one entity's rows ``x`` (id order) after ``state``; the
+    returned state has the new baseline and tail (its histogram is not updated yet)."""
+    m, f = x.shape
+    mean_b, sd, new = _baseline(x, state, spec)
+    tail = state.tail if len(state.tail) else x[:1]
+    pad = np.repeat(tail[:1], spec.size - len(tail), axis=0) if len(tail) < spec.size \
+        else np.zeros((0, f))
+    full = np.vstack([pad, tail[-spec.size:] if spec.size else tail[:0], x])
+    # windows[j, l] = sample at lag (size - l) for l < size, the row itself at l = size
+    idx = np.arange(m)[:, None] + np.arange(spec.size + 1)[None, :]
+    windows = full[idx]  # (m, size+1, f)
+    z = np.clip((windows - mean_b[:, None, :]) / sd[:, None, :], -Z_CLIP, Z_CLIP)
+    parts = [z.transpose(0, 2, 1).reshape(m, f * (spec.size + 1))]
+    if "diff" in spec.derived:
+        diffs = np.clip(np.diff(windows, axis=1) / sd[:, None, :], -Z_CLIP, Z_CLIP)
+        parts.append(diffs.transpose(0, 2, 1).reshape(m, f * spec.size))
+    if "spread" in spec.derived:  # log of the window's spread against the baseline's
+        spread = windows.std(axis=1) / sd
+        parts.append(np.log(spread + SPREAD_FLOOR))
+    new.tail = full[-spec.size:].copy() if spec.size else np.zeros((0, f))
+    before = state.samples + np.arange(m, dtype=np.int64)
+    return Segment(np.concatenate(parts, axis=1), before, new)
+
+
+def group_rows(entities: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
+    """The row indices of each entity, in row order (entities in order of first row)."""
+    keys = np.asarray(entities, dtype=object)
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in groups.items()}
+
+
+def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
+                 states: dict[str, EntityState], spec: WindowSpec
+                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64],
+                            dict[str, EntityState], dict[str, npt.NDArray[np.int64]]]:
+    """Model inputs for rows in id order: the input matrix, each row's samples before
+    it, the entities' states after (histograms not yet updated), and the groups."""
+    groups = group_rows(entities)
+    inputs = np.empty((len(values), len(spec.input_names())))
+    before = np.empty(len(values), dtype=np.int64)
+    after: dict[str, EntityState] = {}
+    for key, rows in groups.items():
+        seg = segment_inputs(values[rows], states.get(key) or EntityState.new(spec), spec)
+        inputs[rows], before[rows] = seg.inputs, seg.before
+        after[key] = seg.state
+    return inputs, before, after, groups
+
+
+def calibrate_scores(raw: npt.NDArray[np.float64], groups: dict[str, npt.NDArray[np.int64]],
+                     states: dict[str, EntityState], spec: WindowSpec, *,
+                     update: bool = True) -> npt.NDArray[np.float64]:
+    """Each row's score (``-log10`` of its tail probability under its entity's earlier
+    raw scores; 0 while the entity is learning). With ``update``, the rows' raw scores
+    join their entities' histograms in ``states`` (in place)."""
+    edges = spec.edges()
+    width = edges[1] - edges[0]
+    centers = (edges[:-1] + edges[1:]) / 2
+    scores = np.zeros(len(raw))
+    decay = 0.5 ** (1.0 / spec.half_life)
+    # Chunks short enough that decay ** -length stays far from overflow.
+    chunk = max(1, int(30 * spec.half_life))
+    for key, rows in groups.items():
+        state = states[key]
+        r = np.log(np.maximum(raw[rows], 1e-300))
+        bins = np.clip(((r - edges[0]) / width).astype(np.int64), 0, CALIBRATION_BINS - 1)
+        histogram = state.histogram
+        out = np.empty(len(rows))
+        for start in range(0, len(rows), chunk):
+            part = slice(start, start + chunk)
+            counts, histogram = _counts_before(bins[part], histogram, decay)
+            out[part] = _tail_scores(r[part], bins[part], counts, edges, centers, width)
+        scores[rows] = out
+        if update:
+            state.histogram = histogram
+    return scores
+
+
+def _counts_before(bins: npt.NDArray[np.int64], histogram: npt.NDArray[np.float64],
+                   decay: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The decayed histogram before each of a run of rows (each row decays it by
+    ``decay``, then adds itself), and after the last."""
+    m = len(bins)
+    grow = decay ** -np.arange(1.0, m + 1.0)  # decay ** -(i + 1)
+    onehot = np.zeros((m, CALIBRATION_BINS))
+    onehot[np.arange(m), bins] = grow
+    added = np.cumsum(onehot, axis=0)
+    shrink = decay ** np.arange(m + 1.0)
+    before = shrink[:m, None] * (histogram[None, :] + added - onehot)
+    after = shrink[m] * (histogram + added[-1])
+    return before, after
+
+
+def _tail_scores(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
+                 counts: npt.NDArray[np.float64], edges: npt.NDArray[np.float64],
+                 centers: npt.NDArray[np.float64], width: float) -> npt.NDArray[np.float64]:
+    total = counts.sum(axis=1)
+    above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]  # mass in bins >= b
+    n = len(r)
+    rows = np.arange(n)
+    above_next = np.where(bins + 1 < counts.shape[1],
+                          above[rows, np.minimum(bins + 1, counts.shape[1] - 1)], 0.0)
+    inside = np.clip((edges[bins + 1] - r) / width, 0.0, 1.0)
+    empirical = (above_next + inside * counts[rows, bins]) / np.maximum(total, 1.0)
+    # the tail: from the first bin whose mass above is at most TAIL_SHARE of the total
+    tail_bin = np.argmax(above <= TAIL_SHARE * total[:, None], axis=1)
+    u = edges[tail_bin]
+    in_tail = np.arange(counts.shape[1])[None, :] >= tail_bin[:, None]
+    tail_mass = np.maximum((counts * in_tail).sum(axis=1), 1e-12)
+    excess = (counts * in_tail * (centers[None, :] - u[:, None])).sum(axis=1) / tail_mass
+    beta = np.maximum(excess, width / 2)
+    extrapolated = tail_mass / np.maximum(total, 1.0) * np.exp(-(r - u) / beta)
+    p = np.where(r > u, extrapolated, empirical)
+    p = np.clip(p, MIN_TAIL_PROBABILITY, 1.0)
+    scores = -np.log10(p)
+    return np.where(total >= MIN_CALIBRATION_SAMPLES, scores, 0.0)
+
+
+def calibration_range(raw: npt.NDArray[np.float64]) -> tuple[float, float]:
+    """The histogram range for a version from its training raw scores."""
+    logs = np.log(np.maximum(raw, 1e-300))
+    low = float(np.quantile(logs, 0.01)) - 1.0
+    high = float(logs.max()) + CALIBRATION_HEADROOM
+    return low, max(high, low + 1.0)
