@@ -9,8 +9,8 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import lease_holder, list_standbys, read_cursor, reset_cursor
-from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.entities import count_entities, entity_key
+from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import (
     SchemaError,

@@ -23,6 +23,7 @@ from anomaly_monitor.windows import (
     EntityState,
     build_inputs,
     calibrate_scores,
+    score_terms,
 )
 
 #: Feature contributions stored with each flagged row.
@@ -98,24 +99,24 @@ def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
             if i in stream.contexts:
                 state = dataclasses.replace(state, tail=stream.contexts[i])
             parts.append(build_inputs(window.values[i:i + 1], [""], {"": state}, spec))
-        inputs = np.vstack([p[0] for p in parts])
+        inputs = np.vstack([p.inputs for p in parts])
         raw = model.detector.decision_function(inputs)
         scores = np.concatenate([
-            calibrate_scores(raw[i:i + 1], p[3], p[2], spec, update=False)
+            calibrate_scores(score_terms(raw[i:i + 1], p), p.groups, p.states, spec,
+                             update=False)
             for i, p in enumerate(parts)])
-        learning = [p[2][""].calibrated < MIN_CALIBRATION_SAMPLES for p in parts]
-        stream.learning = int(sum(learning))
+        stream.learning = sum(p.states[""].calibrated < MIN_CALIBRATION_SAMPLES for p in parts)
         return scores, inputs
-    inputs, _, after, groups = build_inputs(window.values, stream.entities, stream.states,
-                                            spec)
-    raw = model.detector.decision_function(inputs)
+    built = build_inputs(window.values, stream.entities, stream.states, spec)
+    terms = score_terms(model.detector.decision_function(built.inputs), built)
     stream.learning = 0
-    for key, rows in groups.items():
+    for key, rows in built.groups.items():
         seen = stream.states[key].calibrated if key in stream.states else 0.0
         stream.learning += int(np.clip(MIN_CALIBRATION_SAMPLES - seen, 0, len(rows)))
-    scores = calibrate_scores(raw, groups, after, spec, update=stream.update)
+    scores = calibrate_scores(terms, built.groups, built.states, spec, update=stream.update)
     if stream.update:
-        stream.states = after
+        stream.states = built.states
+    inputs = built.inputs
     return scores, inputs
 
 

@@ -27,6 +27,7 @@ from anomaly_monitor.windows import (
     build_inputs,
     calibrate_scores,
     calibration_range,
+    score_terms,
 )
 
 
@@ -56,7 +57,8 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     the first ``n_fit`` rows of ``values`` (id order; ``keys``: each row's entity)."""
     import pandas as pd
 
-    inputs, before, states, groups = build_inputs(values, keys, {}, spec)
+    built = build_inputs(values, keys, {}, spec)
+    inputs, before, states, groups = built.inputs, built.before, built.states, built.groups
     fit_mask = np.zeros(len(values), dtype=bool)
     fit_mask[:n_fit] = True
     fit_mask &= before >= MIN_BASELINE_SAMPLES
@@ -66,7 +68,7 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     raw = detector.decision_function(inputs)  # type: ignore[attr-defined]
     low, high = calibration_range(raw[fit_mask])
     spec = dataclasses.replace(spec, log_low=low, log_high=high)
-    scores = calibrate_scores(raw, groups, states, spec)
+    scores = calibrate_scores(score_terms(raw, built), groups, states, spec)
     calibrated = np.zeros(len(values), dtype=bool)
     for rows in groups.values():
         calibrated[rows[MIN_CALIBRATION_SAMPLES:]] = True

@@ -55,6 +55,11 @@ MAD_TO_SD = math.sqrt(math.pi / 2)
 SPREAD_FLOOR = 1e-2
 #: Log-score histogram bins of an entity's calibration.
 CALIBRATION_BINS = 128
+#: Terms calibrated per entity (:func:`score_terms`).
+N_TERMS = 2
+#: The level term (``|z|``, at most LEVEL_MAX) and its histogram's range (natural log).
+LEVEL_MAX = 1e6
+LEVEL_EDGES = np.linspace(math.log(1e-3), math.log(LEVEL_MAX), CALIBRATION_BINS + 1)
 #: The histogram's range, in natural-log units around the training scores: from below
 #: their 1st percentile to this far above their maximum.
 CALIBRATION_HEADROOM = 6.0
@@ -138,17 +143,18 @@ class EntityState:
     @classmethod
     def new(cls, spec: WindowSpec) -> EntityState:
         f = spec.n_features
-        return cls(0, np.zeros(f), np.zeros(f), np.zeros((0, f)), np.zeros(CALIBRATION_BINS))
+        return cls(0, np.zeros(f), np.zeros(f), np.zeros((0, f)),
+                   np.zeros((N_TERMS, CALIBRATION_BINS)))
 
     @property
     def calibrated(self) -> float:
         """Scored samples in the calibration."""
-        return float(self.histogram.sum())
+        return float(self.histogram[0].sum())
 
     def pack(self) -> bytes:
         """Little-endian float64 bytes: samples, tail rows, mean, scale, tail, histogram."""
         head = np.array([self.samples, len(self.tail)], dtype="<f8")
-        parts = (head, self.mean, self.scale, self.tail.ravel(), self.histogram)
+        parts = (head, self.mean, self.scale, self.tail.ravel(), self.histogram.ravel())
         return np.concatenate(parts).astype("<f8").tobytes()
 
     @classmethod
@@ -156,7 +162,7 @@ class EntityState:
         values = np.frombuffer(data, dtype="<f8").astype(np.float64)
         f = spec.n_features
         samples, rows = int(values[0]), int(values[1])
-        expected = 2 + 2 * f + rows * f + CALIBRATION_BINS
+        expected = 2 + 2 * f + rows * f + N_TERMS * CALIBRATION_BINS
         if len(values) != expected or rows > spec.size:
             raise ValueError(f"an entity state of {len(values)} numbers, expected {expected}")
         at = 2
@@ -164,7 +170,7 @@ class EntityState:
         at += 2 * f
         tail = values[at:at + rows * f].reshape(rows, f)
         return cls(samples, mean.copy(), scale.copy(), tail.copy(),
-                   values[at + rows * f:].copy())
+                   values[at + rows * f:].reshape(N_TERMS, CALIBRATION_BINS).copy())
 
 
 @dataclass
@@ -175,6 +181,23 @@ class Segment:
     #: Samples the entity had before each row.
     before: npt.NDArray[np.int64]
     state: EntityState
+    #: The level term of each row (:func:`score_terms`).
+    level: npt.NDArray[np.float64]
+
+
+@dataclass
+class StreamInputs:
+    """Rows of a batch (id order) turned into model inputs (:func:`build_inputs`)."""
+
+    inputs: npt.NDArray[np.float64]
+    #: Samples each row's entity had before it.
+    before: npt.NDArray[np.int64]
+    #: The largest unclipped ``|z|`` of each row's own values.
+    level: npt.NDArray[np.float64]
+    #: The entities' states after the rows (histograms not yet updated).
+    states: dict[str, EntityState]
+    #: Each entity's row indices.
+    groups: dict[str, npt.NDArray[np.int64]]
 
 
 def _running(values: npt.NDArray[np.float64], n0: int, start: npt.NDArray[np.float64],
@@ -237,7 +260,9 @@ def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowS
     # windows[j, l] = sample at lag (size - l) for l < size, the row itself at l = size
     idx = np.arange(m)[:, None] + np.arange(spec.size + 1)[None, :]
     windows = full[idx]  # (m, size+1, f)
-    z = np.clip((windows - mean_b[:, None, :]) / sd[:, None, :], -Z_CLIP, Z_CLIP)
+    unclipped = (windows - mean_b[:, None, :]) / sd[:, None, :]
+    level = np.minimum(np.abs(unclipped[:, -1, :]).max(axis=1), LEVEL_MAX)
+    z = np.clip(unclipped, -Z_CLIP, Z_CLIP)
     parts = [z.transpose(0, 2, 1).reshape(m, f * (spec.size + 1))]
     if "diff" in spec.derived:
         diffs = np.clip(np.diff(windows, axis=1) / sd[:, None, :], -Z_CLIP, Z_CLIP)
@@ -247,7 +272,7 @@ def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowS
         parts.append(np.log(spread + SPREAD_FLOOR))
     new.tail = full[-spec.size:].copy() if spec.size else np.zeros((0, f))
     before = state.samples + np.arange(m, dtype=np.int64)
-    return Segment(np.concatenate(parts, axis=1), before, new)
+    return Segment(np.concatenate(parts, axis=1), before, new, level)
 
 
 def group_rows(entities: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
@@ -260,48 +285,64 @@ def group_rows(entities: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
 
 
 def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
-                 states: dict[str, EntityState], spec: WindowSpec
-                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64],
-                            dict[str, EntityState], dict[str, npt.NDArray[np.int64]]]:
-    """Model inputs for rows in id order: the input matrix, each row's samples before
-    it, the entities' states after (histograms not yet updated), and the groups."""
+                 states: dict[str, EntityState], spec: WindowSpec) -> StreamInputs:
+    """Model inputs for rows in id order (``entities``: each row's key) after
+    ``states`` (absent keys: new entities)."""
     groups = group_rows(entities)
     inputs = np.empty((len(values), len(spec.input_names())))
     before = np.empty(len(values), dtype=np.int64)
+    level = np.empty(len(values))
     after: dict[str, EntityState] = {}
     for key, rows in groups.items():
         seg = segment_inputs(values[rows], states.get(key) or EntityState.new(spec), spec)
-        inputs[rows], before[rows] = seg.inputs, seg.before
+        inputs[rows], before[rows], level[rows] = seg.inputs, seg.before, seg.level
         after[key] = seg.state
-    return inputs, before, after, groups
+    return StreamInputs(inputs, before, level, after, groups)
 
 
-def calibrate_scores(raw: npt.NDArray[np.float64], groups: dict[str, npt.NDArray[np.int64]],
+def score_terms(raw: npt.NDArray[np.float64], built: StreamInputs) -> npt.NDArray[np.float64]:
+    """The terms each entity calibrates, one column each: the model's raw score, and
+    the level term, the largest deviation of the row's own values from their baseline
+    (``max |z|`` over the features, unclipped up to ``LEVEL_MAX``)."""
+    return np.column_stack([raw, built.level])
+
+
+def calibrate_scores(terms: npt.NDArray[np.float64], groups: dict[str, npt.NDArray[np.int64]],
                      states: dict[str, EntityState], spec: WindowSpec, *,
                      update: bool = True) -> npt.NDArray[np.float64]:
-    """Each row's score (``-log10`` of its tail probability under its entity's earlier
-    raw scores; 0 while the entity is learning). With ``update``, the rows' raw scores
-    join their entities' histograms in ``states`` (in place)."""
-    edges = spec.edges()
-    width = edges[1] - edges[0]
-    centers = (edges[:-1] + edges[1:]) / 2
-    scores = np.zeros(len(raw))
+    """Each row's score: ``-log10(min(1, T * min_t p_t))`` over its ``T`` terms
+    (:func:`score_terms`), ``p_t`` the tail probability of term ``t`` under its entity's
+    earlier values of it; 0 while the entity is learning. With ``update``, the rows'
+    terms join their entities' histograms in ``states`` (in place)."""
+    n_terms = terms.shape[1]
+    all_edges = [spec.edges(), LEVEL_EDGES][:n_terms]
+    scores = np.zeros(len(terms))
     decay = 0.5 ** (1.0 / spec.half_life)
     # Chunks short enough that decay ** -length stays far from overflow.
     chunk = max(1, int(30 * spec.half_life))
     for key, rows in groups.items():
         state = states[key]
-        r = np.log(np.maximum(raw[rows], 1e-300))
-        bins = np.clip(((r - edges[0]) / width).astype(np.int64), 0, CALIBRATION_BINS - 1)
-        histogram = state.histogram
-        out = np.empty(len(rows))
-        for start in range(0, len(rows), chunk):
-            part = slice(start, start + chunk)
-            counts, histogram = _counts_before(bins[part], histogram, decay)
-            out[part] = _tail_scores(r[part], bins[part], counts, edges, centers, width)
-        scores[rows] = out
+        p = np.ones(len(rows))
+        calibrated = np.zeros(len(rows))
+        histograms = state.histogram.copy()
+        for t, edges in enumerate(all_edges):
+            width = edges[1] - edges[0]
+            centers = (edges[:-1] + edges[1:]) / 2
+            r = np.log(np.maximum(terms[rows, t], 1e-300))
+            bins = np.clip(((r - edges[0]) / width).astype(np.int64), 0, CALIBRATION_BINS - 1)
+            histogram = histograms[t]
+            for start in range(0, len(rows), chunk):
+                part = slice(start, start + chunk)
+                counts, histogram = _counts_before(bins[part], histogram, decay)
+                p[part] = np.minimum(p[part], _tail_probability(
+                    r[part], bins[part], counts, edges, centers, width))
+                if t == 0:
+                    calibrated[part] = counts.sum(axis=1)
+            histograms[t] = histogram
+        combined = np.clip(n_terms * p, MIN_TAIL_PROBABILITY, 1.0)
+        scores[rows] = np.where(calibrated >= MIN_CALIBRATION_SAMPLES, -np.log10(combined), 0.0)
         if update:
-            state.histogram = histogram
+            state.histogram = histograms
     return scores
 
 
@@ -320,9 +361,12 @@ def _counts_before(bins: npt.NDArray[np.int64], histogram: npt.NDArray[np.float6
     return before, after
 
 
-def _tail_scores(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
-                 counts: npt.NDArray[np.float64], edges: npt.NDArray[np.float64],
-                 centers: npt.NDArray[np.float64], width: float) -> npt.NDArray[np.float64]:
+def _tail_probability(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
+                      counts: npt.NDArray[np.float64], edges: npt.NDArray[np.float64],
+                      centers: npt.NDArray[np.float64], width: float
+                      ) -> npt.NDArray[np.float64]:
+    """P(term >= r) under the histograms ``counts`` (one per row): empirical, with an
+    exponential tail fitted to the top ``TAIL_SHARE``."""
     total = counts.sum(axis=1)
     above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]  # mass in bins >= b
     n = len(r)
@@ -339,10 +383,7 @@ def _tail_scores(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
     excess = (counts * in_tail * (centers[None, :] - u[:, None])).sum(axis=1) / tail_mass
     beta = np.maximum(excess, width / 2)
     extrapolated = tail_mass / np.maximum(total, 1.0) * np.exp(-(r - u) / beta)
-    p = np.where(r > u, extrapolated, empirical)
-    p = np.clip(p, MIN_TAIL_PROBABILITY, 1.0)
-    scores = -np.log10(p)
-    return np.where(total >= MIN_CALIBRATION_SAMPLES, scores, 0.0)
+    return np.clip(np.where(r > u, extrapolated, empirical), MIN_TAIL_PROBABILITY, 1.0)
 
 
 def calibration_range(raw: npt.NDArray[np.float64]) -> tuple[float, float]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import json
 import re
 import tempfile
 import time
@@ -49,7 +50,8 @@ def _rows(path: Path) -> list[tuple[dt.datetime, float]]:
                 for r in csv.DictReader(handle)]
 
 
-def score_file(path: Path, name: str) -> list[float]:
+def score_file(path: Path, name: str, overrides: dict[str, object] | None = None
+               ) -> list[float]:
     """Every row's anomaly score in [0, 1] from a window monitor over the file."""
     import torch
 
@@ -78,6 +80,15 @@ def score_file(path: Path, name: str) -> list[float]:
             name=re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60] or "series", table="series",
             timestamp_column="timestamp", features=("value",), window=WindowSettings(),
             batch_size=BATCH_ROWS)
+        overrides = dict(overrides or {})
+        window = {k: overrides.pop(k) for k in ("size", "derived", "baseline_half_life")
+                  if k in overrides}
+        if window:
+            monitor = replace(monitor, window=replace(monitor.window, **window))
+        if "kind" in overrides:
+            monitor = replace(monitor, kind=str(overrides.pop("kind")))
+        if overrides:  # detector hyperparameters
+            monitor = replace(monitor, model=overrides)
         # Train on the probationary period with the default threshold, then flag
         # every row so that each one's score is stored.
         train_monitor(engine, monitor, until=rows[probation][0], device="cpu")
@@ -116,10 +127,10 @@ def _write(out: Path, path: Path, name: str, detector: str, scores: list[float],
                              f"{score:.10f}", label])
 
 
-def _task(args: tuple[Path, str]) -> tuple[str, list[float], float]:
-    path, name = args
+def _task(args: tuple[Path, str, dict[str, object]]) -> tuple[str, list[float], float]:
+    path, name, overrides = args
     started = time.perf_counter()
-    return name, score_file(path, name), time.perf_counter() - started
+    return name, score_file(path, name, overrides), time.perf_counter() - started
 
 
 def reference_table() -> list[str]:
@@ -139,9 +150,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--score", action="store_true", help="Score the result files.")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--files", nargs="*", help="Only these <category>/<file>.csv.")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                        help="Experiments only (the reported figures use the defaults): "
+                        "window (size, derived, baseline_half_life), kind or detector "
+                        "settings, e.g. size=8 'derived=[\"diff\"]'.")
     args = parser.parse_args(argv)
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if "derived" in overrides:
+        overrides["derived"] = tuple(overrides["derived"])
+    if "baseline_half_life" in overrides:
+        overrides["baseline_half_life"] = float(overrides["baseline_half_life"])
     labels = nab_score.load_labels(args.labels)
-    tasks = [(args.data / name, name) for name in sorted(labels)
+    tasks = [(args.data / name, name, overrides) for name in sorted(labels)
              if (args.data / name).exists() and (not args.files or name in args.files)]
     if not tasks:
         raise SystemExit(f"no labelled NAB files under {args.data}")
@@ -156,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
         files = nab_score.load_results(args.results, args.detector, labels)
         n_windows = sum(len(labels[name]) for name in files)
         results = nab_score.score_detector(files, n_windows)
-        print(f"\n{args.detector}: {len(files)} files, {n_windows} label windows\n")
+        print(f"\n{args.detector}: {len(files)} files, {n_windows} label windows; "
+              f"settings {overrides or 'default'}\n")
         print("| detector | standard | reward low FP | reward low FN |\n|---|---:|---:|---:|")
         print(f"| **{args.detector} (this run)** | " +
               " | ".join(f"**{r.score:.1f}**" for r in results) + " |")
