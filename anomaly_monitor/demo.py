@@ -19,6 +19,13 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from anomaly_monitor.demo_hosts import (
+    HOST_STEP_SECONDS,
+    HOST_TABLE,
+    Hosts,
+    create_host_table,
+)
+
 SENSORS = ("temp_in", "temp_out", "pressure", "flow", "power", "vibration", "rpm", "humidity")
 ANOMALY_KINDS = ("spike", "drift", "stuck", "broken_correlation")
 DB_FILE = "anomaly-monitor-demo.db"
@@ -33,6 +40,8 @@ LIVE_TICK_SECONDS = 0.25
 EPISODE_GAP_ROWS = (100, 200)
 MISSING_RATE = 0.003
 DAEMON_INTERVAL_SECONDS = 2
+#: Samples of history per host for the window monitor.
+HOST_HISTORY_STEPS = 2000
 
 CONFIG = """\
 # Written by 'anomaly-monitor demo'.
@@ -57,6 +66,25 @@ batch_size = 5000
 [monitor.threshold]
 method = "pot"
 target_fpr = 0.002
+
+[monitor.model]
+epochs = 40
+
+# A metric stream: one row per host per 5 minutes, each host scored with its last
+# 8 samples against its own baseline.
+[[monitor]]
+name = "hosts"
+table = "host_metrics"
+timestamp_column = "ts"
+entity_column = "host"
+features = ["cpu", "latency_ms"]
+label_column = "is_anomaly"
+kind = "dae"
+interval_seconds = {interval}
+
+[monitor.window]
+size = 8
+derived = ["diff", "spread"]
 
 [monitor.model]
 epochs = 40
@@ -154,48 +182,57 @@ def _rows(plant: Plant, start: dt.datetime, count: int, step: float,
 
 @dataclass
 class Producer:
-    """Inserts live rows until stopped."""
+    """Inserts live rows until stopped: plant readings and one sample of every host."""
 
     engine: sa.Engine
     table: sa.Table
     plant: Plant
     stop: threading.Event
+    host_table: sa.Table | None = None
+    hosts: Hosts | None = None
     inserted: int = 0
 
     def __call__(self) -> None:
-        """Insert ``LIVE_ROWS_PER_TICK`` rows every tick."""
+        """Insert ``LIVE_ROWS_PER_TICK`` rows (and a sample per host) every tick."""
         while not self.stop.wait(LIVE_TICK_SECONDS):
             now = dt.datetime.now(dt.UTC)
             rows = _rows(self.plant, now, LIVE_ROWS_PER_TICK, 0.0, True)
             with self.engine.begin() as connection:
                 connection.execute(self.table.insert(), rows)
+                if self.host_table is not None and self.hosts is not None:
+                    connection.execute(self.host_table.insert(), self.hosts.rows(now, 1, True))
             self.inserted += len(rows)
 
 
-def _summary(engine: sa.Engine, first_live_id: int) -> dict[str, Any]:
+def _summary(engine: sa.Engine, monitor: str, table: str, first_live_id: int
+             ) -> dict[str, Any]:
     from anomaly_monitor.tables import anomalies, batches, quarantine
 
+    source = sa.table(table, sa.column("id"), sa.column("is_anomaly"),
+                      sa.column("anomaly_kind"))
+    mine = anomalies.c.monitor == monitor
     with engine.connect() as connection:
-        truth = dict(connection.execute(sa.text(
-            "SELECT id, is_anomaly FROM readings WHERE id > :first"), {"first": first_live_id}
-        ).all())
+        truth = dict(connection.execute(sa.select(source.c.id, source.c.is_anomaly)
+                                        .where(source.c.id > first_live_id)).all())
         flagged = {r[0] for r in connection.execute(
-            sa.select(anomalies.c.source_id).where(anomalies.c.source_id > first_live_id))}
-        scored = connection.execute(sa.select(sa.func.sum(batches.c.rows))).scalar() or 0
+            sa.select(anomalies.c.source_id).where(mine, anomalies.c.source_id > first_live_id))}
+        scored = connection.execute(sa.select(sa.func.sum(batches.c.rows))
+                                    .where(batches.c.monitor == monitor)).scalar() or 0
         quarantined = connection.execute(
-            sa.select(sa.func.count()).select_from(quarantine)).scalar() or 0
+            sa.select(sa.func.count()).select_from(quarantine)
+            .where(quarantine.c.monitor == monitor)).scalar() or 0
         top = connection.execute(
             sa.select(anomalies.c.source_id, anomalies.c.severity, anomalies.c.score,
-                      anomalies.c.contributions, sa.text("readings.anomaly_kind"))
-            .join_from(anomalies, sa.table("readings", sa.column("id")),
-                       sa.text("readings.id = am_anomalies.source_id"))
+                      anomalies.c.contributions, source.c.anomaly_kind, anomalies.c.entity)
+            .join_from(anomalies, source, source.c.id == anomalies.c.source_id).where(mine)
             .order_by(anomalies.c.severity.desc(), anomalies.c.score.desc()).limit(5)
         ).all()
     positives = {i for i, label in truth.items() if label}
     hits = len(flagged & positives)
     return {
-        "scored": int(scored), "flagged": len(flagged), "quarantined": int(quarantined),
-        "live_rows": len(truth), "live_anomalies": len(positives),
+        "monitor": monitor, "scored": int(scored), "flagged": len(flagged),
+        "quarantined": int(quarantined), "live_rows": len(truth),
+        "live_anomalies": len(positives),
         "precision": hits / len(flagged) if flagged else 0.0,
         "recall": hits / len(positives) if positives else 0.0, "top": top,
     }
@@ -268,15 +305,29 @@ def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
     echo(f"   version {version.version} trained in {report.seconds:.0f} s "
          f"({sum(version.training['epochs_run'])} epochs)")
     _calibrate(engine, monitor, echo)
+    host_table, hosts = create_host_table(engine), Hosts()
+    host_start = dt.datetime.now(dt.UTC) - dt.timedelta(
+        seconds=HOST_HISTORY_STEPS * HOST_STEP_SECONDS)
+    with engine.begin() as connection:
+        connection.execute(host_table.insert(), hosts.rows(host_start, HOST_HISTORY_STEPS,
+                                                           False))
+    echo(f"   and a window monitor 'hosts' on {len(hosts.names)} hosts x "
+         f"{HOST_HISTORY_STEPS:,} samples ({HOST_TABLE}, a baseline per host)...")
+    host_report = train_monitor(engine, settings.monitor("hosts"), device="cpu")
+    echo(f"   version {host_report.version.version} trained in {host_report.seconds:.0f} s, "
+         f"{host_report.version.training['entities']} entities, threshold "
+         f"{host_report.version.threshold:.3g} (each host's tail probability "
+         f"{10 ** -host_report.version.threshold:.2%})")
     with engine.connect() as connection:
         first_live = int(connection.execute(sa.text("SELECT max(id) FROM readings")).scalar())
+        first_host = int(connection.execute(sa.select(sa.func.max(host_table.c.id))).scalar())
     registry = CollectorRegistry()
     worker = Worker(settings, engine, Metrics(registry), device="cpu")
     echo(f"3. running the daemon for {seconds} s while a producer inserts "
          f"{LIVE_ROWS_PER_TICK / LIVE_TICK_SECONDS:.0f} rows/s with injected anomalies")
     _serve_metrics(registry, metrics_port, echo)
     stop = threading.Event()
-    producer = Producer(engine, table, plant, stop)
+    producer = Producer(engine, table, plant, stop, host_table, hosts)
     threads = [threading.Thread(target=producer, name="producer"),
                threading.Thread(target=worker.run_forever, kwargs={"install_signals": False},
                                 name="daemon")]
@@ -291,11 +342,21 @@ def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
         threads[1].join()
     worker.stop_event.clear()
     worker.run_once()
-    summary = _summary(engine, first_live)
+    summary = _summary(engine, "plant", "readings", first_live)
+    summary["hosts"] = _summary(engine, "hosts", HOST_TABLE, first_host)
     summary["seconds"] = time.perf_counter() - started
     _print_summary(summary, config_path, echo)
     engine.dispose()
     return summary
+
+
+def _print_top(top: list[Any], echo: Callable[[str], None]) -> None:
+    echo("   top anomalies:")
+    for source_id, severity, score, contributions, kind, entity in top:
+        features = ", ".join(f"{c['feature']} {c['share']:.0%}" for c in contributions)
+        where = f" ({entity})" if entity else ""
+        echo(f"     row {source_id}{where}: severity {severity:.0f}, score {score:.3g}, "
+             f"injected: {kind or 'none'}; top features: {features}")
 
 
 def _print_summary(summary: dict[str, Any], config_path: Path,
@@ -305,13 +366,16 @@ def _print_summary(summary: dict[str, Any], config_path: Path,
          "(missing values)")
     echo(f"   against the injected labels ({summary['live_anomalies']} anomalous rows): "
          f"precision {summary['precision']:.2f}, recall {summary['recall']:.2f}")
-    echo("   top anomalies:")
-    for source_id, severity, score, contributions, kind in summary["top"]:
-        features = ", ".join(f"{c['feature']} {c['share']:.0%}" for c in contributions)
-        echo(f"     row {source_id}: severity {severity:.0f}, score {score:.3g}, "
-             f"injected: {kind or 'none'}; top features: {features}")
+    _print_top(summary["top"], echo)
+    hosts = summary["hosts"]
+    echo(f"   hosts (window monitor, per-host baselines): {hosts['scored']:,} live rows "
+         f"scored, {hosts['flagged']} flagged; against the injected labels "
+         f"({hosts['live_anomalies']} anomalous rows): precision {hosts['precision']:.2f}, "
+         f"recall {hosts['recall']:.2f}")
+    _print_top(hosts["top"], echo)
     config = f"--config {config_path}"
     echo("   look further:")
-    for command in ("status", "anomalies plant --limit 10", "models list",
+    for command in ("status", "anomalies plant --limit 10",
+                    "anomalies hosts --entity web-01", "models list",
                     "calibrate plant --dry-run", "run"):
         echo(f"     anomaly-monitor {config} {command}")

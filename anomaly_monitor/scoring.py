@@ -102,18 +102,14 @@ def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
         inputs = np.vstack([p.inputs for p in parts])
         raw = model.detector.decision_function(inputs)
         scores = np.concatenate([
-            calibrate_scores(score_terms(raw[i:i + 1], p), p.groups, p.states, spec,
-                             update=False)
+            calibrate_scores(score_terms(raw[i:i + 1], p), p, spec, update=False)
             for i, p in enumerate(parts)])
-        stream.learning = sum(p.states[""].calibrated < MIN_CALIBRATION_SAMPLES for p in parts)
+        stream.learning = int(sum((p.before < MIN_CALIBRATION_SAMPLES).sum() for p in parts))
         return scores, inputs
     built = build_inputs(window.values, stream.entities, stream.states, spec)
     terms = score_terms(model.detector.decision_function(built.inputs), built)
-    stream.learning = 0
-    for key, rows in built.groups.items():
-        seen = stream.states[key].calibrated if key in stream.states else 0.0
-        stream.learning += int(np.clip(MIN_CALIBRATION_SAMPLES - seen, 0, len(rows)))
-    scores = calibrate_scores(terms, built.groups, built.states, spec, update=stream.update)
+    stream.learning = int((built.before < MIN_CALIBRATION_SAMPLES).sum())
+    scores = calibrate_scores(terms, built, spec, update=stream.update)
     if stream.update:
         stream.states = built.states
     inputs = built.inputs

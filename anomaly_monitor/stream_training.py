@@ -58,7 +58,7 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     import pandas as pd
 
     built = build_inputs(values, keys, {}, spec)
-    inputs, before, states, groups = built.inputs, built.before, built.states, built.groups
+    inputs, before, states = built.inputs, built.before, built.states
     fit_mask = np.zeros(len(values), dtype=bool)
     fit_mask[:n_fit] = True
     fit_mask &= before >= MIN_BASELINE_SAMPLES
@@ -68,10 +68,8 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     raw = detector.decision_function(inputs)  # type: ignore[attr-defined]
     low, high = calibration_range(raw[fit_mask])
     spec = dataclasses.replace(spec, log_low=low, log_high=high)
-    scores = calibrate_scores(score_terms(raw, built), groups, states, spec)
-    calibrated = np.zeros(len(values), dtype=bool)
-    for rows in groups.values():
-        calibrated[rows[MIN_CALIBRATION_SAMPLES:]] = True
+    scores = calibrate_scores(score_terms(raw, built), built, spec)
+    calibrated = before >= MIN_CALIBRATION_SAMPLES
     held = calibrated[n_fit:]
     if not held.any():  # every entity still learning at the end: keep them all
         held = np.ones(len(values) - n_fit, dtype=bool)

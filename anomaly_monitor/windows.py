@@ -58,7 +58,7 @@ CALIBRATION_BINS = 128
 #: Terms calibrated per entity (:func:`score_terms`).
 N_TERMS = 2
 #: The level term (``|z|``, at most LEVEL_MAX) and its histogram's range (natural log).
-LEVEL_MAX = 1e6
+LEVEL_MAX = Z_CLIP
 LEVEL_EDGES = np.linspace(math.log(1e-3), math.log(LEVEL_MAX), CALIBRATION_BINS + 1)
 #: The histogram's range, in natural-log units around the training scores: from below
 #: their 1st percentile to this far above their maximum.
@@ -303,27 +303,28 @@ def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
 def score_terms(raw: npt.NDArray[np.float64], built: StreamInputs) -> npt.NDArray[np.float64]:
     """The terms each entity calibrates, one column each: the model's raw score, and
     the level term, the largest deviation of the row's own values from their baseline
-    (``max |z|`` over the features, unclipped up to ``LEVEL_MAX``)."""
+    (``max |z|`` over the features, up to ``LEVEL_MAX``: beyond that many deviations a
+    sample is as surprising as it gets, so that one series' normal spikes do not
+    outrank other series' anomalies on a shared threshold)."""
     return np.column_stack([raw, built.level])
 
 
-def calibrate_scores(terms: npt.NDArray[np.float64], groups: dict[str, npt.NDArray[np.int64]],
-                     states: dict[str, EntityState], spec: WindowSpec, *,
-                     update: bool = True) -> npt.NDArray[np.float64]:
+def calibrate_scores(terms: npt.NDArray[np.float64], built: StreamInputs, spec: WindowSpec,
+                     *, update: bool = True) -> npt.NDArray[np.float64]:
     """Each row's score: ``-log10(min(1, T * min_t p_t))`` over its ``T`` terms
     (:func:`score_terms`), ``p_t`` the tail probability of term ``t`` under its entity's
-    earlier values of it; 0 while the entity is learning. With ``update``, the rows'
-    terms join their entities' histograms in ``states`` (in place)."""
+    earlier values of it; 0 while the entity is learning (fewer than
+    ``MIN_CALIBRATION_SAMPLES`` samples before the row). With ``update``, the rows' terms
+    join their entities' histograms in ``built.states`` (in place)."""
     n_terms = terms.shape[1]
     all_edges = [spec.edges(), LEVEL_EDGES][:n_terms]
     scores = np.zeros(len(terms))
     decay = 0.5 ** (1.0 / spec.half_life)
     # Chunks short enough that decay ** -length stays far from overflow.
     chunk = max(1, int(30 * spec.half_life))
-    for key, rows in groups.items():
-        state = states[key]
+    for key, rows in built.groups.items():
+        state = built.states[key]
         p = np.ones(len(rows))
-        calibrated = np.zeros(len(rows))
         histograms = state.histogram.copy()
         for t, edges in enumerate(all_edges):
             width = edges[1] - edges[0]
@@ -336,11 +337,10 @@ def calibrate_scores(terms: npt.NDArray[np.float64], groups: dict[str, npt.NDArr
                 counts, histogram = _counts_before(bins[part], histogram, decay)
                 p[part] = np.minimum(p[part], _tail_probability(
                     r[part], bins[part], counts, edges, centers, width))
-                if t == 0:
-                    calibrated[part] = counts.sum(axis=1)
             histograms[t] = histogram
         combined = np.clip(n_terms * p, MIN_TAIL_PROBABILITY, 1.0)
-        scores[rows] = np.where(calibrated >= MIN_CALIBRATION_SAMPLES, -np.log10(combined), 0.0)
+        scores[rows] = np.where(built.before[rows] >= MIN_CALIBRATION_SAMPLES,
+                                -np.log10(combined), 0.0)
         if update:
             state.histogram = histograms
     return scores
@@ -382,7 +382,7 @@ def _tail_probability(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
     tail_mass = np.maximum((counts * in_tail).sum(axis=1), 1e-12)
     excess = (counts * in_tail * (centers[None, :] - u[:, None])).sum(axis=1) / tail_mass
     beta = np.maximum(excess, width / 2)
-    extrapolated = tail_mass / np.maximum(total, 1.0) * np.exp(-(r - u) / beta)
+    extrapolated = tail_mass / np.maximum(total, 1.0) * np.exp(np.minimum(0.0, -(r - u) / beta))
     return np.clip(np.where(r > u, extrapolated, empirical), MIN_TAIL_PROBABILITY, 1.0)
 
 
