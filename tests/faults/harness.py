@@ -18,10 +18,12 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.entities import row_entities
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import load_model
 from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import anomalies, batches, quarantine
+from anomaly_monitor.windows import EntityState, build_inputs, calibrate_scores, score_terms
 from tests.helpers import FEATURES, Sensors
 
 CONFIG = """
@@ -124,12 +126,27 @@ class Verdict:
     wrong_flags: list[int]
 
 
-def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int) -> Verdict:
-    """Compare the am_ tables with one uninterrupted pass of the same model over the rows."""
+def _pass_scores(connection: sa.Connection, source, model, window,
+                 states: dict[str, EntityState] | None) -> np.ndarray:
+    """One uninterrupted pass's scores: a window monitor's rows in id order from
+    ``states`` (those training left), a row monitor's each on its own."""
+    if model.window is None:
+        return model.detector.decision_function(window.values)
+    keys, _ = row_entities(connection, source, window.ids)
+    built = build_inputs(window.values, keys, states or {}, model.window)
+    terms = score_terms(model.detector.decision_function(built.inputs), built)
+    return calibrate_scores(terms, built, model.window)
+
+
+def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int,
+                       states: dict[str, EntityState] | None = None) -> Verdict:
+    """Compare the am_ tables with one uninterrupted pass of the same model over the
+    rows (a window monitor's from the entity ``states`` training left)."""
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
         window = read_window(connection, source, start, 10**9)
         model = load_model(connection, monitor.name, 1, device="cpu")
+        scores = _pass_scores(connection, source, model, window, states)
         cursor = read_cursor(connection, monitor.name)
         spans = connection.execute(sa.select(batches.c.first_id, batches.c.last_id,
                                              batches.c.rows, batches.c.kind, batches.c.gaps)
@@ -138,7 +155,6 @@ def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int) 
         flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
         quarantined = connection.execute(sa.select(quarantine.c.source_id)).scalars().all()
     assert cursor is not None and cursor.position == window.last_id, "not caught up"
-    scores = model.detector.decision_function(window.values)
     threshold = model.version.threshold
     near = np.abs(scores - threshold) <= 1e-5 * max(abs(threshold), 1.0)
     expected = set(window.ids[(scores > threshold) & ~near].tolist())
