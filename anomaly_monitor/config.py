@@ -68,7 +68,7 @@ class WindowSettings:
     the entity's samples.
     """
 
-    size: int = 16
+    size: int = 32
     derived: tuple[str, ...] = ()
     baseline_half_life: float = 1000.0
 
@@ -427,7 +427,7 @@ target_fpr = 0.01               # share of normal rows flagged (robust, quantile
 # with a baseline (scaling, calibration) per entity.
 # entity_column = "host"        # windows and baselines per value of this column
 # [monitor.window]
-# size = 16                     # samples before each row that join its features
+# size = 32                     # samples before each row that join its features
 # derived = ["diff"]            # also each sample's change from the one before
 # baseline_half_life = 1000     # samples: how fast an entity's baseline follows a shift
 

@@ -86,8 +86,11 @@ interval_seconds = {interval}
 size = 8
 derived = ["diff", "spread"]
 
+[monitor.threshold]
+target_fpr = 0.005
+
 [monitor.model]
-epochs = 40
+epochs = 20
 """
 
 
@@ -190,6 +193,9 @@ class Producer:
     stop: threading.Event
     host_table: sa.Table | None = None
     hosts: Hosts | None = None
+    #: The hosts' simulated time: a sample every HOST_STEP_SECONDS per tick, so that
+    #: their daily cycles go on at the history's pace.
+    host_clock: dt.datetime | None = None
     inserted: int = 0
 
     def __call__(self) -> None:
@@ -200,7 +206,10 @@ class Producer:
             with self.engine.begin() as connection:
                 connection.execute(self.table.insert(), rows)
                 if self.host_table is not None and self.hosts is not None:
-                    connection.execute(self.host_table.insert(), self.hosts.rows(now, 1, True))
+                    clock = self.host_clock or now
+                    connection.execute(self.host_table.insert(),
+                                       self.hosts.rows(clock, 1, True, stamp=now))
+                    self.host_clock = clock + dt.timedelta(seconds=HOST_STEP_SECONDS)
             self.inserted += len(rows)
 
 
@@ -229,13 +238,41 @@ def _summary(engine: sa.Engine, monitor: str, table: str, first_live_id: int
         ).all()
     positives = {i for i, label in truth.items() if label}
     hits = len(flagged & positives)
+    episodes = _episodes(engine, table, first_live_id, flagged) if table == HOST_TABLE else {}
     return {
-        "monitor": monitor, "scored": int(scored), "flagged": len(flagged),
+        "episodes": episodes, "monitor": monitor, "scored": int(scored), "flagged": len(flagged),
         "quarantined": int(quarantined), "live_rows": len(truth),
         "live_anomalies": len(positives),
         "precision": hits / len(flagged) if flagged else 0.0,
         "recall": hits / len(positives) if positives else 0.0, "top": top,
     }
+
+
+def _episodes(engine: sa.Engine, table: str, first_live_id: int, flagged: set[int]
+              ) -> dict[str, tuple[int, int]]:
+    """Per injected kind: (episodes with at least one flagged row, episodes). An episode
+    is a run of one host's consecutive labelled samples."""
+    source = sa.table(table, sa.column("id"), sa.column("host"), sa.column("is_anomaly"),
+                      sa.column("anomaly_kind"))
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(source.c.id, source.c.host, source.c.is_anomaly,
+                                            source.c.anomaly_kind)
+                                  .where(source.c.id > first_live_id)
+                                  .order_by(source.c.host, source.c.id)).all()
+    found: dict[str, list[int]] = {}
+    current: list[int] = []
+    for i, row in enumerate(rows):
+        if row.is_anomaly:
+            current.append(row.id)
+        ends = not row.is_anomaly or i + 1 == len(rows) or rows[i + 1].host != row.host \
+            or rows[i + 1].anomaly_kind != row.anomaly_kind
+        if current and ends:
+            kind = rows[i - (0 if row.is_anomaly else 1)].anomaly_kind
+            found.setdefault(kind, [0, 0])
+            found[kind][0] += bool(flagged & set(current))
+            found[kind][1] += 1
+            current = []
+    return {kind: (hit, total) for kind, (hit, total) in sorted(found.items())}
 
 
 def _serve_metrics(registry: Any, port: int, echo: Callable[[str], None]) -> None:
@@ -327,7 +364,8 @@ def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
          f"{LIVE_ROWS_PER_TICK / LIVE_TICK_SECONDS:.0f} rows/s with injected anomalies")
     _serve_metrics(registry, metrics_port, echo)
     stop = threading.Event()
-    producer = Producer(engine, table, plant, stop, host_table, hosts)
+    producer = Producer(engine, table, plant, stop, host_table, hosts,
+                        host_clock=dt.datetime.now(dt.UTC))
     threads = [threading.Thread(target=producer, name="producer"),
                threading.Thread(target=worker.run_forever, kwargs={"install_signals": False},
                                 name="daemon")]
@@ -372,6 +410,9 @@ def _print_summary(summary: dict[str, Any], config_path: Path,
          f"scored, {hosts['flagged']} flagged; against the injected labels "
          f"({hosts['live_anomalies']} anomalous rows): precision {hosts['precision']:.2f}, "
          f"recall {hosts['recall']:.2f}")
+    if hosts["episodes"]:
+        echo("   injected episodes caught (a flag on at least one of their rows): " + ", ".join(
+            f"{kind} {hit}/{total}" for kind, (hit, total) in hosts["episodes"].items()))
     _print_top(hosts["top"], echo)
     config = f"--config {config_path}"
     echo("   look further:")

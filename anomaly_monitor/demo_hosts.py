@@ -81,13 +81,16 @@ class Hosts:
                     self.episodes[host] = None
         return {"cpu": max(0.0, cpu), "latency_ms": max(1.0, latency)}, kind
 
-    def rows(self, start: dt.datetime, steps: int, anomalies: bool) -> list[dict[str, Any]]:
-        """``steps`` samples of every host from ``start``, in time order."""
+    def rows(self, start: dt.datetime, steps: int, anomalies: bool,
+             stamp: dt.datetime | None = None) -> list[dict[str, Any]]:
+        """``steps`` samples of every host from simulated time ``start``, in time order,
+        stamped with their simulated time (or all with ``stamp``: live rows)."""
         out = []
         for step in range(steps):
-            ts = start + dt.timedelta(seconds=step * HOST_STEP_SECONDS)
+            when = start + dt.timedelta(seconds=step * HOST_STEP_SECONDS)
+            ts = stamp or when
             for host, name in enumerate(self.names):
-                values, kind = self.sample(host, ts.timestamp(), anomalies)
+                values, kind = self.sample(host, when.timestamp(), anomalies)
                 out.append({"ts": ts, "host": name, **values, "is_anomaly": int(kind is not None),
                             "anomaly_kind": kind})
         return out

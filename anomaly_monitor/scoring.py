@@ -23,6 +23,7 @@ from anomaly_monitor.windows import (
     EntityState,
     build_inputs,
     calibrate_scores,
+    model_term,
     score_terms,
 )
 
@@ -100,14 +101,14 @@ def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
                 state = dataclasses.replace(state, tail=stream.contexts[i])
             parts.append(build_inputs(window.values[i:i + 1], [""], {"": state}, spec))
         inputs = np.vstack([p.inputs for p in parts])
-        raw = model.detector.decision_function(inputs)
+        raw = model_term(model.detector, inputs, spec)
         scores = np.concatenate([
             calibrate_scores(score_terms(raw[i:i + 1], p), p, spec, update=False)
             for i, p in enumerate(parts)])
         stream.learning = int(sum((p.before < MIN_CALIBRATION_SAMPLES).sum() for p in parts))
         return scores, inputs
     built = build_inputs(window.values, stream.entities, stream.states, spec)
-    terms = score_terms(model.detector.decision_function(built.inputs), built)
+    terms = score_terms(model_term(model.detector, built.inputs, spec), built)
     stream.learning = int((built.before < MIN_CALIBRATION_SAMPLES).sum())
     scores = calibrate_scores(terms, built, spec, update=stream.update)
     if stream.update:

@@ -27,6 +27,7 @@ from anomaly_monitor.windows import (
     build_inputs,
     calibrate_scores,
     calibration_range,
+    model_term,
     score_terms,
 )
 
@@ -65,7 +66,7 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     if fit_mask.sum() < MIN_BASELINE_SAMPLES:  # few rows per entity: fit on what there is
         fit_mask[:n_fit] = True
     detector.fit(pd.DataFrame(inputs[fit_mask], columns=spec.input_names()))  # type: ignore[attr-defined]
-    raw = detector.decision_function(inputs)  # type: ignore[attr-defined]
+    raw = model_term(detector, inputs, spec)
     low, high = calibration_range(raw[fit_mask])
     spec = dataclasses.replace(spec, log_low=low, log_high=high)
     scores = calibrate_scores(score_terms(raw, built), built, spec)

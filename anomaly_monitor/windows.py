@@ -44,6 +44,8 @@ import numpy.typing as npt
 
 #: Scaled inputs are clipped to this many baseline deviations.
 Z_CLIP = 20.0
+#: The samples before a row (its window) are clipped to this many deviations.
+CONTEXT_CLIP = 5.0
 #: A baseline's deviation is at least this share of its mean's magnitude (plus
 #: ``SD_FLOOR_ABSOLUTE``): a sensor that never moved is not infinitely surprising.
 SD_FLOOR_RELATIVE = 1e-3
@@ -63,6 +65,8 @@ LEVEL_EDGES = np.linspace(math.log(1e-3), math.log(LEVEL_MAX), CALIBRATION_BINS 
 #: The histogram's range, in natural-log units around the training scores: from below
 #: their 1st percentile to this far above their maximum.
 CALIBRATION_HEADROOM = 6.0
+#: Rows calibrated per vectorised run (bounded memory: rows x bins floats per term).
+CALIBRATION_RUN_ROWS = 8192
 #: The share of an entity's scores above which its tail is extrapolated.
 TAIL_SHARE = 0.1
 #: An entity's rows score 0 until it has this many scored samples.
@@ -111,6 +115,14 @@ class WindowSpec:
         if "spread" in self.derived:
             names += [f"{f}.spread[t-{self.size}..t]" for f in self.features]
         return names
+
+    def current_columns(self) -> npt.NDArray[np.int64]:
+        """The inputs that involve the row's own sample: ``f[t]``, ``f.diff[t]`` and the
+        spreads (their reconstruction error is the model term, so that a spike scores
+        at its own row and not again at every row whose window holds it)."""
+        names = self.input_names()
+        return np.array([i for i, name in enumerate(names)
+                         if name.endswith("[t]") or ".spread[" in name], dtype=np.int64)
 
     def edges(self) -> npt.NDArray[np.float64]:
         return np.linspace(self.log_low, self.log_high, CALIBRATION_BINS + 1)
@@ -263,6 +275,9 @@ def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowS
     unclipped = (windows - mean_b[:, None, :]) / sd[:, None, :]
     level = np.minimum(np.abs(unclipped[:, -1, :]).max(axis=1), LEVEL_MAX)
     z = np.clip(unclipped, -Z_CLIP, Z_CLIP)
+    # Earlier samples are context: clipped tighter, so that one spike does not make the
+    # rows after it look anomalous while it is in their windows.
+    z[:, :-1, :] = np.clip(z[:, :-1, :], -CONTEXT_CLIP, CONTEXT_CLIP)
     parts = [z.transpose(0, 2, 1).reshape(m, f * (spec.size + 1))]
     if "diff" in spec.derived:
         diffs = np.clip(np.diff(windows, axis=1) / sd[:, None, :], -Z_CLIP, Z_CLIP)
@@ -300,6 +315,17 @@ def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
     return StreamInputs(inputs, before, level, after, groups)
 
 
+def model_term(detector: Any, inputs: npt.NDArray[np.float64], spec: WindowSpec
+               ) -> npt.NDArray[np.float64]:
+    """The model's raw score of each row: the part of the autoencoder's score
+    (``feature_errors``, higher = more anomalous) on the inputs of the row's own sample,
+    its window serving as context (:meth:`WindowSpec.current_columns`)."""
+    if len(inputs) == 0:
+        return np.zeros(0)
+    shares = detector.feature_errors(inputs)
+    return shares[:, spec.current_columns()].sum(axis=1) + 1e-12
+
+
 def score_terms(raw: npt.NDArray[np.float64], built: StreamInputs) -> npt.NDArray[np.float64]:
     """The terms each entity calibrates, one column each: the model's raw score, and
     the level term, the largest deviation of the row's own values from their baseline
@@ -313,52 +339,69 @@ def calibrate_scores(terms: npt.NDArray[np.float64], built: StreamInputs, spec: 
                      *, update: bool = True) -> npt.NDArray[np.float64]:
     """Each row's score: ``-log10(min(1, T * min_t p_t))`` over its ``T`` terms
     (:func:`score_terms`), ``p_t`` the tail probability of term ``t`` under its entity's
-    earlier values of it; 0 while the entity is learning (fewer than
-    ``MIN_CALIBRATION_SAMPLES`` samples before the row). With ``update``, the rows' terms
-    join their entities' histograms in ``built.states`` (in place)."""
-    n_terms = terms.shape[1]
-    all_edges = [spec.edges(), LEVEL_EDGES][:n_terms]
-    scores = np.zeros(len(terms))
+    earlier values of it (a histogram decaying with the half-life); 0 while the entity
+    is learning (fewer than ``MIN_CALIBRATION_SAMPLES`` samples before the row). With
+    ``update``, the rows' terms join their entities' histograms in ``built.states``.
+
+    All entities at once: the rows, entity by entity, are cut into runs of at most
+    ``CALIBRATION_RUN_ROWS`` (and ``30 * half_life``, so that the decay weights stay
+    finite), each run carrying on from the histograms the previous one left."""
+    keys = list(built.groups)
+    if not keys:
+        return np.zeros(0)
+    lengths = np.array([len(built.groups[k]) for k in keys])
+    flat = np.concatenate([built.groups[k] for k in keys])
+    group = np.repeat(np.arange(len(keys)), lengths)
+    histograms = np.stack([built.states[k].histogram for k in keys])  # (G, T, B)
+    edges = [spec.edges(), LEVEL_EDGES][:terms.shape[1]]
     decay = 0.5 ** (1.0 / spec.half_life)
-    # Chunks short enough that decay ** -length stays far from overflow.
-    chunk = max(1, int(30 * spec.half_life))
-    for key, rows in built.groups.items():
-        state = built.states[key]
-        p = np.ones(len(rows))
-        histograms = state.histogram.copy()
-        for t, edges in enumerate(all_edges):
-            width = edges[1] - edges[0]
-            centers = (edges[:-1] + edges[1:]) / 2
-            r = np.log(np.maximum(terms[rows, t], 1e-300))
-            bins = np.clip(((r - edges[0]) / width).astype(np.int64), 0, CALIBRATION_BINS - 1)
-            histogram = histograms[t]
-            for start in range(0, len(rows), chunk):
-                part = slice(start, start + chunk)
-                counts, histogram = _counts_before(bins[part], histogram, decay)
-                p[part] = np.minimum(p[part], _tail_probability(
-                    r[part], bins[part], counts, edges, centers, width))
-            histograms[t] = histogram
-        combined = np.clip(n_terms * p, MIN_TAIL_PROBABILITY, 1.0)
-        scores[rows] = np.where(built.before[rows] >= MIN_CALIBRATION_SAMPLES,
-                                -np.log10(combined), 0.0)
-        if update:
-            state.histogram = histograms
+    run = max(1, min(CALIBRATION_RUN_ROWS, int(30 * spec.half_life)))
+    p = np.ones(len(flat))
+    for start in range(0, len(flat), run):
+        part = slice(start, start + run)
+        rows, g = flat[part], group[part]
+        starts = np.r_[True, g[1:] != g[:-1]]
+        first = np.flatnonzero(starts)  # where each entity's rows in the run begin
+        segment = np.cumsum(starts) - 1
+        local = np.arange(len(rows)) - first[segment]
+        for t, term_edges in enumerate(edges):
+            p[part] = np.minimum(p[part], _run_probability(
+                terms[rows, t], local, first, segment, g[first], histograms, t, term_edges,
+                decay))
+    combined = np.clip(terms.shape[1] * p, MIN_TAIL_PROBABILITY, 1.0)
+    scores = np.zeros(len(terms))
+    scores[flat] = np.where(built.before[flat] >= MIN_CALIBRATION_SAMPLES,
+                            -np.log10(combined), 0.0)
+    if update:
+        for index, key in enumerate(keys):
+            built.states[key].histogram = histograms[index]
     return scores
 
 
-def _counts_before(bins: npt.NDArray[np.int64], histogram: npt.NDArray[np.float64],
-                   decay: float) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """The decayed histogram before each of a run of rows (each row decays it by
-    ``decay``, then adds itself), and after the last."""
-    m = len(bins)
-    grow = decay ** -np.arange(1.0, m + 1.0)  # decay ** -(i + 1)
-    onehot = np.zeros((m, CALIBRATION_BINS))
-    onehot[np.arange(m), bins] = grow
-    added = np.cumsum(onehot, axis=0)
-    shrink = decay ** np.arange(m + 1.0)
-    before = shrink[:m, None] * (histogram[None, :] + added - onehot)
-    after = shrink[m] * (histogram + added[-1])
-    return before, after
+def _run_probability(values: npt.NDArray[np.float64], local: npt.NDArray[np.int64],
+                     first: npt.NDArray[np.int64], segment: npt.NDArray[np.int64],
+                     owners: npt.NDArray[np.int64], histograms: npt.NDArray[np.float64],
+                     term: int, edges: npt.NDArray[np.float64], decay: float
+                     ) -> npt.NDArray[np.float64]:
+    """Tail probabilities of one term over one run of rows (entity after entity, each
+    entity's rows in order, ``local`` their index among them), each under its entity's
+    histogram before it (each row decays it by ``decay``, then adds itself); the
+    entities' histograms of ``term`` move on to after the run (in place)."""
+    width = edges[1] - edges[0]
+    centers = (edges[:-1] + edges[1:]) / 2
+    r = np.log(np.maximum(values, 1e-300))
+    bins = np.clip(((r - edges[0]) / width).astype(np.int64), 0, CALIBRATION_BINS - 1)
+    n = len(values)
+    onehot = np.zeros((n, CALIBRATION_BINS))
+    onehot[np.arange(n), bins] = decay ** -(local + 1.0)
+    cumulative = np.cumsum(onehot, axis=0)
+    base = cumulative[first] - onehot[first]  # the sums before each entity's rows
+    start = histograms[owners, term]  # (entities in the run, B)
+    added = cumulative - base[segment]
+    counts = decay ** local[:, None] * (start[segment] + added - onehot)
+    ends = np.r_[first[1:], n] - 1
+    histograms[owners, term] = decay ** (local[ends] + 1.0)[:, None] * (start + added[ends])
+    return _tail_probability(r, bins, counts, edges, centers, width)
 
 
 def _tail_probability(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],

@@ -23,7 +23,13 @@ from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import load_model
 from anomaly_monitor.source import reflect_source
 from anomaly_monitor.tables import anomalies, batches, quarantine
-from anomaly_monitor.windows import EntityState, build_inputs, calibrate_scores, score_terms
+from anomaly_monitor.windows import (
+    EntityState,
+    build_inputs,
+    calibrate_scores,
+    model_term,
+    score_terms,
+)
 from tests.helpers import FEATURES, Sensors
 
 CONFIG = """
@@ -134,7 +140,7 @@ def _pass_scores(connection: sa.Connection, source, model, window,
         return model.detector.decision_function(window.values)
     keys, _ = row_entities(connection, source, window.ids)
     built = build_inputs(window.values, keys, states or {}, model.window)
-    terms = score_terms(model.detector.decision_function(built.inputs), built)
+    terms = score_terms(model_term(model.detector, built.inputs, model.window), built)
     return calibrate_scores(terms, built, model.window)
 
 
