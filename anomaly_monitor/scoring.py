@@ -31,8 +31,29 @@ from anomaly_monitor.windows import (
 TOP_FEATURES = 3
 
 
+def _describe(window: dict[str, Any] | None) -> str:
+    if window is None:
+        return "a row monitor (no [monitor.window])"
+    return (f"a window monitor (size {window['size']}, derived {window['derived']}, "
+            f"baseline_half_life {window['half_life']:g}, entity_column "
+            f"{window['entity_column']!r})")
+
+
 def check_features(monitor: MonitorSettings, version: ModelVersion) -> None:
-    """Refuse a model trained on other features than the monitor's configured list."""
+    """Refuse a model trained on other features than the monitor's configured list, or
+    as another kind of monitor (a window monitor, or one with another window or
+    entity column, than the config now says)."""
+    trained = version.training.get("window") or None
+    wanted = None if monitor.window is None else {
+        "size": monitor.window.size, "derived": list(monitor.window.derived),
+        "half_life": monitor.window.baseline_half_life, "entity_column": monitor.entity_column}
+    if (trained is None) != (wanted is None) or (
+            trained is not None and wanted is not None
+            and any(trained.get(key) != value for key, value in wanted.items())):
+        raise SchemaError(
+            f"monitor {monitor.name!r}: active model version {version.version} was trained "
+            f"as {_describe(trained)}, but the config now describes {_describe(wanted)}; "
+            f"retrain with: anomaly-monitor train {monitor.name}")
     if monitor.features is not None and list(monitor.features) != list(version.features):
         raise SchemaError(
             f"monitor {monitor.name!r}: active model version {version.version} was "

@@ -259,20 +259,13 @@ def _baseline(x: npt.NDArray[np.float64], state: EntityState, spec: WindowSpec
                                                state.histogram)
 
 
-def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowSpec
-                   ) -> Segment:
-    """The model inputs of one entity's rows ``x`` (id order) after ``state``; the
-    returned state has the new baseline and tail (its histogram is not updated yet)."""
-    m, f = x.shape
-    mean_b, sd, new = _baseline(x, state, spec)
-    tail = state.tail if len(state.tail) else x[:1]
-    pad = np.repeat(tail[:1], spec.size - len(tail), axis=0) if len(tail) < spec.size \
-        else np.zeros((0, f))
-    full = np.vstack([pad, tail[-spec.size:] if spec.size else tail[:0], x])
-    # windows[j, l] = sample at lag (size - l) for l < size, the row itself at l = size
-    idx = np.arange(m)[:, None] + np.arange(spec.size + 1)[None, :]
-    windows = full[idx]  # (m, size+1, f)
-    unclipped = (windows - mean_b[:, None, :]) / sd[:, None, :]
+def _features(windows: npt.NDArray[np.float64], mean: npt.NDArray[np.float64],
+              sd: npt.NDArray[np.float64], spec: WindowSpec
+              ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The inputs and level terms of rows from their windows (rows, size + 1, features;
+    oldest first, the row itself last) and the baseline before each row."""
+    m, _, f = windows.shape
+    unclipped = (windows - mean[:, None, :]) / sd[:, None, :]
     level = np.minimum(np.abs(unclipped[:, -1, :]).max(axis=1), LEVEL_MAX)
     z = np.clip(unclipped, -Z_CLIP, Z_CLIP)
     # Earlier samples are context: clipped tighter, so that one spike does not make the
@@ -285,9 +278,100 @@ def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowS
     if "spread" in spec.derived:  # log of the window's spread against the baseline's
         spread = windows.std(axis=1) / sd
         parts.append(np.log(spread + SPREAD_FLOOR))
-    new.tail = full[-spec.size:].copy() if spec.size else np.zeros((0, f))
+    return np.concatenate(parts, axis=1), level
+
+
+def _padded_tail(state: EntityState, first: npt.NDArray[np.float64], size: int
+                 ) -> npt.NDArray[np.float64]:
+    """The ``size`` samples before an entity's next row, padded with its oldest known
+    sample (a new entity's first row: ``first``)."""
+    tail = state.tail if len(state.tail) else first[None, :]
+    tail = tail[len(tail) - size:] if size else tail[:0]
+    if len(tail) < size:
+        tail = np.vstack([np.repeat(tail[:1], size - len(tail), axis=0), tail])
+    return tail
+
+
+def segment_inputs(x: npt.NDArray[np.float64], state: EntityState, spec: WindowSpec
+                   ) -> Segment:
+    """The model inputs of one entity's rows ``x`` (id order) after ``state``; the
+    returned state has the new baseline and tail (its histogram is not updated yet)."""
+    m = len(x)
+    mean_b, sd, new = _baseline(x, state, spec)
+    full = np.vstack([_padded_tail(state, x[0], spec.size), x])
+    # windows[j, l] = sample at lag (size - l) for l < size, the row itself at l = size
+    windows = full[np.arange(m)[:, None] + np.arange(spec.size + 1)[None, :]]
+    inputs, level = _features(windows, mean_b, sd, spec)
+    new.tail = full[len(full) - spec.size:].copy()
     before = state.samples + np.arange(m, dtype=np.int64)
-    return Segment(np.concatenate(parts, axis=1), before, new, level)
+    return Segment(inputs, before, new, level)
+
+
+def _flat_running(values: npt.NDArray[np.float64], local: npt.NDArray[np.int64],
+                  segment: npt.NDArray[np.int64], first: npt.NDArray[np.int64],
+                  ends: npt.NDArray[np.int64], n0: npt.NDArray[np.int64],
+                  start: npt.NDArray[np.float64], cumulative: npt.NDArray[np.bool_],
+                  ref: npt.NDArray[np.float64], alpha: float
+                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """:func:`_running` for many entities at once (rows entity after entity): each
+    entity's segment wholly cumulative (``cumulative``) or wholly weighted."""
+    keep = 1.0 - alpha
+    cum_seg = cumulative[segment]
+    # cumulative: (n0 (start - ref) + sum of (x - ref) before) / (n0 + j), shifted by ref
+    shifted = values - ref[segment]
+    # weighted: keep**j (start + alpha * sum_i<j keep**-(i+1) x_i)
+    grow = keep ** -(local + 1.0)
+    weighted = np.where(cum_seg[:, None], shifted, values * grow[:, None])
+    sums = np.cumsum(weighted, axis=0)
+    base = sums[first] - weighted[first]
+    before_sum = sums - weighted - base[segment]
+    total = sums[ends] - base
+    count = np.maximum(n0[segment] + local, 1)[:, None]
+    cum_before = ref[segment] + (n0[segment, None] * (start - ref)[segment] + before_sum) / count
+    ew_before = keep ** local[:, None] * (start[segment] + alpha * before_sum)
+    before = np.where(cum_seg[:, None], cum_before, ew_before)
+    lengths = (ends - first + 1)
+    cum_after = ref + (n0[:, None] * (start - ref) + total) / np.maximum(n0 + lengths, 1)[:, None]
+    ew_after = keep ** lengths[:, None] * (start + alpha * total)
+    return before, np.where(cumulative[:, None], cum_after, ew_after)
+
+
+def _flat_inputs(x: npt.NDArray[np.float64], lengths: npt.NDArray[np.int64],
+                 states: list[EntityState], spec: WindowSpec
+                 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
+                            npt.NDArray[np.int64], list[EntityState]]:
+    """Inputs, level terms and samples-before of rows of many entities at once (``x``:
+    entity after entity, each entity's rows in id order), and the states after."""
+    n = len(x)
+    first = np.r_[0, np.cumsum(lengths)[:-1]]
+    ends = first + lengths - 1
+    segment = np.repeat(np.arange(len(lengths)), lengths)
+    local = np.arange(n) - first[segment]
+    n0 = np.array([s.samples for s in states], dtype=np.int64)
+    cumulative = n0 + lengths <= spec.cumulative_samples
+    mean0 = np.stack([s.mean for s in states])
+    scale0 = np.stack([s.scale for s in states])
+    ref = np.where((n0 > 0)[:, None], mean0, x[first])
+    mean_b, mean = _flat_running(x, local, segment, first, ends, n0, mean0, cumulative, ref,
+                                 spec.alpha)
+    deviations = np.abs(x - mean_b)
+    fresh = (n0[segment] == 0) & (local == 0)  # a new entity's first row
+    deviations[fresh] = 0.0
+    scale_b, scale = _flat_running(deviations, local, segment, first, ends, n0, scale0,
+                                   cumulative, np.zeros_like(scale0), spec.alpha)
+    scale_b[fresh] = 0.0
+    sd = MAD_TO_SD * scale_b + SD_FLOOR_RELATIVE * np.abs(mean_b) + SD_FLOOR_ABSOLUTE
+    tails = [_padded_tail(s, x[a], spec.size) for s, a in zip(states, first, strict=True)]
+    extended = np.concatenate([part for i, tail in enumerate(tails)
+                               for part in (tail, x[first[i]:ends[i] + 1])])
+    offset = first + spec.size * np.arange(len(lengths))  # where each padded tail starts
+    windows = extended[(offset[segment] + local)[:, None] + np.arange(spec.size + 1)[None, :]]
+    inputs, level = _features(windows, mean_b, sd, spec)
+    after = [EntityState(int(n0[i] + lengths[i]), mean[i], scale[i],
+                         extended[offset[i] + lengths[i]:offset[i] + lengths[i] + spec.size]
+                         .copy(), states[i].histogram)
+             for i in range(len(lengths))]
+    return inputs, level, n0[segment] + local, after
 
 
 def group_rows(entities: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
@@ -302,16 +386,31 @@ def group_rows(entities: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
 def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
                  states: dict[str, EntityState], spec: WindowSpec) -> StreamInputs:
     """Model inputs for rows in id order (``entities``: each row's key) after
-    ``states`` (absent keys: new entities)."""
+    ``states`` (absent keys: new entities). Entities whose rows all fall in one phase
+    of their baseline (cumulative, or weighted and at most ``30 * half_life`` rows) are
+    computed together (:func:`_flat_inputs`), the others one by one: the same numbers."""
     groups = group_rows(entities)
     inputs = np.empty((len(values), len(spec.input_names())))
     before = np.empty(len(values), dtype=np.int64)
     level = np.empty(len(values))
     after: dict[str, EntityState] = {}
+    together: list[str] = []
     for key, rows in groups.items():
-        seg = segment_inputs(values[rows], states.get(key) or EntityState.new(spec), spec)
+        state = states.get(key) or EntityState.new(spec)
+        ends_at = state.samples + len(rows)
+        if ends_at <= spec.cumulative_samples or (
+                state.samples >= spec.cumulative_samples and len(rows) <= 30 * spec.half_life):
+            together.append(key)
+            continue
+        seg = segment_inputs(values[rows], state, spec)
         inputs[rows], before[rows], level[rows] = seg.inputs, seg.before, seg.level
         after[key] = seg.state
+    if together:
+        rows = np.concatenate([groups[k] for k in together])
+        flat = _flat_inputs(values[rows], np.array([len(groups[k]) for k in together]),
+                            [states.get(k) or EntityState.new(spec) for k in together], spec)
+        inputs[rows], level[rows], before[rows] = flat[0], flat[1], flat[2]
+        after.update(zip(together, flat[3], strict=True))
     return StreamInputs(inputs, before, level, after, groups)
 
 

@@ -23,6 +23,8 @@ from dataclasses import replace
 import numpy as np
 import sqlalchemy as sa
 
+from anomaly_monitor.config import MonitorSettings
+
 FEATURES = ("cpu", "mem", "disk", "net")
 TRAINING_SHARE = 0.4
 EPOCHS = 10
@@ -49,7 +51,7 @@ def _load(engine: sa.Engine, entities: int, samples: int, seed: int = 0) -> sa.T
     return table
 
 
-def _catch_up(engine: sa.Engine, monitor, start: int) -> tuple[int, float]:
+def _catch_up(engine: sa.Engine, monitor: MonitorSettings, start: int) -> tuple[int, float]:
     from anomaly_monitor.batch import ReadState, run_batch
     from anomaly_monitor.registry import ModelCache
     from anomaly_monitor.report import move_cursor
@@ -70,7 +72,7 @@ def _catch_up(engine: sa.Engine, monitor, start: int) -> tuple[int, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from anomaly_monitor.config import MonitorSettings, WindowSettings
+    from anomaly_monitor.config import WindowSettings
     from anomaly_monitor.entities import count_entities
     from anomaly_monitor.lifecycle import train_monitor
     from anomaly_monitor.migrate import upgrade

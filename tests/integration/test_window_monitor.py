@@ -17,7 +17,7 @@ from anomaly_monitor.entities import count_entities, read_states, write_states
 from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.registry import ModelCache, load_model
 from anomaly_monitor.report import list_anomalies, monitor_status, move_cursor
-from anomaly_monitor.source import reflect_source
+from anomaly_monitor.source import SchemaError, reflect_source
 from anomaly_monitor.tables import anomalies, entity_states
 from anomaly_monitor.windows import EntityState
 
@@ -233,3 +233,17 @@ def test_a_late_row_is_scored_with_its_own_window_and_leaves_states_alone(engine
     assert after == before
     assert row.entity == late["host"]
     assert EntityState  # states are what windows.EntityState packs
+
+
+def test_a_config_that_no_longer_matches_the_version_is_refused(trained):
+    """A version trained as a window monitor does not score for a config that became a
+    row monitor or changed its window: the worker pauses it, naming train."""
+    engine, table, _, _, last, _ = trained
+    with engine.begin() as connection:
+        connection.execute(table.insert(), host_rows(last + 1, 5))
+    for changed in (window_monitor(window=None, entity_column=None),
+                    window_monitor(window=WindowSettings(size=8))):
+        with engine.connect() as connection:
+            source = reflect_source(connection, changed)
+        with pytest.raises(SchemaError, match="retrain with: anomaly-monitor train hosts"):
+            run_batch(engine, changed, source, ModelCache("cpu"))

@@ -13,6 +13,7 @@ from anomaly_monitor.windows import (
     build_inputs,
     calibrate_scores,
     score_terms,
+    segment_inputs,
 )
 
 
@@ -135,3 +136,23 @@ def test_a_stuck_sensor_shows_in_its_spread():
     built, _ = score(values, ["e"] * 520, {}, s)
     spread = built.inputs[:, -1]
     assert spread[-1] < np.log(0.05) < spread[50:500].min()  # after the first samples
+
+
+def test_many_entities_together_give_the_numbers_of_one_at_a_time():
+    """build_inputs computes entities in one phase of their baseline together; the
+    others one by one (segment_inputs): the same inputs and states either way."""
+    rng = np.random.default_rng(6)
+    s = spec(half_life=20.0)  # cumulative over 29 samples: both phases in the batches
+    x = rng.normal(5, 2, (900, 2)) * 40
+    keys = [f"e{int(k)}" for k in rng.integers(0, 12, 900)]
+    states: dict[str, EntityState] = {}
+    for a, b in [(0, 50), (50, 300), (300, 310), (310, 900)]:
+        built = build_inputs(x[a:b], keys[a:b], states, s)
+        for key, rows in built.groups.items():
+            one = segment_inputs(x[a:b][rows], states.get(key) or EntityState.new(s), s)
+            np.testing.assert_allclose(built.inputs[rows], one.inputs, rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(built.states[key].mean, one.state.mean, rtol=1e-9)
+            np.testing.assert_allclose(built.states[key].scale, one.state.scale, rtol=1e-9)
+            np.testing.assert_allclose(built.states[key].tail, one.state.tail)
+            assert built.states[key].samples == one.state.samples
+        states = built.states
