@@ -639,7 +639,9 @@ def sweep_late_rows(
 
     result = batch = None
     if model is not None and severities is not None:
-        result = _result(monitor, model, window, flagged, severities, caught_up=True)
+        result = dataclasses.replace(
+            _result(monitor, model, window, flagged, severities, caught_up=True),
+            **_stream_counts(stream))
         holes = gap_ranges(found, result.first_id - 1, result.last_id)
         batch = _batch_row(result, started, "late", holes, t0)
     _commit(engine, monitor.name, lease, clock(), window, flagged, batch,

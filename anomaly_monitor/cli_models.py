@@ -194,6 +194,10 @@ def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
         first, last = plan.recent_ids
         click.echo(f"recent rows: the newest {plan.recent_scores.size} after the training "
                    f"window (ids {first}-{last}), which the model has not seen")
+    elif plan.version.training.get("window"):
+        click.echo("recent rows and label metrics: not available for a window monitor yet "
+                   "(its rows score only in order, with their entities' states); "
+                   "'recent flagged' counts none")
     else:
         click.echo("recent rows: none yet after the training window (last id "
                    f"{plan.version.training['last_id']}); 'recent flagged' counts none")
@@ -318,6 +322,13 @@ def _version_summary(model: ModelVersion, history: list[tuple[str, dt.datetime]]
                                          if v is not None and k not in ("kind", "verbose")),
         f"artifact sha256 {model.artifact_sha256}",
     ]
+    window = training.get("window")
+    if window:
+        lines.insert(2, f"window monitor: {window['size']} samples before each row, derived "
+                        f"{window['derived'] or 'none'}, baseline half-life "
+                        f"{window['half_life']:g} samples, entity column "
+                        f"{window['entity_column'] or '(none: one stream)'}; "
+                        f"{training.get('entities')} entities at training")
     if history:
         lines.append("activations: " + ", ".join(f"{a} {_when(t)}" for a, t in history))
     return lines

@@ -109,6 +109,8 @@ class Plant:
         self.episode: dict[str, Any] | None = None
         self.until_episode = int(self.rng.integers(*EPISODE_GAP_ROWS))
         self.last = np.zeros(len(SENSORS))
+        #: The simulated clock's zero (the history's start), when set.
+        self.origin: dt.datetime | None = None
 
     def normal(self, t: float) -> np.ndarray:
         """One normal reading at simulated time ``t`` (seconds)."""
@@ -173,7 +175,9 @@ def _rows(plant: Plant, start: dt.datetime, count: int, step: float,
     rows = []
     for i in range(count):
         ts = start + dt.timedelta(seconds=i * step)
-        values, kind = plant.reading(ts.timestamp(), anomalies=anomalies)
+        # Simulated time from the history's start: the same cycle whatever the hour.
+        since = (ts - plant.origin).total_seconds() if plant.origin else ts.timestamp()
+        values, kind = plant.reading(since, anomalies=anomalies)
         row: dict[str, Any] = {"ts": ts, "is_anomaly": int(kind is not None),
                                "anomaly_kind": kind}
         row.update({name: float(v) for name, v in zip(SENSORS, values, strict=True)})
@@ -332,6 +336,7 @@ def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
     table = _create_table(engine)
     plant = Plant()
     start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=HISTORY_ROWS * HISTORY_STEP_SECONDS)
+    plant.origin = start
     with engine.begin() as connection:
         connection.execute(table.insert(),
                            _rows(plant, start, HISTORY_ROWS, HISTORY_STEP_SECONDS, False))
@@ -345,6 +350,7 @@ def run_demo(directory: Path, *, seconds: int = 60, metrics_port: int = 9108,
     host_table, hosts = create_host_table(engine), Hosts()
     host_start = dt.datetime.now(dt.UTC) - dt.timedelta(
         seconds=HOST_HISTORY_STEPS * HOST_STEP_SECONDS)
+    hosts.origin = host_start
     with engine.begin() as connection:
         connection.execute(host_table.insert(), hosts.rows(host_start, HOST_HISTORY_STEPS,
                                                            False))

@@ -44,6 +44,8 @@ class Hosts:
         self.shift = np.zeros(n_hosts)
         self.episodes: list[dict[str, Any] | None] = [None] * n_hosts
         self.until = self.rng.integers(*HOST_EPISODE_GAP, size=n_hosts)
+        #: The simulated clock's zero (the history's start), when set.
+        self.origin: dt.datetime | None = None
 
     def _episode(self, host: int) -> dict[str, Any]:
         kind = HOST_KINDS[int(self.rng.integers(len(HOST_KINDS)))]
@@ -89,8 +91,9 @@ class Hosts:
         for step in range(steps):
             when = start + dt.timedelta(seconds=step * HOST_STEP_SECONDS)
             ts = stamp or when
+            since = (when - self.origin).total_seconds() if self.origin else when.timestamp()
             for host, name in enumerate(self.names):
-                values, kind = self.sample(host, when.timestamp(), anomalies)
+                values, kind = self.sample(host, since, anomalies)
                 out.append({"ts": ts, "host": name, **values, "is_anomaly": int(kind is not None),
                             "anomaly_kind": kind})
         return out

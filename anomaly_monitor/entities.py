@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel
 from anomaly_monitor.scoring import StreamContext
-from anomaly_monitor.source import SourceTable
+from anomaly_monitor.source import SchemaError, SourceTable
 from anomaly_monitor.tables import ENTITY_LENGTH, entity_states
 from anomaly_monitor.windows import EntityState, WindowSpec
 
@@ -69,7 +69,13 @@ def read_states(connection: sa.Connection, monitor: str, version: int,
                 entity_states.c.monitor == monitor, entity_states.c.version == version,
                 entity_states.c.entity.in_(wanted[start:start + KEYS_PER_QUERY])))
         for key, data in rows:
-            states[key] = EntityState.unpack(bytes(data), spec)
+            try:
+                states[key] = EntityState.unpack(bytes(data), spec)
+            except ValueError as exc:
+                raise SchemaError(
+                    f"monitor {monitor!r}: the stored state of entity {key!r} under model "
+                    f"version {version} is unreadable ({exc}); retrain with: "
+                    f"anomaly-monitor train {monitor}") from None
     return states
 
 

@@ -8,7 +8,7 @@ absent()-style alerts work before the first anomaly. Tests build a fresh
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -106,15 +106,19 @@ class Metrics:
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
-    def init_monitors(self, monitors: Mapping[str, float]) -> None:
-        """Create every series of each monitor (name: interval in seconds) at 0."""
+    def init_monitors(self, monitors: Mapping[str, float],
+                      windows: Collection[str] = ()) -> None:
+        """Create every series of each monitor (name: interval in seconds) at 0; the
+        window monitors' own series only for ``windows``."""
         for monitor, interval in monitors.items():
             for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
                            self.expected_ratio, self.severity, self.late_rows, self.paused,
-                           self.id_restarts, self.future_rows, self.rows_below,
-                           self.new_entities, self.learning_rows):
+                           self.id_restarts, self.future_rows, self.rows_below):
                 metric.labels(monitor)
+            if monitor in windows:
+                self.new_entities.labels(monitor)
+                self.learning_rows.labels(monitor)
             self.interval.labels(monitor).set(interval)
             for reason in REASONS:
                 self.rows_quarantined.labels(monitor, reason)

@@ -19,7 +19,6 @@ from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel, ModelVersion
 from anomaly_monitor.source import SchemaError
 from anomaly_monitor.windows import (
-    MIN_CALIBRATION_SAMPLES,
     EntityState,
     build_inputs,
     calibrate_scores,
@@ -45,11 +44,12 @@ def check_features(monitor: MonitorSettings, version: ModelVersion) -> None:
     entity column, than the config now says)."""
     trained = version.training.get("window") or None
     wanted = None if monitor.window is None else {
-        "size": monitor.window.size, "derived": list(monitor.window.derived),
+        "size": monitor.window.size, "derived": sorted(monitor.window.derived),
         "half_life": monitor.window.baseline_half_life, "entity_column": monitor.entity_column}
     if (trained is None) != (wanted is None) or (
             trained is not None and wanted is not None
-            and any(trained.get(key) != value for key, value in wanted.items())):
+            and any((sorted(trained.get(key) or []) if key == "derived" else trained.get(key))
+                    != value for key, value in wanted.items())):
         raise SchemaError(
             f"monitor {monitor.name!r}: active model version {version.version} was trained "
             f"as {_describe(trained)}, but the config now describes {_describe(wanted)}; "
@@ -95,10 +95,17 @@ class StreamContext:
     #: Windows read from the source for rows scored out of order (late rows), by row
     #: index: they replace the entity's stored last samples.
     contexts: dict[int, npt.NDArray[np.float64]] = field(default_factory=dict)
-    #: Rows whose entity was still learning its calibration (scored 0).
-    learning: int = 0
+    #: Which rows' entities were still learning their calibration (scored 0, never
+    #: flagged), set by scoring.
+    learning_rows: npt.NDArray[np.bool_] = field(
+        default_factory=lambda: np.zeros(0, dtype=bool))
     #: The entities that had a state before scoring.
     states_before: frozenset[str] = field(init=False, default=frozenset())
+
+    @property
+    def learning(self) -> int:
+        """Rows scored while their entity was learning."""
+        return int(self.learning_rows.sum())
 
     @property
     def new_entities(self) -> int:
@@ -123,19 +130,16 @@ def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
             parts.append(build_inputs(window.values[i:i + 1], [""], {"": state}, spec))
         inputs = np.vstack([p.inputs for p in parts])
         raw = model_term(model.detector, inputs, spec)
-        scores = np.concatenate([
-            calibrate_scores(score_terms(raw[i:i + 1], p), p, spec, update=False)
-            for i, p in enumerate(parts)])
-        stream.learning = int(sum((p.before < MIN_CALIBRATION_SAMPLES).sum() for p in parts))
-        return scores, inputs
+        results = [calibrate_scores(score_terms(raw[i:i + 1], p), p, spec, update=False)
+                   for i, p in enumerate(parts)]
+        stream.learning_rows = np.concatenate([r[1] for r in results])
+        return np.concatenate([r[0] for r in results]), inputs
     built = build_inputs(window.values, stream.entities, stream.states, spec)
     terms = score_terms(model_term(model.detector, built.inputs, spec), built)
-    stream.learning = int((built.before < MIN_CALIBRATION_SAMPLES).sum())
-    scores = calibrate_scores(terms, built, spec, update=stream.update)
+    scores, stream.learning_rows = calibrate_scores(terms, built, spec, update=stream.update)
     if stream.update:
         stream.states = built.states
-    inputs = built.inputs
-    return scores, inputs
+    return scores, built.inputs
 
 
 def score_window(
@@ -156,7 +160,10 @@ def score_window(
         scores, inputs = model.detector.decision_function(window.values), window.values
         names = model.version.features
     threshold = model.version.threshold
-    flagged = np.flatnonzero(scores > threshold)
+    above = scores > threshold
+    if stream is not None and model.window is not None:
+        above &= ~stream.learning_rows  # whatever the threshold
+    flagged = np.flatnonzero(above)
     if model.window is not None:  # the score is already -log10 of the tail probability
         severities = np.clip(100.0 * scores[flagged] / SEVERITY_DECADES, 0.0, 100.0)
     else:

@@ -146,6 +146,10 @@ def reflect_source(connection: sa.Connection, monitor: MonitorSettings) -> Sourc
              else _column(monitor.name, table, monitor.label_column, "label_column"))
     entity = (None if monitor.entity_column is None
               else _column(monitor.name, table, monitor.entity_column, "entity_column"))
+    if entity is not None and entity.name in (id_column.name, ts_column.name):
+        raise SchemaError(f"monitor {monitor.name!r}: entity_column {entity.name!r} is the id "
+                          "or timestamp column; name the column that says which host or "
+                          "device a row is from")
     reserved = {id_column.name, ts_column.name} | {c.name for c in (label, entity) if c is not None}
     if monitor.features is None:
         features = tuple(c.name for c in table.c

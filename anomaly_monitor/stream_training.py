@@ -21,7 +21,6 @@ import numpy.typing as npt
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.windows import (
     MIN_BASELINE_SAMPLES,
-    MIN_CALIBRATION_SAMPLES,
     EntityState,
     WindowSpec,
     build_inputs,
@@ -69,9 +68,11 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     raw = model_term(detector, inputs, spec)
     low, high = calibration_range(raw[fit_mask])
     spec = dataclasses.replace(spec, log_low=low, log_high=high)
-    scores = calibrate_scores(score_terms(raw, built), built, spec)
-    calibrated = before >= MIN_CALIBRATION_SAMPLES
-    held = calibrated[n_fit:]
+    # Every training row seeds the calibration, the fitted ones too (their scores are
+    # somewhat lower than unseen rows' would be; seeding from the held-out rows alone
+    # cost 3.7 points of NAB score: benchmarks/results/nab.md).
+    scores, learning = calibrate_scores(score_terms(raw, built), built, spec)
+    held = ~learning[n_fit:]
     if not held.any():  # every entity still learning at the end: keep them all
         held = np.ones(len(values) - n_fit, dtype=bool)
     return StreamFit(spec, states, scores[n_fit:][held], held, int(fit_mask.sum()))

@@ -65,6 +65,10 @@ LEVEL_EDGES = np.linspace(math.log(1e-3), math.log(LEVEL_MAX), CALIBRATION_BINS 
 #: The histogram's range, in natural-log units around the training scores: from below
 #: their 1st percentile to this far above their maximum.
 CALIBRATION_HEADROOM = 6.0
+#: The calibration histograms' half-life is at least this many samples.
+CALIBRATION_MIN_HALF_LIFE = 1000.0
+#: Entities with at most this many rows in a batch have their inputs computed together.
+FLAT_MAX_ROWS = 256
 #: Rows calibrated per vectorised run (bounded memory: rows x bins floats per term).
 CALIBRATION_RUN_ROWS = 8192
 #: The share of an entity's scores above which its tail is extrapolated.
@@ -99,6 +103,13 @@ class WindowSpec:
     def cumulative_samples(self) -> int:
         """Samples over which a new entity's baseline is cumulative before it decays."""
         return max(1, round(self.half_life / math.log(2)))
+
+    @property
+    def calibration_half_life(self) -> float:
+        """Samples over which an entity's calibration histograms halve their weight:
+        the baseline's half-life, at least ``CALIBRATION_MIN_HALF_LIFE`` (a histogram
+        of fewer samples cannot tell a 1% tail)."""
+        return max(self.half_life, CALIBRATION_MIN_HALF_LIFE)
 
     @property
     def alpha(self) -> float:
@@ -171,6 +182,8 @@ class EntityState:
 
     @classmethod
     def unpack(cls, data: bytes, spec: WindowSpec) -> EntityState:
+        if len(data) % 8 or len(data) < 16:
+            raise ValueError(f"an entity state of {len(data)} bytes")
         values = np.frombuffer(data, dtype="<f8").astype(np.float64)
         f = spec.n_features
         samples, rows = int(values[0]), int(values[1])
@@ -274,6 +287,7 @@ def _features(windows: npt.NDArray[np.float64], mean: npt.NDArray[np.float64],
     parts = [z.transpose(0, 2, 1).reshape(m, f * (spec.size + 1))]
     if "diff" in spec.derived:
         diffs = np.clip(np.diff(windows, axis=1) / sd[:, None, :], -Z_CLIP, Z_CLIP)
+        diffs[:, :-1, :] = np.clip(diffs[:, :-1, :], -CONTEXT_CLIP, CONTEXT_CLIP)
         parts.append(diffs.transpose(0, 2, 1).reshape(m, f * spec.size))
     if "spread" in spec.derived:  # log of the window's spread against the baseline's
         spread = windows.std(axis=1) / sd
@@ -386,9 +400,10 @@ def group_rows(entities: Sequence[str]) -> dict[str, npt.NDArray[np.int64]]:
 def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
                  states: dict[str, EntityState], spec: WindowSpec) -> StreamInputs:
     """Model inputs for rows in id order (``entities``: each row's key) after
-    ``states`` (absent keys: new entities). Entities whose rows all fall in one phase
-    of their baseline (cumulative, or weighted and at most ``30 * half_life`` rows) are
-    computed together (:func:`_flat_inputs`), the others one by one: the same numbers."""
+    ``states`` (absent keys: new entities). Entities with at most ``FLAT_MAX_ROWS`` rows
+    (and ``half_life``) in the batch, all in one phase of their baseline, are computed
+    together (:func:`_flat_inputs`), the others one by one: the same numbers up to
+    float rounding (the weights of a run grow at most two-fold)."""
     groups = group_rows(entities)
     inputs = np.empty((len(values), len(spec.input_names())))
     before = np.empty(len(values), dtype=np.int64)
@@ -398,8 +413,9 @@ def build_inputs(values: npt.NDArray[np.float64], entities: Sequence[str],
     for key, rows in groups.items():
         state = states.get(key) or EntityState.new(spec)
         ends_at = state.samples + len(rows)
-        if ends_at <= spec.cumulative_samples or (
-                state.samples >= spec.cumulative_samples and len(rows) <= 30 * spec.half_life):
+        short = len(rows) <= min(FLAT_MAX_ROWS, spec.half_life)
+        if short and (ends_at <= spec.cumulative_samples
+                      or state.samples >= spec.cumulative_samples):
             together.append(key)
             continue
         seg = segment_inputs(values[rows], state, spec)
@@ -434,28 +450,46 @@ def score_terms(raw: npt.NDArray[np.float64], built: StreamInputs) -> npt.NDArra
     return np.column_stack([raw, built.level])
 
 
+def learns(built: StreamInputs) -> npt.NDArray[np.bool_]:
+    """Which rows join their entities' calibration: not the first
+    ``MIN_BASELINE_SAMPLES`` of an entity (its baseline is still forming).
+
+    Anomalous rows do join it: a persisting change is flagged at its start and then
+    stops being surprising within tens of samples, before the baseline has moved to it
+    (leaving rows over 6 deviations out, so that the change stays flagged until the
+    baseline follows, cost 23 points of NAB score: ``benchmarks/results/nab.md``)."""
+    return built.before >= MIN_BASELINE_SAMPLES
+
+
 def calibrate_scores(terms: npt.NDArray[np.float64], built: StreamInputs, spec: WindowSpec,
-                     *, update: bool = True) -> npt.NDArray[np.float64]:
+                     *, update: bool = True, learn: npt.NDArray[np.bool_] | None = None
+                     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
     """Each row's score: ``-log10(min(1, T * min_t p_t))`` over its ``T`` terms
     (:func:`score_terms`), ``p_t`` the tail probability of term ``t`` under its entity's
     earlier values of it (a histogram decaying with the half-life); 0 while the entity
-    is learning (fewer than ``MIN_CALIBRATION_SAMPLES`` samples before the row). With
-    ``update``, the rows' terms join their entities' histograms in ``built.states``.
+    is learning (its histograms hold less than ``MIN_CALIBRATION_SAMPLES`` samples'
+    weight before the row). The rows ``learn`` marks (default :func:`learns`) join
+    their entities' histograms; with ``update`` those move on in ``built.states``.
+    Returns the scores and which rows were learning.
 
     All entities at once: the rows, entity by entity, are cut into runs of at most
-    ``CALIBRATION_RUN_ROWS`` (and ``30 * half_life``, so that the decay weights stay
-    finite), each run carrying on from the histograms the previous one left."""
+    ``CALIBRATION_RUN_ROWS`` (and the calibration half-life, so that the decay weights
+    stay within a factor of two), each run carrying on from the histograms the previous
+    one left."""
     keys = list(built.groups)
     if not keys:
-        return np.zeros(0)
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    learn = learns(built) if learn is None else learn
     lengths = np.array([len(built.groups[k]) for k in keys])
     flat = np.concatenate([built.groups[k] for k in keys])
     group = np.repeat(np.arange(len(keys)), lengths)
     histograms = np.stack([built.states[k].histogram for k in keys])  # (G, T, B)
     edges = [spec.edges(), LEVEL_EDGES][:terms.shape[1]]
-    decay = 0.5 ** (1.0 / spec.half_life)
-    run = max(1, min(CALIBRATION_RUN_ROWS, int(30 * spec.half_life)))
+    half_life = spec.calibration_half_life
+    decay = 0.5 ** (1.0 / half_life)
+    run = max(1, min(CALIBRATION_RUN_ROWS, int(half_life)))
     p = np.ones(len(flat))
+    weight = np.zeros(len(flat))
     for start in range(0, len(flat), run):
         part = slice(start, start + run)
         rows, g = flat[part], group[part]
@@ -464,35 +498,38 @@ def calibrate_scores(terms: npt.NDArray[np.float64], built: StreamInputs, spec: 
         segment = np.cumsum(starts) - 1
         local = np.arange(len(rows)) - first[segment]
         for t, term_edges in enumerate(edges):
-            p[part] = np.minimum(p[part], _run_probability(
-                terms[rows, t], local, first, segment, g[first], histograms, t, term_edges,
-                decay))
+            term_p, weight[part] = _run_probability(
+                terms[rows, t], learn[rows], local, first, segment, g[first], histograms, t,
+                term_edges, decay)
+            p[part] = np.minimum(p[part], term_p)
     combined = np.clip(terms.shape[1] * p, MIN_TAIL_PROBABILITY, 1.0)
-    scores = np.zeros(len(terms))
-    scores[flat] = np.where(built.before[flat] >= MIN_CALIBRATION_SAMPLES,
-                            -np.log10(combined), 0.0)
+    scores, learning = np.zeros(len(terms)), np.zeros(len(terms), dtype=bool)
+    learning[flat] = weight < MIN_CALIBRATION_SAMPLES
+    scores[flat] = np.where(learning[flat], 0.0, -np.log10(combined))
     if update:
         for index, key in enumerate(keys):
             built.states[key].histogram = histograms[index]
-    return scores
+    return scores, learning
 
 
-def _run_probability(values: npt.NDArray[np.float64], local: npt.NDArray[np.int64],
-                     first: npt.NDArray[np.int64], segment: npt.NDArray[np.int64],
-                     owners: npt.NDArray[np.int64], histograms: npt.NDArray[np.float64],
-                     term: int, edges: npt.NDArray[np.float64], decay: float
-                     ) -> npt.NDArray[np.float64]:
+def _run_probability(values: npt.NDArray[np.float64], learn: npt.NDArray[np.bool_],
+                     local: npt.NDArray[np.int64], first: npt.NDArray[np.int64],
+                     segment: npt.NDArray[np.int64], owners: npt.NDArray[np.int64],
+                     histograms: npt.NDArray[np.float64], term: int,
+                     edges: npt.NDArray[np.float64], decay: float
+                     ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Tail probabilities of one term over one run of rows (entity after entity, each
     entity's rows in order, ``local`` their index among them), each under its entity's
-    histogram before it (each row decays it by ``decay``, then adds itself); the
-    entities' histograms of ``term`` move on to after the run (in place)."""
+    histogram before it (each row decays it by ``decay``, then adds itself if
+    ``learn``), and that histogram's weight; the entities' histograms of ``term`` move
+    on to after the run (in place)."""
     width = edges[1] - edges[0]
     centers = (edges[:-1] + edges[1:]) / 2
     r = np.log(np.maximum(values, 1e-300))
     bins = np.clip(((r - edges[0]) / width).astype(np.int64), 0, CALIBRATION_BINS - 1)
     n = len(values)
     onehot = np.zeros((n, CALIBRATION_BINS))
-    onehot[np.arange(n), bins] = decay ** -(local + 1.0)
+    onehot[np.arange(n), bins] = np.where(learn, decay ** -(local + 1.0), 0.0)
     cumulative = np.cumsum(onehot, axis=0)
     base = cumulative[first] - onehot[first]  # the sums before each entity's rows
     start = histograms[owners, term]  # (entities in the run, B)
@@ -500,7 +537,7 @@ def _run_probability(values: npt.NDArray[np.float64], local: npt.NDArray[np.int6
     counts = decay ** local[:, None] * (start[segment] + added - onehot)
     ends = np.r_[first[1:], n] - 1
     histograms[owners, term] = decay ** (local[ends] + 1.0)[:, None] * (start + added[ends])
-    return _tail_probability(r, bins, counts, edges, centers, width)
+    return _tail_probability(r, bins, counts, edges, centers, width), counts.sum(axis=1)
 
 
 def _tail_probability(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
@@ -518,7 +555,8 @@ def _tail_probability(r: npt.NDArray[np.float64], bins: npt.NDArray[np.int64],
     inside = np.clip((edges[bins + 1] - r) / width, 0.0, 1.0)
     empirical = (above_next + inside * counts[rows, bins]) / np.maximum(total, 1.0)
     # the tail: from the first bin whose mass above is at most TAIL_SHARE of the total
-    tail_bin = np.argmax(above <= TAIL_SHARE * total[:, None], axis=1)
+    small = above <= TAIL_SHARE * total[:, None]
+    tail_bin = np.where(small.any(axis=1), small.argmax(axis=1), counts.shape[1] - 1)
     u = edges[tail_bin]
     in_tail = np.arange(counts.shape[1])[None, :] >= tail_bin[:, None]
     tail_mass = np.maximum((counts * in_tail).sum(axis=1), 1e-12)

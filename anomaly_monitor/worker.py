@@ -146,7 +146,8 @@ class Worker:
                                   use_arrow=reader == "auto", share=share)
             for m in chosen
         }
-        metrics.init_monitors({m.name: m.interval_seconds for m in chosen})
+        metrics.init_monitors({m.name: m.interval_seconds for m in chosen},
+                              windows={m.name for m in chosen if m.window is not None})
 
     @property
     def states(self) -> dict[str, MonitorState]:

@@ -115,16 +115,17 @@ def score_file(path: Path, name: str, overrides: dict[str, object] | None = None
 
 def _write(out: Path, path: Path, name: str, detector: str, scores: list[float],
            windows: list[tuple[dt.datetime, dt.datetime]]) -> None:
-    rows = _rows(path)
+    with path.open(newline="") as handle:  # timestamps and values as the data file has them
+        rows = [(nab_score.parse_time(r["timestamp"]), r["value"], r["timestamp"])
+                for r in csv.DictReader(handle)]
     target = out / name.split("/")[0] / f"{detector}_{path.name}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with target.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["timestamp", "value", "anomaly_score", "label"])
-        for (when, value), score in zip(rows, scores, strict=True):
+        for (when, value, text), score in zip(rows, scores, strict=True):
             label = int(any(a <= when <= b for a, b in windows))
-            writer.writerow([when.strftime("%Y-%m-%d %H:%M:%S"), repr(value),
-                             f"{score:.10f}", label])
+            writer.writerow([text, value, f"{score:.10f}", label])
 
 
 def _task(args: tuple[Path, str, dict[str, object]]) -> tuple[str, list[float], float]:

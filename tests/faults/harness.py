@@ -141,7 +141,7 @@ def _pass_scores(connection: sa.Connection, source, model, window,
     keys, _ = row_entities(connection, source, window.ids)
     built = build_inputs(window.values, keys, states or {}, model.window)
     terms = score_terms(model_term(model.detector, built.inputs, model.window), built)
-    return calibrate_scores(terms, built, model.window)
+    return calibrate_scores(terms, built, model.window)[0]
 
 
 def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int,

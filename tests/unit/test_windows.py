@@ -31,7 +31,7 @@ def toy_raw(inputs: np.ndarray) -> np.ndarray:
 
 def score(values, keys, states, s):
     built = build_inputs(values, keys, states, s)
-    scores = calibrate_scores(score_terms(toy_raw(built.inputs), built), built, s)
+    scores, _ = calibrate_scores(score_terms(toy_raw(built.inputs), built), built, s)
     return built, scores
 
 
@@ -104,13 +104,13 @@ def test_the_calibration_is_a_tail_probability():
     terms = np.column_stack([np.exp(rng.normal(0, 1, n)), np.abs(rng.normal(0, 1, n))])
     built = StreamInputs(np.zeros((n, 1)), np.arange(n), terms[:, 1],
                          {"e": EntityState.new(s)}, {"e": np.arange(n)})
-    scores = calibrate_scores(terms, built, s)
+    scores, _ = calibrate_scores(terms, built, s)
     rate = (scores[3000:] > 2).mean()
     assert 0.003 < rate < 0.025
     # far beyond every earlier score, the score keeps rising (the tail is extrapolated)
     probe = StreamInputs(np.zeros((2, 1)), np.full(2, n), np.ones(2), built.states,
                          {"e": np.arange(2)})
-    far = calibrate_scores(np.array([[1e4, 1.0], [1e8, 1.0]]), probe, s, update=False)
+    far, _ = calibrate_scores(np.array([[1e4, 1.0], [1e8, 1.0]]), probe, s, update=False)
     assert 5 < far[0] < far[1]
 
 
