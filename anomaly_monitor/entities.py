@@ -65,12 +65,14 @@ def read_states(connection: sa.Connection, monitor: str, version: int,
     states: dict[str, EntityState] = {}
     for start in range(0, len(wanted), KEYS_PER_QUERY):
         rows = connection.execute(
-            sa.select(entity_states.c.entity, entity_states.c.state).where(
+            sa.select(entity_states.c.entity, entity_states.c.state,
+                      entity_states.c.last_id).where(
                 entity_states.c.monitor == monitor, entity_states.c.version == version,
                 entity_states.c.entity.in_(wanted[start:start + KEYS_PER_QUERY])))
-        for key, data in rows:
+        for key, data, last_id in rows:
             try:
                 states[key] = EntityState.unpack(bytes(data), spec)
+                states[key].last_id = None if last_id is None else int(last_id)
             except ValueError as exc:
                 raise SchemaError(
                     f"monitor {monitor!r}: the stored state of entity {key!r} under model "
@@ -90,7 +92,8 @@ def write_states(connection: sa.Connection, monitor: str, version: int,
     if keys:
         connection.execute(entity_states.insert(), [
             {"monitor": monitor, "version": version, "entity": key,
-             "samples": states[key].samples, "state": states[key].pack(), "updated_at": now}
+             "samples": states[key].samples, "state": states[key].pack(),
+             "last_id": states[key].last_id, "updated_at": now}
             for key in keys])
 
 
@@ -139,22 +142,25 @@ def stream_context(connection: sa.Connection, source: SourceTable, model: Loaded
     keys, raw = row_entities(connection, source, window.ids)
     states = read_states(connection, model.version.monitor, model.version.version, keys, spec)
     stream = StreamContext(keys, states, update=not late)
-    if late:
-        stream.contexts = {
-            i: context_before(connection, source, raw.get(keys[i]), int(window.ids[i]),
-                              spec.size, spec.features)
-            for i in range(len(window.ids))}
+    # Late rows, and rows their entity's state has learned already, get their own window.
+    again = [i for i in range(len(window.ids)) if late or (
+        (state := states.get(keys[i])) is not None and state.last_id is not None
+        and int(window.ids[i]) <= state.last_id)]
+    stream.contexts = {
+        i: context_before(connection, source, raw.get(keys[i]), int(window.ids[i]),
+                          spec.size, spec.features)
+        for i in again}
     return stream
 
 
 def state_writer(model: LoadedModel, stream: StreamContext | None, now: dt.datetime
                  ) -> Callable[[sa.Connection], None] | None:
     """The batch transaction's write of the states ``stream`` moved to, if any."""
-    if stream is None or not stream.update:
+    if stream is None or not stream.update or not stream.moved:
         return None
 
     def write(connection: sa.Connection) -> None:
         write_states(connection, model.version.monitor, model.version.version,
-                     stream.states, now)
+                     {key: stream.states[key] for key in stream.moved}, now)
 
     return write

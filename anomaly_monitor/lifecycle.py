@@ -264,7 +264,7 @@ def train_monitor(
         with engine.connect() as connection:
             keys = training_entities(connection, source, data.ids)
         stream = fit_stream(detector, data.values.astype(np.float64), keys,
-                            window_spec(monitor, source.features), n_fit)
+                            window_spec(monitor, source.features), n_fit, data.ids)
         scores = stream.held_out_scores
         labels = labels[stream.held_out_rows] if labels is not None else None
     else:

@@ -101,6 +101,8 @@ class StreamContext:
         default_factory=lambda: np.zeros(0, dtype=bool))
     #: The entities that had a state before scoring.
     states_before: frozenset[str] = field(init=False, default=frozenset())
+    #: The entities whose states scoring moved (to be written with the batch).
+    moved: set[str] = field(default_factory=set)
 
     @property
     def learning(self) -> int:
@@ -116,30 +118,59 @@ class StreamContext:
         self.states_before = frozenset(self.states)
 
 
-def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
-                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """The window monitor's scores of ``window`` and the model inputs."""
+def _out_of_order(model: LoadedModel, values: npt.NDArray[np.float64], entities: list[str],
+                  stream: StreamContext, rows: npt.NDArray[np.int64]
+                  ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64],
+                             npt.NDArray[np.bool_]]:
+    """Scores, inputs and learning flags of ``rows`` scored each with its own window
+    (``stream.contexts``) and its entity's state, which does not move."""
     spec = model.window
     assert spec is not None
-    if stream.contexts:  # rows out of order: each with its own window, states unmoved
-        parts = []
-        for i in range(len(window.ids)):
-            state = stream.states.get(stream.entities[i]) or EntityState.new(spec)
-            if i in stream.contexts:
-                state = dataclasses.replace(state, tail=stream.contexts[i])
-            parts.append(build_inputs(window.values[i:i + 1], [""], {"": state}, spec))
-        inputs = np.vstack([p.inputs for p in parts])
-        raw = model_term(model.detector, inputs, spec)
-        results = [calibrate_scores(score_terms(raw[i:i + 1], p), p, spec, update=False)
-                   for i, p in enumerate(parts)]
-        stream.learning_rows = np.concatenate([r[1] for r in results])
-        return np.concatenate([r[0] for r in results]), inputs
-    built = build_inputs(window.values, stream.entities, stream.states, spec)
-    terms = score_terms(model_term(model.detector, built.inputs, spec), built)
-    scores, stream.learning_rows = calibrate_scores(terms, built, spec, update=stream.update)
-    if stream.update:
-        stream.states = built.states
-    return scores, built.inputs
+    parts = []
+    for i in rows:
+        state = stream.states.get(entities[i]) or EntityState.new(spec)
+        if int(i) in stream.contexts:
+            state = dataclasses.replace(state, tail=stream.contexts[int(i)])
+        parts.append(build_inputs(values[i:i + 1], [""], {"": state}, spec))
+    inputs = np.vstack([p.inputs for p in parts])
+    raw = model_term(model.detector, inputs, spec)
+    results = [calibrate_scores(score_terms(raw[k:k + 1], p), p, spec, update=False)
+               for k, p in enumerate(parts)]
+    return (np.concatenate([r[0] for r in results]), inputs,
+            np.concatenate([r[1] for r in results]))
+
+
+def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
+                   ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """The window monitor's scores of ``window`` and the model inputs. Rows at or below
+    their entity's ``last_id`` (the states learned them already: a cursor moved back,
+    a version trained past the cursor) and late rows are scored out of order."""
+    spec = model.window
+    assert spec is not None
+    n = len(window.ids)
+    scores, learning = np.zeros(n), np.zeros(n, dtype=bool)
+    inputs = np.zeros((n, len(spec.input_names())))
+    seen = np.array([not stream.update or (
+        (state := stream.states.get(key)) is not None and state.last_id is not None
+        and int(row_id) <= state.last_id) for key, row_id in zip(
+            stream.entities, window.ids, strict=True)], dtype=bool)
+    if seen.any():
+        rows = np.flatnonzero(seen)
+        scores[rows], inputs[rows], learning[rows] = _out_of_order(
+            model, window.values, stream.entities, stream, rows)
+    fresh = np.flatnonzero(~seen)
+    if fresh.size:
+        keys = [stream.entities[i] for i in fresh]
+        built = build_inputs(window.values[fresh], keys, stream.states, spec)
+        terms = score_terms(model_term(model.detector, built.inputs, spec), built)
+        scores[fresh], learning[fresh] = calibrate_scores(terms, built, spec)
+        inputs[fresh] = built.inputs
+        for key, rows in built.groups.items():
+            built.states[key].last_id = int(window.ids[fresh[rows[-1]]])
+        stream.states = {**stream.states, **built.states}
+        stream.moved = set(built.states)
+    stream.learning_rows = learning
+    return scores, inputs
 
 
 def score_window(

@@ -52,9 +52,10 @@ def window_spec(monitor: MonitorSettings, features: Sequence[str]) -> WindowSpec
 
 
 def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence[str],
-               spec: WindowSpec, n_fit: int) -> StreamFit:
+               spec: WindowSpec, n_fit: int, ids: npt.NDArray[np.int64]) -> StreamFit:
     """Fit ``detector`` (an unfitted ``AutoencoderDetector``) on the window inputs of
-    the first ``n_fit`` rows of ``values`` (id order; ``keys``: each row's entity)."""
+    the first ``n_fit`` rows of ``values`` (id order; ``keys``: each row's entity,
+    ``ids`` its id)."""
     import pandas as pd
 
     built = build_inputs(values, keys, {}, spec)
@@ -72,6 +73,8 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     # somewhat lower than unseen rows' would be; seeding from the held-out rows alone
     # cost 3.7 points of NAB score: benchmarks/results/nab.md).
     scores, learning = calibrate_scores(score_terms(raw, built), built, spec)
+    for key, rows in built.groups.items():
+        states[key].last_id = int(ids[rows[-1]])
     held = ~learning[n_fit:]
     if not held.any():  # every entity still learning at the end: keep them all
         held = np.ones(len(values) - n_fit, dtype=bool)

@@ -135,6 +135,9 @@ entity_states = sa.Table(
     sa.Column("entity", sa.String(ENTITY_LENGTH), primary_key=True),
     sa.Column("samples", sa.BigInteger, nullable=False),
     sa.Column("state", sa.LargeBinary, nullable=False),
+    # The id of the last sample the state learned: rows at or below it are scored
+    # without moving it (a cursor moved back, a version trained past the cursor).
+    sa.Column("last_id", sa.BigInteger),
     sa.Column("updated_at", Timestamp, nullable=False),
 )
 

@@ -162,6 +162,9 @@ class EntityState:
     #: Raw values of the last ``min(samples, size)`` samples, oldest first.
     tail: npt.NDArray[np.float64]
     histogram: npt.NDArray[np.float64]
+    #: The id of the last sample the state has learned (``None``: none yet); rows at or
+    #: below it are scored without moving the state (``am_entity_states.last_id``).
+    last_id: int | None = None
 
     @classmethod
     def new(cls, spec: WindowSpec) -> EntityState:

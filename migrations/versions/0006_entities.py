@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("entity", sa.String(200), primary_key=True),
         sa.Column("samples", sa.BigInteger, nullable=False),
         sa.Column("state", sa.LargeBinary, nullable=False),
+        sa.Column("last_id", sa.BigInteger),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     )
     with op.batch_alter_table("am_anomalies") as batch:

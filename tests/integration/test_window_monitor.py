@@ -249,3 +249,33 @@ def test_a_config_that_no_longer_matches_the_version_is_refused(trained):
             source = reflect_source(connection, changed)
         with pytest.raises(SchemaError, match="retrain with: anomaly-monitor train hosts"):
             run_batch(engine, changed, source, ModelCache("cpu"))
+
+
+def test_rows_the_states_learned_already_do_not_move_them_again(trained):
+    """After the cursor is moved back, rows at or below each entity's last learned id
+    are scored with their own window (read from the table) and leave the states alone;
+    the states' position is the last id they learned."""
+    engine, table, monitor, _, last, _ = trained
+    rows = host_rows(last + 1, 60, seed=6)
+    with engine.begin() as connection:
+        connection.execute(table.insert(), rows)
+    drain(engine, monitor)
+
+    def states():
+        with engine.connect() as connection:
+            return {r.entity: (bytes(r.state), r.last_id) for r in connection.execute(
+                sa.select(entity_states.c.entity, entity_states.c.state,
+                          entity_states.c.last_id))}
+
+    learned = states()
+    assert {key: position for key, (_, position) in learned.items()} == {
+        host: max(r["id"] for r in rows if r["host"] == host) for host in HOSTS}
+    with engine.begin() as connection:
+        move_cursor(connection, monitor, last, force=True)
+    results = drain(engine, monitor)
+    assert sum(r.scored for r in results) == len(rows)
+    assert states() == learned
+    with engine.begin() as connection:  # new rows after that move the states on
+        connection.execute(table.insert(), host_rows(rows[-1]["id"] + 1, 5, seed=7))
+    drain(engine, monitor)
+    assert all(states()[h][1] > learned[h][1] for h in HOSTS)
