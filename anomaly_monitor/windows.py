@@ -4,32 +4,38 @@ No SQL here (``entities.py`` stores the states). A window monitor scores each ro
 on its own features plus the ``size`` samples of its entity before it, in id order.
 Per entity it keeps an :class:`EntityState`:
 
-* a **baseline**, the mean and variance of each feature: cumulative over the
-  entity's first ``half_life / ln 2`` samples (a new entity is learned from its first
-  samples), exponentially weighted with ``half_life`` (in samples) after that, so a
-  level shift that persists becomes the new normal (the mean is half-way there after
-  ``half_life`` samples);
+* a **baseline**, the mean of each feature and its mean absolute deviation from it:
+  cumulative over the entity's first ``half_life / ln 2`` samples (a new entity is
+  learned from its first samples), exponentially weighted with ``half_life`` (in
+  samples) after that, so a level shift that persists becomes the new normal (the
+  mean is half-way there after ``half_life`` samples);
 * the raw values of its last ``size`` samples: the next row's window (a new entity's
   window is padded with its first sample);
-* its **calibration**: a histogram of the log of its raw model scores.
+* its **calibration**: two histograms of the log of its two terms (below), decaying
+  with the half-life (at least ``CALIBRATION_MIN_HALF_LIFE``).
 
 A row's inputs are its own values and its window's, each scaled by the baseline before
-the row, ``z = (x - mean) / sd`` clipped to ``+-Z_CLIP`` (so a level shift shows
-both against the window and against the baseline; a stuck sensor as a window without
-its usual spread), and with ``derived = ["diff"]`` each sample's change from the one
-before, scaled the same way. The names say the feature and the lag: ``cpu[t]``,
-``cpu[t-3]``, ``cpu.diff[t-1]``.
+the row, ``z = (x - mean) / sd`` clipped to ``+-Z_CLIP`` (the window's samples, which
+are context, to ``+-CONTEXT_CLIP``): a level shift shows both against the window and
+against the baseline. With ``derived = ["diff"]`` each sample's change from the one
+before, scaled the same way; with ``"spread"`` the log of the window's spread against
+the baseline's (a stuck sensor has none). The names say the feature and the lag:
+``cpu[t]``, ``cpu[t-3]``, ``cpu.diff[t-1]``, ``cpu.spread[t-32..t]``.
 
-The model's raw score (higher = more anomalous) becomes the row's **score** through
-its entity's calibration: ``score = -log10(p)`` where ``p`` is the share of the
-entity's earlier raw scores at or above it; past the entity's top decile ``p`` follows
-an exponential tail fitted to that decile, so it keeps falling past the highest score
-seen. A score of 3 means "one of this entity's samples in a thousand scores higher",
-on every entity. An entity with fewer than ``MIN_CALIBRATION_SAMPLES`` scored samples
-is still learning: its rows score 0 (never flagged) and count as learning.
+Two terms, higher = more anomalous, become the row's **score** through its entity's
+calibration (:func:`calibrate_scores`): the model term (the autoencoder's error on the
+row's own sample, :func:`model_term`) and the level term (the row's own largest
+deviation from its baseline). Each has a tail probability under the entity's earlier
+values of it (empirical, then an exponential tail past its top decile, so that it keeps
+falling past the highest value seen), and ``score = -log10(min(1, 2 * min(p1, p2)))``.
+A score of 3 means "one of this entity's samples in a thousand scores higher", on
+every entity. An entity whose calibration holds less than ``MIN_CALIBRATION_SAMPLES``
+samples' weight is still learning: its rows score 0, are never flagged and count as
+learning (its first ``MIN_BASELINE_SAMPLES`` rows, while its baseline forms, do not
+enter the calibration).
 
 Every step is sequential per entity and independent of how rows are cut into
-batches: the same rows after the same state score identically.
+batches: the same rows after the same state score the same (to float rounding).
 """
 
 from __future__ import annotations
