@@ -141,7 +141,7 @@ def stream_context(connection: sa.Connection, source: SourceTable, model: Loaded
         return None
     keys, raw = row_entities(connection, source, window.ids)
     states = read_states(connection, model.version.monitor, model.version.version, keys, spec)
-    stream = StreamContext(keys, states, update=not late)
+    stream = StreamContext(keys, states)
     # Late rows, and rows their entity's state has learned already, get their own window.
     again = [i for i in range(len(window.ids)) if late or (
         (state := states.get(keys[i])) is not None and state.last_id is not None
@@ -156,7 +156,7 @@ def stream_context(connection: sa.Connection, source: SourceTable, model: Loaded
 def state_writer(model: LoadedModel, stream: StreamContext | None, now: dt.datetime
                  ) -> Callable[[sa.Connection], None] | None:
     """The batch transaction's write of the states ``stream`` moved to, if any."""
-    if stream is None or not stream.update or not stream.moved:
+    if stream is None or not stream.moved:
         return None
 
     def write(connection: sa.Connection) -> None:

@@ -85,15 +85,15 @@ def _contributions(
 @dataclass
 class StreamContext:
     """What a window monitor's rows are scored with: each row's entity key (in
-    ``window.ids`` order) and the entities' states before the window. Scoring replaces
-    ``states`` with the states after it (``update``: the calibration learns the rows;
-    a late row is scored without moving its entity's state)."""
+    ``window.ids`` order) and the entities' states before the window. Scoring moves the
+    states of the entities whose rows it scored in order (``moved``); rows with a
+    context are scored out of order, without moving their entity's state."""
 
     entities: list[str]
     states: dict[str, EntityState]
-    update: bool = True
-    #: Windows read from the source for rows scored out of order (late rows), by row
-    #: index: they replace the entity's stored last samples.
+    #: Windows read from the source for rows scored out of order (late rows, rows their
+    #: entity's state learned already), by row index: they replace the entity's stored
+    #: last samples.
     contexts: dict[int, npt.NDArray[np.float64]] = field(default_factory=dict)
     #: Which rows' entities were still learning their calibration (scored 0, never
     #: flagged), set by scoring.
@@ -142,18 +142,16 @@ def _out_of_order(model: LoadedModel, values: npt.NDArray[np.float64], entities:
 
 def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
                    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """The window monitor's scores of ``window`` and the model inputs. Rows at or below
-    their entity's ``last_id`` (the states learned them already: a cursor moved back,
-    a version trained past the cursor) and late rows are scored out of order."""
+    """The window monitor's scores of ``window`` and the model inputs. The rows with a
+    context (late rows, and rows at or below their entity's ``last_id``: a cursor moved
+    back, a version trained past the cursor) are scored out of order."""
     spec = model.window
     assert spec is not None
     n = len(window.ids)
     scores, learning = np.zeros(n), np.zeros(n, dtype=bool)
     inputs = np.zeros((n, len(spec.input_names())))
-    seen = np.array([not stream.update or (
-        (state := stream.states.get(key)) is not None and state.last_id is not None
-        and int(row_id) <= state.last_id) for key, row_id in zip(
-            stream.entities, window.ids, strict=True)], dtype=bool)
+    seen = np.zeros(n, dtype=bool)
+    seen[list(stream.contexts)] = True
     if seen.any():
         rows = np.flatnonzero(seen)
         scores[rows], inputs[rows], learning[rows] = _out_of_order(

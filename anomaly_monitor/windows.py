@@ -178,11 +178,6 @@ class EntityState:
         return cls(0, np.zeros(f), np.zeros(f), np.zeros((0, f)),
                    np.zeros((N_TERMS, CALIBRATION_BINS)))
 
-    @property
-    def calibrated(self) -> float:
-        """Scored samples in the calibration."""
-        return float(self.histogram[0].sum())
-
     def pack(self) -> bytes:
         """Little-endian float64 bytes: samples, tail rows, mean, scale, tail, histogram."""
         head = np.array([self.samples, len(self.tail)], dtype="<f8")
@@ -273,12 +268,14 @@ def _baseline(x: npt.NDArray[np.float64], state: EntityState, spec: WindowSpec
     if n0 == 0:  # a new entity: its first row has no deviation yet
         first[0] = 0.0
     scale_before, scale = _running(first, n0, state.scale, k, spec.alpha)
-    if n0 == 0:
-        scale_before[0] = 0.0
-    deviation = MAD_TO_SD * scale_before + SD_FLOOR_RELATIVE * np.abs(mean_before) \
-        + SD_FLOOR_ABSOLUTE
-    return mean_before, deviation, EntityState(n0 + len(x), mean, scale, state.tail,
-                                               state.histogram)
+    return mean_before, _deviation(scale_before, mean_before), EntityState(
+        n0 + len(x), mean, scale, state.tail, state.histogram)
+
+
+def _deviation(scale: npt.NDArray[np.float64], mean: npt.NDArray[np.float64]
+               ) -> npt.NDArray[np.float64]:
+    """The baseline's deviation from its running mean absolute deviation and mean."""
+    return MAD_TO_SD * scale + SD_FLOOR_RELATIVE * np.abs(mean) + SD_FLOOR_ABSOLUTE
 
 
 def _features(windows: npt.NDArray[np.float64], mean: npt.NDArray[np.float64],
@@ -382,8 +379,7 @@ def _flat_inputs(x: npt.NDArray[np.float64], lengths: npt.NDArray[np.int64],
     deviations[fresh] = 0.0
     scale_b, scale = _flat_running(deviations, local, segment, first, ends, n0, scale0,
                                    cumulative, np.zeros_like(scale0), spec.alpha)
-    scale_b[fresh] = 0.0
-    sd = MAD_TO_SD * scale_b + SD_FLOOR_RELATIVE * np.abs(mean_b) + SD_FLOOR_ABSOLUTE
+    sd = _deviation(scale_b, mean_b)
     tails = [_padded_tail(s, x[a], spec.size) for s, a in zip(states, first, strict=True)]
     extended = np.concatenate([part for i, tail in enumerate(tails)
                                for part in (tail, x[first[i]:ends[i] + 1])])
