@@ -156,6 +156,23 @@ def trained_plant(
     return table, monitor, source, report
 
 
+def drain(engine: sa.Engine, monitor: MonitorSettings, models: Any = None) -> list[Any]:
+    """Call run_batch until caught up; returns the committed results."""
+    from anomaly_monitor.batch import run_batch
+    from anomaly_monitor.registry import ModelCache
+
+    models = models or ModelCache("cpu")
+    with engine.connect() as connection:
+        source = reflect_source(connection, monitor)
+    results = []
+    while True:
+        result = run_batch(engine, monitor, source, models)
+        if result.status == "committed":
+            results.append(result)
+        if result.caught_up:
+            return results
+
+
 def rows_in_batches(engine: sa.Engine) -> int:
     """Rows recorded by all ``am_batches`` (scored plus quarantined, every kind)."""
     from anomaly_monitor.tables import batches

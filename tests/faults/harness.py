@@ -30,7 +30,7 @@ from anomaly_monitor.windows import (
     model_term,
     score_terms,
 )
-from tests.helpers import FEATURES, Sensors
+from tests.helpers import FEATURES, Sensors, wait_for
 
 CONFIG = """
 [database]
@@ -106,6 +106,24 @@ class Producer(threading.Thread):
         """Stop inserting and wait for the thread."""
         self.stop_event.set()
         self.join(timeout=30)
+
+
+def kill_repeatedly(engine: sa.Engine, config: Path, log: Path, kills: int,
+                    rng: np.random.Generator) -> int:
+    """Start the daemon ``kills`` times and kill -9 it each time once it has committed
+    a batch, a seeded moment later (mid-read, mid-score or mid-commit); the kills done."""
+    done = 0
+    for _ in range(kills):
+        before = batch_count(engine)
+        daemon = start_daemon(config, log)
+        try:
+            wait_for(lambda before=before: batch_count(engine) > before, timeout=60)
+            time.sleep(float(rng.uniform(0.0, 0.4)))
+        finally:
+            daemon.kill()
+            daemon.wait(timeout=30)
+        done += 1
+    return done
 
 
 def batch_count(engine: sa.Engine) -> int:

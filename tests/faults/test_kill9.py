@@ -18,16 +18,14 @@ from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.worker import Worker
 from tests.faults.harness import (
     Producer,
-    batch_count,
     check_exactly_once,
-    start_daemon,
+    kill_repeatedly,
     write_config,
 )
 from tests.helpers import (
     monitor_settings,
     settings,
     trained_plant,
-    wait_for,
 )
 
 KILLS = int(os.environ.get("AM_FAULT_KILLS", "20"))
@@ -51,18 +49,9 @@ def test_kill_9_loses_and_duplicates_nothing(engine, db_url, tmp_path):
     for producer in producers:
         producer.start()
     log = tmp_path / "daemon.log"
-    kills, started = 0, time.monotonic()
+    started = time.monotonic()
     try:
-        for _ in range(KILLS):
-            before = batch_count(engine)
-            daemon = start_daemon(config, log)
-            try:
-                wait_for(lambda before=before: batch_count(engine) > before, timeout=60)
-                time.sleep(float(rng.uniform(0.0, 0.4)))  # mid-read, mid-score or mid-commit
-            finally:
-                daemon.kill()
-                daemon.wait(timeout=30)
-            kills += 1
+        kills = kill_repeatedly(engine, config, log, KILLS, rng)
     finally:
         for producer in producers:
             producer.stop()

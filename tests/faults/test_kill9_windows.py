@@ -25,12 +25,11 @@ from anomaly_monitor.tables import anomalies
 from anomaly_monitor.worker import Worker
 from tests.faults.harness import (
     Producer,
-    batch_count,
     check_exactly_once,
-    start_daemon,
+    kill_repeatedly,
     write_config,
 )
-from tests.helpers import monitor_settings, settings, trained_plant, wait_for
+from tests.helpers import monitor_settings, settings, trained_plant
 
 KILLS = int(os.environ.get("AM_FAULT_KILLS", "8"))
 SEED = 20261202
@@ -68,18 +67,9 @@ def test_kill_9_keeps_window_monitors_exactly_once(engine, db_url, tmp_path):
     producer = HostProducer(engine, table, period=0.01)
     producer.start()
     log = tmp_path / "daemon.log"
-    kills, started = 0, time.monotonic()
+    started = time.monotonic()
     try:
-        for _ in range(KILLS):
-            before = batch_count(engine)
-            daemon = start_daemon(config, log)
-            try:
-                wait_for(lambda before=before: batch_count(engine) > before, timeout=60)
-                time.sleep(float(rng.uniform(0.0, 0.4)))
-            finally:
-                daemon.kill()
-                daemon.wait(timeout=30)
-            kills += 1
+        kills = kill_repeatedly(engine, config, log, KILLS, rng)
     finally:
         producer.stop()
     worker = Worker(settings(db_url, monitor), engine, Metrics(CollectorRegistry()),

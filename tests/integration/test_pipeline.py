@@ -31,6 +31,7 @@ from anomaly_monitor.worker import Worker
 from tests.helpers import (
     Sensors,
     bulk_insert,
+    drain,
     insert_rows,
     monitor_settings,
     pause_info,
@@ -48,20 +49,6 @@ def plant(engine):
     sensors = Sensors()
     table, monitor, _, report = trained_plant(engine, sensors=sensors, rows=TRAINING_ROWS)
     return engine, table, monitor, sensors, report
-
-
-def drain(engine, monitor, models=None):
-    """Call run_batch until caught up; returns the committed results."""
-    models = models or ModelCache("cpu")
-    with engine.connect() as connection:
-        source = reflect_source(connection, monitor)
-    results = []
-    while True:
-        result = run_batch(engine, monitor, source, models)
-        if result.status == "committed":
-            results.append(result)
-        if result.caught_up:
-            return results
 
 
 def fetch(engine, query):

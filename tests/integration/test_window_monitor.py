@@ -20,6 +20,7 @@ from anomaly_monitor.report import list_anomalies, monitor_status, move_cursor
 from anomaly_monitor.source import SchemaError, reflect_source
 from anomaly_monitor.tables import anomalies, entity_states
 from anomaly_monitor.windows import EntityState
+from tests.helpers import drain
 
 HOSTS = ("a", "b", "c")
 START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -78,19 +79,6 @@ def trained(engine):
         states = read_states(connection, "hosts", 1, HOSTS,
                              load_model(connection, "hosts", 1).window)
     return engine, table, monitor, report, len(history), states
-
-
-def drain(engine, monitor, models=None):
-    models = models or ModelCache("cpu")
-    with engine.connect() as connection:
-        source = reflect_source(connection, monitor)
-    results = []
-    while True:
-        result = run_batch(engine, monitor, source, models)
-        if result.status == "committed":
-            results.append(result)
-        if result.caught_up:
-            return results
 
 
 def flags(engine):
