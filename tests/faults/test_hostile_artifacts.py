@@ -9,6 +9,7 @@ import json
 import pickle
 import struct
 import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -28,6 +29,8 @@ from tests.helpers import (
     settings,
     trained_plant,
 )
+
+MAX_ACTIVATION_ROUNDS = 300  # rounds of 10 rows before the concurrent-activation test gives up
 
 
 class Exploit:
@@ -158,11 +161,21 @@ def test_concurrent_activation_never_mixes_versions_within_a_batch(registry_db):
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
     models = ModelCache("cpu")
+
+    def versions_used() -> set[int]:
+        with engine.connect() as connection:
+            return set(connection.execute(sa.select(batches.c.model_version)).scalars())
+
+    # On SQLite the flipper's writes can lose the lock to the batches for a while: keep
+    # going (bounded) until batches ran under both versions, however the threads interleave.
     try:
-        for _ in range(15):
+        for round_ in range(MAX_ACTIVATION_ROUNDS):
             insert_rows(engine, table, [*sensors.normal(8), *sensors.anomalous(2)])
             while not run_batch(engine, monitor, source, models).caught_up:
                 pass
+            if round_ >= 14 and versions_used() == {1, 2}:
+                break
+            time.sleep(0.01)  # let the flipper take the write lock between rounds
     finally:
         stop.set()
         flipper.join()
