@@ -257,6 +257,11 @@ def train_monitor(
     params: dict[str, Any] = {"random_state": 0, **monitor.model}
     if epochs is not None:
         params["epochs"] = epochs
+    if monitor.window is not None and params.get("hidden_dims") is None:
+        from anomaly_monitor.detectors.capacity import window_widths
+
+        n_inputs = len(window_spec(monitor, source.features).input_names())
+        params["hidden_dims"] = list(window_widths(n_inputs))
     detector = AutoencoderDetector(monitor.kind, device=device, verbose=verbose, **params)
     labels = data.labels[n_fit:] if data.labels is not None else None
     stream = None

@@ -27,6 +27,12 @@ MIN_LATENT, MAX_LATENT = 2, 64
 #: Bounds of the automatic hidden widths (first and second layer).
 FIRST_WIDTH = (32, 256)
 SECOND_WIDTH = (16, 128)
+#: Bounds of a window monitor's hidden widths: its inputs are the lags of a few
+#: features, strongly correlated, so that narrower layers serve (1,000 hosts x 4
+#: features x 33 lags: about 5 times fewer multiply-adds per row than the row
+#: monitor's bounds would give; ``benchmarks/results/entities.md``).
+WINDOW_FIRST_WIDTH = (32, 96)
+WINDOW_SECOND_WIDTH = (16, 48)
 
 
 def spectrum(scaled: npt.NDArray[np.floating], seed: int = 0) -> npt.NDArray[np.float64]:
@@ -71,6 +77,15 @@ def auto_architecture(
     first = int(min(FIRST_WIDTH[1], max(FIRST_WIDTH[0], 2 * n_features, 2 * latent)))
     second = int(min(SECOND_WIDTH[1], max(SECOND_WIDTH[0], n_features, latent)))
     return (first, second), int(latent)
+
+
+def window_widths(n_inputs: int) -> tuple[int, int]:
+    """The hidden widths of a window monitor's autoencoder over ``n_inputs`` inputs:
+    twice and once as wide as the input, within ``WINDOW_FIRST_WIDTH`` and
+    ``WINDOW_SECOND_WIDTH`` (the code size is still chosen from the data)."""
+    first = min(WINDOW_FIRST_WIDTH[1], max(WINDOW_FIRST_WIDTH[0], 2 * n_inputs))
+    second = min(WINDOW_SECOND_WIDTH[1], max(WINDOW_SECOND_WIDTH[0], n_inputs))
+    return first, second
 
 
 def legacy_architecture(n_features: int) -> tuple[tuple[int, ...], int]:

@@ -13,13 +13,14 @@ import sqlalchemy as sa
 from anomaly_monitor.batch import run_batch, sweep_late_rows
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings, WindowSettings
 from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.detectors.capacity import window_widths
 from anomaly_monitor.entities import count_entities, read_states, write_states
 from anomaly_monitor.lifecycle import train_monitor
 from anomaly_monitor.registry import ModelCache, load_model
 from anomaly_monitor.report import list_anomalies, monitor_status, move_cursor
 from anomaly_monitor.source import SchemaError, reflect_source
 from anomaly_monitor.tables import anomalies, entity_states
-from anomaly_monitor.windows import EntityState
+from anomaly_monitor.windows import EntityState, WindowSpec
 from tests.helpers import drain
 
 HOSTS = ("a", "b", "c")
@@ -94,6 +95,8 @@ def test_training_stores_a_baseline_per_entity(trained):
     assert version.features == ["cpu", "mem"]
     assert version.training["window"]["size"] == 4 and version.training["entities"] == 3
     assert version.threshold == pytest.approx(2.0)  # each entity's 1% tail
+    n_inputs = len(WindowSpec.from_dict(version.training["window"]).input_names())
+    assert tuple(version.training["architecture"]["hidden_dims"]) == window_widths(n_inputs)
     assert sorted(states) == list(HOSTS) and all(s.samples == 300 for s in states.values())
     # each host's own level
     assert [round(states[h].mean[0] / 10) for h in HOSTS] == [1, 2, 3]

@@ -10,7 +10,13 @@ import pytest
 
 from anomaly_monitor import AutoencoderDetector
 from anomaly_monitor.detectors.artifact import MANIFEST_FILE, ArtifactError
-from anomaly_monitor.detectors.capacity import auto_architecture, intrinsic_dimension
+from anomaly_monitor.detectors.capacity import (
+    WINDOW_FIRST_WIDTH,
+    WINDOW_SECOND_WIDTH,
+    auto_architecture,
+    intrinsic_dimension,
+    window_widths,
+)
 
 
 def factor_data(n_sensors: int, n_factors: int, n_rows: int = 3000, seed: int = 0) -> np.ndarray:
@@ -40,6 +46,13 @@ def test_architecture_bounds():
     assert latent == 2  # below the feature count, else the code can copy anomalies through
     hidden, latent = auto_architecture(factor_data(200, 80, n_rows=2000))
     assert latent <= 64 and min(hidden) >= latent
+
+
+def test_window_widths_stay_narrow_for_wide_windows():
+    assert window_widths(5) == (WINDOW_FIRST_WIDTH[0], WINDOW_SECOND_WIDTH[0])
+    assert window_widths(33) == (66, 33)  # one feature, a window of 32: as a row monitor's
+    assert window_widths(132) == (WINDOW_FIRST_WIDTH[1], WINDOW_SECOND_WIDTH[1])
+    assert auto_architecture(factor_data(132, 8))[0] == (256, 128)  # a row monitor's bound
 
 
 def test_fit_records_the_chosen_capacity(tmp_path):
