@@ -257,19 +257,19 @@ def train_monitor(
     params: dict[str, Any] = {"random_state": 0, **monitor.model}
     if epochs is not None:
         params["epochs"] = epochs
-    if monitor.window is not None and params.get("hidden_dims") is None:
+    spec = window_spec(monitor, source.features) if monitor.window is not None else None
+    if spec is not None and params.get("hidden_dims") is None:
         from anomaly_monitor.detectors.capacity import window_widths
 
-        n_inputs = len(window_spec(monitor, source.features).input_names())
-        params["hidden_dims"] = list(window_widths(n_inputs))
+        params["hidden_dims"] = list(window_widths(len(spec.input_names())))
     detector = AutoencoderDetector(monitor.kind, device=device, verbose=verbose, **params)
     labels = data.labels[n_fit:] if data.labels is not None else None
     stream = None
-    if monitor.window is not None:
+    if spec is not None:
         with engine.connect() as connection:
             keys = training_entities(connection, source, data.ids)
-        stream = fit_stream(detector, data.values.astype(np.float64), keys,
-                            window_spec(monitor, source.features), n_fit, data.ids)
+        stream = fit_stream(detector, data.values.astype(np.float64), keys, spec, n_fit,
+                            data.ids)
         scores = stream.held_out_scores
         labels = labels[stream.held_out_rows] if labels is not None else None
     else:

@@ -306,7 +306,7 @@ def _padded_tail(state: EntityState, first: npt.NDArray[np.float64], size: int
     """The ``size`` samples before an entity's next row, padded with its oldest known
     sample (a new entity's first row: ``first``)."""
     tail = state.tail if len(state.tail) else first[None, :]
-    tail = tail[len(tail) - size:] if size else tail[:0]
+    tail = tail[max(0, len(tail) - size):] if size else tail[:0]
     if len(tail) < size:
         tail = np.vstack([np.repeat(tail[:1], size - len(tail), axis=0), tail])
     return tail

@@ -156,3 +156,15 @@ def test_many_entities_together_give_the_numbers_of_one_at_a_time():
             np.testing.assert_allclose(built.states[key].tail, one.state.tail)
             assert built.states[key].samples == one.state.samples
         states = built.states
+
+
+def test_a_short_stored_tail_keeps_all_its_samples():
+    """A stored tail shorter than the window is padded before its oldest sample, not
+    cut to its last one (states written by a smaller window, or by a future writer
+    that stores only the samples seen)."""
+    s = spec(derived=())
+    state = EntityState.new(s)
+    state.samples, state.mean, state.scale = 3, np.array([2.0, 2.0]), np.array([0.7, 0.7])
+    state.tail = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    segment = segment_inputs(np.array([[4.0, 4.0]]), state, s)
+    assert segment.state.tail[:, 0].tolist() == [1.0, 2.0, 3.0, 4.0]
