@@ -30,6 +30,7 @@ from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
 from anomaly_monitor.entities import state_writer, stream_context
+from anomaly_monitor.incidents import incident_gap, record_incidents
 from anomaly_monitor.reading.arrow import ArrowReader
 from anomaly_monitor.reading.cancel import (
     is_query_canceled,
@@ -121,6 +122,8 @@ class BatchResult:
     #: because their entity was still learning.
     new_entities: int = 0
     learning_rows: int = 0
+    #: Incidents this batch opened (``anomaly_monitor.incidents``).
+    incidents_opened: int = 0
     #: ``idle`` with no row at all after the cursor when it was read (no delay held one
     #: back): the backlog is 0 without counting it.
     nothing_after: bool = False
@@ -247,24 +250,36 @@ def _commit(
     engine: sa.Engine, monitor: str, lease: Lease | None, now: dt.datetime, window: Window,
     flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *, generation: int,
     move: tuple[int, int, dt.datetime | None] | None = None,
-    also: Callable[[sa.Connection], None] | None = None,
-) -> None:
+    also: Callable[[sa.Connection], None] | None = None, gap_seconds: float | None = None,
+) -> int:
     """The one commit path of a batch: fence the cursor (moving it ``move = (from, to,
     timestamp of the row at to)``), run ``also``, write the flagged and quarantined rows
-    under the cursor's ``generation`` and the ``am_batches`` record (none when
-    ``batch`` is ``None``), in one transaction."""
+    under the cursor's ``generation``, their incidents (grouped within ``gap_seconds``;
+    none when ``None``) and the ``am_batches`` record (none when ``batch`` is ``None``),
+    in one transaction. Returns the number of incidents opened."""
     with engine.begin() as connection:
         fence(connection, monitor, lease, now, *(move or ()), generation=generation,
               rows=batch["rows"] if batch is not None else 0)
         if also is not None:
             also(connection)
+        opened = 0
         if batch is not None:
-            _write_rows(connection, monitor, generation, window, flagged, now)
+            opened = _write_rows(connection, monitor, generation, window, flagged, now,
+                                 gap_seconds)
             connection.execute(batches.insert().values(**batch, generation=generation))
+        return opened
 
 
 def _write_rows(connection: sa.Connection, monitor: str, generation: int, window: Window,
-                flagged: list[dict[str, Any]], now: dt.datetime) -> None:
+                flagged: list[dict[str, Any]], now: dt.datetime,
+                gap_seconds: float | None) -> int:
+    """Insert the flagged rows (with their incidents) and the quarantined ones; returns
+    the number of incidents opened."""
+    opened = 0
+    if gap_seconds is not None and window.size:
+        opened = record_incidents(connection, monitor, generation, flagged,
+                                  gap_seconds=gap_seconds, newest=window.newest_timestamp(),
+                                  now=now)
     if flagged:
         connection.execute(anomalies.insert(), [{**row, "generation": generation}
                                                 for row in flagged])
@@ -275,6 +290,7 @@ def _write_rows(connection: sa.Connection, monitor: str, generation: int, window
              "generation": generation}
             for b in window.bad
         ])
+    return opened
 
 
 def _result(
@@ -483,12 +499,14 @@ def run_batch(
         anchor = timestamp_at(connection, source, window.last_id)
     last_stamp = anchor[1] if anchor is not None and anchor[0] == window.last_id else None
     now = clock()
-    _commit(engine, monitor.name, lease, now, window, flagged, batch,
-            generation=cursor.generation, move=(cursor.position, window.last_id, last_stamp),
-            also=state_writer(model, stream, now))
+    opened = _commit(engine, monitor.name, lease, now, window, flagged, batch,
+                     generation=cursor.generation,
+                     move=(cursor.position, window.last_id, last_stamp),
+                     also=state_writer(model, stream, now),
+                     gap_seconds=incident_gap(monitor, model.version))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
                                position=window.last_id, generation=cursor.generation,
-                               version=version)
+                               version=version, incidents_opened=opened)
 
 
 def probe_next_id(engine: sa.Engine, source: SourceTable, position: int, *,
@@ -644,10 +662,12 @@ def sweep_late_rows(
             **_stream_counts(stream))
         holes = gap_ranges(found, result.first_id - 1, result.last_id)
         batch = _batch_row(result, started, "late", holes, t0)
-    _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
-            generation=generation, also=close_gaps)
+    opened = _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
+                     generation=generation, also=close_gaps,
+                     gap_seconds=incident_gap(monitor, version))
     if result is None:
         return None
+    result = dataclasses.replace(result, incidents_opened=opened)
     log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
                 monitor.name, result.rows)
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,

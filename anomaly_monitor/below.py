@@ -34,6 +34,7 @@ from anomaly_monitor.batch import BatchResult, _batch_row, _result, _write_rows
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import fence, read_cursor
 from anomaly_monitor.entities import stream_context
+from anomaly_monitor.incidents import incident_gap
 from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import ModelCache
@@ -202,12 +203,14 @@ def _backfill_chunk(engine: sa.Engine, monitor: MonitorSettings, source: SourceT
             connection.execute(quarantine.delete().where(
                 quarantine.c.monitor == monitor.name, quarantine.c.generation == generation,
                 quarantine.c.reason == "read_timeout", quarantine.c.source_id.in_(retried)))
-        _write_rows(connection, monitor.name, generation, window, flagged, clock())
+        opened = _write_rows(connection, monitor.name, generation, window, flagged, clock(),
+                             incident_gap(monitor, version))
         connection.execute(batches.insert().values(**batch, generation=generation))
         connection.execute(cursors.update().where(cursors.c.monitor == monitor.name)
                            .values(**_credited(result.rows - len(retried))))
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
-                               generation=generation, version=version)
+                               generation=generation, version=version,
+                               incidents_opened=opened)
 
 
 @dataclass(frozen=True)

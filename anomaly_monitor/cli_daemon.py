@@ -1,4 +1,5 @@
-"""``run``, ``status``, ``anomalies`` and ``quarantine``: the daemon and what it found."""
+"""``run``, ``status``, ``anomalies``, ``incidents`` and ``quarantine``: the daemon and
+what it found."""
 
 from __future__ import annotations
 
@@ -192,13 +193,13 @@ def status(app: App, as_json: bool) -> None:
         echo_json({"database": redact(app.settings.database_url), "monitors": states})
         return
     print_table(["monitor", "state", "version", "threshold", "cursor", "backlog",
-            "newest row age s", "polled s ago", "last batch", "anomalies 24h", "quarantined",
-            "entities"],
+            "newest row age s", "polled s ago", "last batch", "anomalies 24h",
+            "open incidents", "quarantined", "entities"],
            [(s["monitor"], s["state"], s["active_version"],
              f"{s['threshold']:.6g}" if s["threshold"] is not None else None, s["cursor"],
              s["backlog"], s["lag_seconds"], s["seconds_since_poll"],
              s["last_batch"]["started_at"] if s["last_batch"] else None, s["anomalies_24h"],
-             sum(s["quarantined"].values()), s["entities"])
+             s["incidents_open"], sum(s["quarantined"].values()), s["entities"])
             for s in states])
     for s in states:
         lease = s["lease"]
@@ -257,6 +258,42 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
              f"{r['score']:.4g}", f"{r['threshold']:.4g}", r["severity"], r["model_version"],
              ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
             for r in rows])
+
+
+@main.command()
+@click.argument("monitor")
+@click.option("--open", "only_open", is_flag=True, help="Only open incidents.")
+@click.option("--since", type=DATETIME,
+              help="Only incidents with a flag stamped since (UTC, the rows' own timestamps).")
+@click.option("--entity", help="Only incidents of this entity (a window monitor's "
+                               "entity_column value).")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None,
+              entity: str | None, limit: int, as_json: bool) -> None:
+    """Incidents of MONITOR: flags of one entity that follow each other within the
+    monitor's gap, with their span, rows, severity and top features."""
+    from anomaly_monitor.report import list_incidents
+
+    settings = app.settings.monitor(monitor)
+    if entity is not None and settings.entity_column is None:
+        raise click.UsageError(f"--entity: monitor {monitor!r} has no entity_column")
+    require_schema(app)
+    with app.engine.connect() as connection:
+        rows = list_incidents(connection, monitor, only_open=only_open, since=as_utc(since),
+                              entity=entity, limit=limit)
+    if as_json:
+        echo_json(rows)
+        return
+    with_entity = settings.entity_column is not None
+    print_table(["id", *(["entity"] if with_entity else []), "state", "first flag",
+                 "last flag", "rows", "severity", "label", "top features"],
+                [(r["id"], *([r["entity"]] if with_entity else []), r["state"],
+                  r["first_timestamp"], r["last_timestamp"], r["rows"], r["max_severity"],
+                  r["label"] or "-",
+                  ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
+                 for r in rows])
 
 
 @main.command("quarantine")

@@ -73,6 +73,24 @@ class WindowSettings:
     baseline_half_life: float = 1000.0
 
 
+#: Incidents of at least this severity (0-100; 90 is a tail probability of about
+#: 1e-5.4) raise an alert (``anomaly_monitor_incident_severity``).
+DEFAULT_ALERT_SEVERITY = 90.0
+
+
+@dataclass(frozen=True)
+class IncidentSettings:
+    """``[monitor.incidents]``: how flags group into incidents, and which alert.
+
+    ``gap_seconds`` is the most source time between two flags of one incident (by
+    default three sampling intervals, ``anomaly_monitor.incidents``); open incidents of
+    at least ``alert_severity`` are exported for the ``AnomalyMonitorIncident`` alert.
+    """
+
+    gap_seconds: float | None = None
+    alert_severity: float = DEFAULT_ALERT_SEVERITY
+
+
 @dataclass(frozen=True)
 class MonitorSettings:
     """One watched table."""
@@ -97,6 +115,7 @@ class MonitorSettings:
     timestamp_unit: str = "auto"
     lease_seconds: float | None = None
     threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
+    incidents: IncidentSettings = field(default_factory=IncidentSettings)
     model: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -218,6 +237,7 @@ _MONITOR: dict[str, Check] = {
                        f"one of {', '.join(TIMESTAMP_UNIT_CHOICES)}"),
     "lease_seconds": (_positive, "a positive number of seconds"),
     "threshold": (lambda v: isinstance(v, dict), "a table"),
+    "incidents": (lambda v: isinstance(v, dict), "a table"),
     "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
 }
 _WINDOW: dict[str, Check] = {
@@ -228,6 +248,11 @@ _WINDOW: dict[str, Check] = {
                 f"a list of distinct derived inputs among {', '.join(WINDOW_DERIVED)}"),
     "baseline_half_life": ((lambda v: _is_number(v) and v >= 1),
                            "a number of samples, at least 1"),
+}
+_INCIDENTS: dict[str, Check] = {
+    "gap_seconds": (_positive, "a positive number of seconds"),
+    "alert_severity": ((lambda v: _is_number(v) and 0 <= v <= 100),
+                       "a severity from 0 to 100"),
 }
 _REQUIRED_MONITOR = ("name", "table", "timestamp_column")
 
@@ -304,6 +329,10 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
             derived=tuple(window.get("derived", ())),
             baseline_half_life=float(window.get("baseline_half_life",
                                                 WindowSettings.baseline_half_life)))
+    if "incidents" in data:
+        incidents = _check_table(data["incidents"], _INCIDENTS, f"{where}.incidents", path)
+        data["incidents"] = IncidentSettings(
+            **{key: float(value) for key, value in incidents.items()})
     if "entity_column" in data and "window" not in data:
         raise ConfigError(f"{path}: {where}.entity_column needs a [monitor.window] table "
                           "(baselines per entity are kept by window monitors)")
@@ -430,6 +459,11 @@ target_fpr = 0.01               # share of normal rows flagged (robust, quantile
 # size = 32                     # samples before each row that join its features
 # derived = ["diff"]            # also each sample's change from the one before
 # baseline_half_life = 1000     # samples: how fast an entity's baseline follows a shift
+
+# [monitor.incidents]           # flags that follow each other form one incident
+# gap_seconds = 900             # the most source time between two of its flags
+#                               # (default: 3 sampling intervals of the training rows)
+# alert_severity = 90           # open incidents this severe (0-100) raise an alert
 
 # [monitor.model]               # detector hyperparameters (defaults work across datasets)
 # epochs = 100

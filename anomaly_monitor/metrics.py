@@ -103,6 +103,17 @@ class Metrics:
             f"{PREFIX}_rows_below_cursor", "Rows written below the cursor that no batch "
             "read, at least (counted every few minutes; anomaly-monitor backfill scores "
             "them).", labels, registry=registry)
+        self.incidents = Counter(
+            f"{PREFIX}_incidents", "Incidents opened (flags of one monitor and entity that "
+            "follow each other within the monitor's gap).", labels, registry=registry)
+        self.incidents_open = Gauge(
+            f"{PREFIX}_incidents_open", "Incidents open now (as last read by the lease "
+            "holder; 0 on a standby).", labels, registry=registry)
+        self.incident_severity = Gauge(
+            f"{PREFIX}_incident_severity", "Severity (0-100) of each open incident at or above "
+            "the monitor's alert_severity (at most 50 per monitor, the most severe); no "
+            "series for the others.", ["monitor", "entity", "incident"], registry=registry)
+        self._incident_labels: dict[str, set[tuple[str, str]]] = {}
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -114,7 +125,8 @@ class Metrics:
             for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
                            self.expected_ratio, self.severity, self.late_rows, self.paused,
-                           self.id_restarts, self.future_rows, self.rows_below):
+                           self.id_restarts, self.future_rows, self.rows_below,
+                           self.incidents, self.incidents_open):
                 metric.labels(monitor)
             if monitor in windows:
                 self.new_entities.labels(monitor)
@@ -155,6 +167,8 @@ class Metrics:
             self.new_entities.labels(monitor).inc(result.new_entities)
         if result.learning_rows:
             self.learning_rows.labels(monitor).inc(result.learning_rows)
+        if result.incidents_opened:
+            self.incidents.labels(monitor).inc(result.incidents_opened)
         self.batch_duration.labels(monitor).observe(result.duration_seconds)
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))
@@ -176,6 +190,20 @@ class Metrics:
             if labels is not None:
                 self._pause_labels[monitor] = labels
                 self.pause_info.labels(monitor, *labels).set(1)
+
+    def set_incidents(self, monitor: str, open_now: int,
+                      alerting: Iterable[tuple[int, str, float]]) -> None:
+        """Publish the open incidents: their number, and one ``incident_severity`` series
+        per alerting incident (id, entity, severity); series of the others go."""
+        self.incidents_open.labels(monitor).set(open_now)
+        with self._lock:
+            wanted = {(entity, str(incident)): severity
+                      for incident, entity, severity in alerting}
+            for labels in self._incident_labels.get(monitor, set()) - wanted.keys():
+                self.incident_severity.remove(monitor, *labels)
+            for labels, severity in wanted.items():
+                self.incident_severity.labels(monitor, *labels).set(severity)
+            self._incident_labels[monitor] = set(wanted)
 
     def observe_id_restart(self, monitor: str) -> None:
         """Count a table found restarted under the cursor."""

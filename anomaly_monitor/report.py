@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import lease_holder, list_standbys, read_cursor, reset_cursor
 from anomaly_monitor.entities import count_entities, entity_key
+from anomaly_monitor.incidents import open_count, top_features
 from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import (
@@ -19,7 +20,15 @@ from anomaly_monitor.source import (
     oldest_id,
     reflect_source,
 )
-from anomaly_monitor.tables import anomalies, as_utc, batches, cursors, quarantine, utcnow
+from anomaly_monitor.tables import (
+    anomalies,
+    as_utc,
+    batches,
+    cursors,
+    incidents,
+    quarantine,
+    utcnow,
+)
 
 RECENT_WINDOW = dt.timedelta(hours=24)
 #: PostgreSQL: ``status`` gives up counting one monitor's backlog after this long, so
@@ -65,6 +74,7 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     # A window monitor's entities with a baseline under the active version.
     status["entities"] = (count_entities(connection, monitor.name, number)
                           if version is not None and version.training.get("window") else None)
+    status["incidents_open"] = open_count(connection, monitor.name)
     status["threshold"] = version.threshold if version else None
     status["threshold_method"] = version.threshold_method if version else None
     cursor = read_cursor(connection, monitor.name)
@@ -144,7 +154,43 @@ def list_anomalies(
             "score": r.score, "threshold": r.threshold, "severity": round(r.severity, 1),
             "model_version": r.model_version, "top_features": r.contributions,
             "scored_at": _iso(as_utc(r.scored_at)), "generation": r.generation,
-            "entity": r.entity,
+            "entity": r.entity, "incident_id": r.incident_id,
+        }
+        for r in rows
+    ]
+
+
+def list_incidents(
+    connection: sa.Connection,
+    monitor: str,
+    *,
+    only_open: bool = False,
+    since: dt.datetime | None = None,
+    entity: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    """Incidents of ``monitor`` (``only_open``: open ones; ``since``: with a flag stamped
+    at or after it; ``entity``: of that entity), newest first."""
+    query = sa.select(incidents).where(incidents.c.monitor == monitor)
+    if only_open:
+        query = query.where(incidents.c.state == "open")
+    if since is not None:
+        query = query.where(incidents.c.last_timestamp >= since)
+    if entity is not None:
+        query = query.where(incidents.c.entity == entity_key(entity))
+    rows = connection.execute(query.order_by(incidents.c.generation.desc(),
+                                             incidents.c.last_timestamp.desc(),
+                                             incidents.c.id.desc()).limit(limit)).all()
+    return [
+        {
+            "id": r.id, "entity": r.entity, "state": r.state, "label": r.label,
+            "first_source_id": r.first_source_id, "last_source_id": r.last_source_id,
+            "first_timestamp": _iso(as_utc(r.first_timestamp)),
+            "last_timestamp": _iso(as_utc(r.last_timestamp)), "rows": r.rows,
+            "max_severity": round(r.max_severity, 1),
+            "top_features": top_features(r.feature_shares, r.rows),
+            "model_version": r.model_version, "opened_at": _iso(as_utc(r.opened_at)),
+            "closed_at": _iso(as_utc(r.closed_at)), "generation": r.generation,
         }
         for r in rows
     ]

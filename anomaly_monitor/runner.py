@@ -41,6 +41,7 @@ from anomaly_monitor.cursors import (
     set_paused,
 )
 from anomaly_monitor.db import describe_error
+from anomaly_monitor.incidents import alerting_incidents, open_count
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache, RegistryError
 from anomaly_monitor.scoring import check_features
@@ -536,6 +537,7 @@ class MonitorRunner:
             self._note_standby(seconds)
             self.metrics.set_rows_below(monitor.name, 0)  # the leader reports it
             self.metrics.set_paused(monitor.name, False)  # and its pause, if any
+            self.metrics.set_incidents(monitor.name, 0, ())  # and the open incidents
             # What this worker measured as leader is stale when it leads again.
             state.rows_below, state.below_check_at = 0, 0.0
             state.newest_timestamp, state.looked_up_newest = None, False
@@ -651,12 +653,15 @@ class MonitorRunner:
         try:
             # The poll's last batch read the cursor and the version: not read again.
             backlog = 0 if last.nothing_after else None
-            if backlog is None and last.position is not None:
-                with self.engine.connect() as connection:
+            with self.engine.connect() as connection:
+                if backlog is None and last.position is not None:
                     backlog = count_after(connection, self._source(), last.position)
+                open_now = open_count(connection, monitor.name)
+                alerting = alerting_incidents(connection, monitor.name,
+                                              monitor.incidents.alert_severity)
         except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
-            log.warning("monitor %s: could not measure the backlog (%s)", monitor.name,
-                        describe_error(exc, self.engine.url))
+            log.warning("monitor %s: could not measure the backlog or the open incidents "
+                        "(%s)", monitor.name, describe_error(exc, self.engine.url))
             return
         state = self.state
         if last.newest_timestamp is not None:
@@ -668,6 +673,7 @@ class MonitorRunner:
         self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)
         self.metrics.set_paused(monitor.name, False)
+        self.metrics.set_incidents(monitor.name, open_now, alerting)
 
     def _newest_scored(self) -> dt.datetime | None:
         """The newest source timestamp of the monitor's last batch (after a restart)."""

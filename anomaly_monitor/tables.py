@@ -30,6 +30,9 @@ MONITOR_NAME_LENGTH = 64
 #: Entity keys (a window monitor's entity_column values as text) are cut to this length.
 ENTITY_LENGTH = 200
 VERSION_STATUSES = ("candidate", "active", "retired")
+INCIDENT_STATES = ("open", "closed")
+#: Operator labels of flags and incidents: true and false positive.
+LABELS = ("tp", "fp")
 
 
 def _row_id() -> sa.Column[int]:
@@ -120,9 +123,43 @@ anomalies = sa.Table(
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
     # A window monitor's entity (its entity_column's value as text); NULL otherwise.
     sa.Column("entity", sa.String(ENTITY_LENGTH)),
+    # The incident (am_incidents.id) the flag was grouped into, in the same transaction.
+    sa.Column("incident_id", sa.BigInteger),
     sa.UniqueConstraint("monitor", "generation", "source_id"),
     sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
     sa.Index("ix_am_anomalies_monitor_entity", "monitor", "entity"),
+    sa.Index("ix_am_anomalies_incident_id", "incident_id"),
+)
+
+incidents = sa.Table(
+    "am_incidents", metadata,
+    # Flags of one monitor and entity that follow each other within the monitor's gap
+    # (anomaly_monitor.incidents), written in the batch transaction of their flags.
+    _row_id(),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("entity", sa.String(ENTITY_LENGTH)),
+    sa.Column("first_source_id", sa.BigInteger, nullable=False),
+    sa.Column("last_source_id", sa.BigInteger, nullable=False),
+    sa.Column("first_timestamp", Timestamp),
+    sa.Column("last_timestamp", Timestamp),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("max_severity", sa.Float, nullable=False),
+    # Feature name (without its lag) -> the sum of its shares over the incident's flags.
+    sa.Column("feature_shares", Json, nullable=False),
+    sa.Column("state", sa.String(8), nullable=False),
+    # The operator's label, tp or fp (issue 16's feedback), NULL while unlabelled.
+    sa.Column("label", sa.String(8)),
+    # The version that flagged the incident's first row.
+    sa.Column("model_version", sa.Integer, nullable=False),
+    sa.Column("opened_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+    sa.Column("closed_at", Timestamp),
+    sa.CheckConstraint(sa.column("state").in_(INCIDENT_STATES), name="state"),
+    sa.CheckConstraint(sa.or_(sa.column("label").is_(None),
+                              sa.column("label").in_(LABELS)), name="label"),
+    sa.Index("ix_am_incidents_monitor_state", "monitor", "state"),
+    sa.Index("ix_am_incidents_monitor_last_timestamp", "monitor", "last_timestamp"),
 )
 
 entity_states = sa.Table(

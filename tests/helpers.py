@@ -6,6 +6,7 @@ import contextlib
 import copy
 import datetime as dt
 import hashlib
+import itertools
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -222,3 +223,67 @@ def pause_info(registry: CollectorRegistry, monitor: str) -> list[dict[str, str]
     return [sample.labels for metric in registry.collect()
             if metric.name == "anomaly_monitor_pause_info" for sample in metric.samples
             if sample.labels["monitor"] == monitor and sample.value == 1]
+
+
+def incident_errors(engine: sa.Engine, monitor: str, gap_seconds: float) -> list[str]:
+    """The incidents oracle: what in ``am_incidents`` differs from the runs of each
+    entity's flags (``am_anomalies``) with at most ``gap_seconds`` between two, and
+    from the open/closed rule at the newest source time scored. Empty when they agree:
+    no incident split, duplicated or lost, whatever the order of scoring and crashes."""
+    from collections import defaultdict
+
+    from anomaly_monitor.tables import anomalies, as_utc, batches, cursors, incidents
+
+    gap = dt.timedelta(seconds=gap_seconds)
+    with engine.connect() as connection:
+        flags = connection.execute(
+            sa.select(anomalies.c.source_id, anomalies.c.entity, anomalies.c.generation,
+                      anomalies.c.source_timestamp, anomalies.c.severity,
+                      anomalies.c.incident_id).where(anomalies.c.monitor == monitor)).all()
+        stored = {r.id: r for r in connection.execute(
+            sa.select(incidents).where(incidents.c.monitor == monitor))}
+        newest = [as_utc(t) for t in connection.execute(
+            sa.select(batches.c.newest_timestamp).where(batches.c.monitor == monitor)
+        ).scalars() if t is not None]
+        at_cursor = as_utc(connection.execute(sa.select(cursors.c.position_timestamp).where(
+            cursors.c.monitor == monitor)).scalar())
+    errors = [f"flag {f.source_id} has no incident" for f in flags if f.incident_id is None]
+    runs: dict[tuple[int, str | None], list[Any]] = defaultdict(list)
+    for f in sorted(flags, key=lambda f: (as_utc(f.source_timestamp), f.source_id)):
+        runs[(f.generation, f.entity)].append(f)
+    expected = set()
+    for group in runs.values():
+        run = [group[0].source_id]
+        for a, b in itertools.pairwise(group):
+            if as_utc(b.source_timestamp) - as_utc(a.source_timestamp) > gap:
+                expected.add(frozenset(run))
+                run = []
+            run.append(b.source_id)
+        expected.add(frozenset(run))
+    members: dict[int, list[Any]] = defaultdict(list)
+    for f in flags:
+        members[f.incident_id].append(f)
+    actual = {frozenset(f.source_id for f in group) for group in members.values()}
+    errors += [f"expected one incident of flags {sorted(s)}" for s in expected - actual]
+    errors += [f"incident of flags {sorted(s)} is not a run" for s in actual - expected]
+    errors += [f"incident {i} has no flags" for i in stored.keys() - members.keys()]
+    horizon = max(filter(None, [*newest, at_cursor]), default=None)
+    for i, group in members.items():
+        row = stored.get(i)
+        if row is None:
+            errors.append(f"flags {[f.source_id for f in group]} point at missing incident {i}")
+            continue
+        times = [as_utc(f.source_timestamp) for f in group]
+        summary = (row.rows, row.first_source_id, row.last_source_id,
+                   as_utc(row.first_timestamp), as_utc(row.last_timestamp),
+                   round(row.max_severity, 6))
+        truth = (len(group), min(f.source_id for f in group), max(f.source_id for f in group),
+                 min(times), max(times), round(max(f.severity for f in group), 6))
+        if summary != truth:
+            errors.append(f"incident {i} says {summary}, its flags {truth}")
+        current = row.generation == max(f.generation for f in flags)
+        should = "open" if current and (horizon is None or max(times) >= horizon - gap) \
+            else "closed"
+        if row.state != should:
+            errors.append(f"incident {i} is {row.state}, should be {should} at {horizon}")
+    return errors

@@ -113,6 +113,18 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     assert len({a["source_id"] for a in flagged} & set(anomalies)) >= 9
     assert all(len(a["top_features"]) == 3 for a in flagged)
     assert "top features" in cli("--config", config, "anomalies", "plant")
+    found = json.loads(cli("--config", config, "incidents", "plant", "--json"))
+    run = [i for i in found if i["first_source_id"] <= anomalies[0] <= i["last_source_id"]]
+    assert len(run) == 1 and run[0]["rows"] >= 9 and len(found) < len(flagged)
+    assert {a["incident_id"] for a in flagged if a["source_id"] in anomalies} == {run[0]["id"]}
+    table_out = cli("--config", config, "incidents", "plant", "--since", "2000-01-01")
+    assert "top features" in table_out and str(run[0]["id"]) in table_out
+    assert status["incidents_open"] == len(json.loads(
+        cli("--config", config, "incidents", "plant", "--open", "--json")))
+    out = cli("--config", config, "incidents", "plant", "--entity", "x", expect=2, stderr=True)
+    assert "has no entity_column" in out and "Traceback" not in out
+    assert "no monitor named 'nope'" in cli("--config", config, "incidents", "nope", expect=2,
+                                            stderr=True)
     out = cli("--config", config, "models", "rollback", expect=1)
     assert "nothing to roll back to" in out and "Traceback" not in out
     assert "model version 1 verified" in cli("--config", config, "check")
@@ -280,8 +292,8 @@ def test_db_downgrade_takes_relative_revisions_and_names_what_base_drops(tmp_pat
     path = tmp_path / "am.toml"
     path.write_text(CONFIG.format(url=f"sqlite:///{tmp_path / 'x.db'}", port=0, features='"f0"'))
     cli("--config", path, "db", "upgrade")
-    assert "at revision 0005" in cli("--config", path, "db", "downgrade", "-1")
-    assert "at revision 0001" in cli("--config", path, "db", "downgrade", "-4")
+    assert "at revision 0006" in cli("--config", path, "db", "downgrade", "-1")
+    assert "at revision 0001" in cli("--config", path, "db", "downgrade", "-5")
     out = cli("--config", path, "db", "downgrade", "-1", expect=2)  # 0001 -> base
     assert "drops every am_ table" in out and "0 model versions" in out
     assert "no revision 'nosuch'" in cli("--config", path, "db", "downgrade", "nosuch",

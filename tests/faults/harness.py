@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.entities import row_entities
+from anomaly_monitor.incidents import incident_gap
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import load_model
 from anomaly_monitor.source import reflect_source
@@ -30,7 +31,7 @@ from anomaly_monitor.windows import (
     model_term,
     score_terms,
 )
-from tests.helpers import FEATURES, Sensors, wait_for
+from tests.helpers import FEATURES, Sensors, incident_errors, wait_for
 
 CONFIG = """
 [database]
@@ -148,6 +149,8 @@ class Verdict:
     lost: list[int]
     extra: list[int]
     wrong_flags: list[int]
+    #: What in am_incidents differs from the runs of the flags (tests.helpers.incident_errors).
+    incident_errors: list[str] = field(default_factory=list)
 
 
 def _pass_scores(connection: sa.Connection, source, model, window,
@@ -202,4 +205,6 @@ def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int,
         lost=every[coverage == 0].tolist(),
         extra=sorted(set(quarantined) - {b.source_id for b in window.bad}),
         wrong_flags=sorted((actual ^ expected) - borderline),
+        incident_errors=incident_errors(engine, monitor.name,
+                                        incident_gap(monitor, model.version)),
     )

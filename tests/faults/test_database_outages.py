@@ -113,6 +113,7 @@ def test_crash_and_freeze_of_postgresql(tmp_path):
     assert recoveries["restart"] <= 2 * INTERVAL + 5  # + reconnect and a batch on 2 cores
     assert recoveries["freeze"] <= 2 * INTERVAL + 5
     assert verdict.duplicates == 0 and verdict.lost == [] and verdict.wrong_flags == []
+    assert verdict.incident_errors == []
 
 
 def _caught_up(engine: sa.Engine, table: sa.Table) -> bool:

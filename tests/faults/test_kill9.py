@@ -67,4 +67,5 @@ def test_kill_9_loses_and_duplicates_nothing(engine, db_url, tmp_path):
     assert kills == KILLS and sum(p.inserted for p in producers) > 100
     assert verdict.duplicates == 0 and verdict.lost == [] and verdict.extra == []
     assert verdict.wrong_flags == []
+    assert verdict.incident_errors == []  # no incident split or duplicated by a kill
     assert verdict.quarantined > 0 and verdict.flagged > 0

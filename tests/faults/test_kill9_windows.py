@@ -84,4 +84,5 @@ def test_kill_9_keeps_window_monitors_exactly_once(engine, db_url, tmp_path):
     assert kills == KILLS and producer.inserted > 100
     assert verdict.duplicates == 0 and verdict.lost == [] and verdict.extra == []
     assert verdict.wrong_flags == [] and verdict.flagged > 20
+    assert verdict.incident_errors == []  # no incident split or duplicated by a kill
     assert flagged_hosts <= set(HOSTS)

@@ -177,3 +177,17 @@ def test_reading_a_config_does_not_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_incident_settings_are_checked():
+    monitor = {"name": "m", "table": "t", "timestamp_column": "ts"}
+    default = parse_settings({"monitor": [monitor]}, environ={}).monitors[0].incidents
+    assert default.gap_seconds is None and default.alert_severity == 90.0
+    chosen = parse_settings({"monitor": [{**monitor, "incidents": {
+        "gap_seconds": 600, "alert_severity": 50}}]}, environ={}).monitors[0].incidents
+    assert (chosen.gap_seconds, chosen.alert_severity) == (600.0, 50.0)
+    for bad, message in (({"gap_seconds": 0}, "incidents.gap_seconds must be a positive"),
+                         ({"alert_severity": 101}, "from 0 to 100"),
+                         ({"gap": 5}, "unknown key monitor 'm'.incidents.gap")):
+        with pytest.raises(ConfigError, match=message):
+            parse_settings({"monitor": [{**monitor, "incidents": bad}]}, environ={})

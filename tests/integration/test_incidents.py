@@ -1,0 +1,174 @@
+"""Incidents: flags that follow each other grouped in the batch transaction, on SQLite
+and PostgreSQL, across batches, for row and window monitors; the metrics of a poll."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor.config import IncidentSettings
+from anomaly_monitor.cursors import read_cursor
+from anomaly_monitor.incidents import GAP_INTERVALS, incident_gap
+from anomaly_monitor.lifecycle import train_monitor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.report import list_incidents, move_cursor
+from anomaly_monitor.tables import anomalies, incidents
+from anomaly_monitor.worker import Worker
+from tests.helpers import (
+    Sensors,
+    drain,
+    incident_errors,
+    insert_rows,
+    monitor_settings,
+    settings,
+    trained_plant,
+)
+from tests.integration.test_window_monitor import HOSTS, host_rows, host_table, window_monitor
+
+
+def _episodes(engine, table):
+    """Normal rows with two anomalous runs (10 and 5 rows), one a minute after the
+    training rows; returns the ids of the two runs."""
+    sensors = Sensors(seed=5)
+    with engine.connect() as connection:
+        last = connection.execute(sa.select(sa.func.max(table.c.ts))).scalar()
+    start = last.replace(tzinfo=dt.UTC) + dt.timedelta(minutes=1)
+    parts = [sensors.normal(30), sensors.anomalous(10), sensors.normal(30),
+             sensors.anomalous(5), sensors.normal(10)]
+    ids = insert_rows(engine, table, np.vstack(parts), start=start, step_seconds=60.0)
+    return ids[30:40], ids[70:75]
+
+
+def test_a_run_of_flags_is_one_incident_across_batches(engine):
+    table, monitor, _, report = trained_plant(engine, monitor_settings(batch_size=7))
+    assert report.version.training["sample_interval_seconds"] == pytest.approx(60.0, rel=0.01)
+    assert incident_gap(monitor, report.version) == pytest.approx(GAP_INTERVALS * 60.0, rel=0.01)
+    first_run, second_run = _episodes(engine, table)
+    results = drain(engine, monitor)
+    assert len(results) > 10  # the runs span several batches
+    gap = incident_gap(monitor, report.version)
+    assert incident_errors(engine, "plant", gap) == []
+    with engine.connect() as connection:
+        found = list_incidents(connection, "plant", limit=100)
+        by_flag = dict(connection.execute(
+            sa.select(anomalies.c.source_id, anomalies.c.incident_id)).all())
+    assert all(i in by_flag for i in first_run + second_run)  # every anomalous row flagged
+    one, two = by_flag[first_run[0]], by_flag[second_run[0]]
+    assert {by_flag[i] for i in first_run} == {one} and {by_flag[i] for i in second_run} == {two}
+    incident = next(r for r in found if r["id"] == one)
+    assert incident["rows"] >= 10 and incident["first_source_id"] <= first_run[0]
+    assert incident["state"] == "closed" and incident["entity"] is None
+    assert incident["top_features"] and 0 < incident["max_severity"] <= 100
+    assert sum(r.incidents_opened for r in results) == len(found)
+    assert len(found) < len(by_flag)
+
+
+def test_incidents_close_when_the_stream_moves_past_them(engine):
+    table, monitor, _, report = trained_plant(engine)
+    sensors = Sensors(seed=9)
+    with engine.connect() as connection:
+        last = connection.execute(sa.select(sa.func.max(table.c.ts))).scalar()
+    start = last.replace(tzinfo=dt.UTC) + dt.timedelta(minutes=1)
+    insert_rows(engine, table, sensors.anomalous(3), start=start)
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        assert [r["state"] for r in list_incidents(connection, "plant")] == ["open"]
+    # Two minutes later: still within the gap (three minutes); then five minutes later.
+    insert_rows(engine, table, sensors.normal(1), start=start + dt.timedelta(minutes=4))
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        assert [r["state"] for r in list_incidents(connection, "plant")] == ["open"]
+    insert_rows(engine, table, sensors.normal(1), start=start + dt.timedelta(minutes=9))
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        (row,) = list_incidents(connection, "plant")
+        assert row["state"] == "closed" and row["closed_at"] is not None
+        assert list_incidents(connection, "plant", only_open=True) == []
+    assert incident_errors(engine, "plant", incident_gap(monitor, report.version)) == []
+
+
+def test_a_configured_gap_and_a_cursor_reset(engine):
+    """``gap_seconds`` replaces the default; a new generation starts new incidents and
+    closes the old ones."""
+    monitor = monitor_settings(incidents=IncidentSettings(gap_seconds=30.0))
+    table, monitor, _, report = trained_plant(engine, monitor)
+    assert incident_gap(monitor, report.version) == 30.0
+    first_run, _ = _episodes(engine, table)
+    drain(engine, monitor)
+    # A gap shorter than the rows' spacing: every flag its own incident.
+    with engine.connect() as connection:
+        flagged = connection.execute(sa.select(sa.func.count()).select_from(anomalies)).scalar()
+        assert len(list_incidents(connection, "plant", limit=1000)) == flagged
+    assert incident_errors(engine, "plant", 30.0) == []
+    with engine.begin() as connection:
+        position = read_cursor(connection, "plant").position
+        move_cursor(connection, monitor, first_run[0] - 1, force=True)  # back: a reset
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        generations = connection.execute(
+            sa.select(incidents.c.generation, incidents.c.state)).all()
+        assert read_cursor(connection, "plant").position == position
+    assert {g for g, _ in generations} == {0, 1}
+    assert all(state == "closed" for g, state in generations if g == 0)
+
+
+def test_each_entity_has_its_own_incidents(engine):
+    table = host_table(engine)
+    history = host_rows(1, 300)
+    with engine.begin() as connection:
+        connection.execute(table.insert(), history)
+    monitor = window_monitor()
+    report = train_monitor(engine, monitor, device="cpu")
+    # Each host samples every 15 minutes (three hosts, a row every 5 minutes).
+    assert report.version.training["sample_interval_seconds"] == pytest.approx(900, rel=0.01)
+    with engine.begin() as connection:
+        move_cursor(connection, monitor, len(history), force=True)
+        connection.execute(table.insert(), host_rows(len(history) + 1, 200, seed=1,
+                                                     shift_host="b", shift_from=100))
+    drain(engine, monitor)
+    gap = incident_gap(monitor, report.version)
+    assert incident_errors(engine, "hosts", gap) == []
+    with engine.connect() as connection:
+        rows = list_incidents(connection, "hosts", limit=1000)
+        flags_b = connection.execute(sa.select(sa.func.count()).select_from(anomalies)
+                                     .where(anomalies.c.entity == "b")).scalar()
+        only_b = list_incidents(connection, "hosts", entity="b", limit=1000)
+    assert {r["entity"] for r in rows} <= set(HOSTS)
+    assert only_b and {r["entity"] for r in only_b} == {"b"}
+    # the shift of b: its flags are fewer incidents than flags, the first at the shift
+    shift_start = len(history) + 100 * len(HOSTS) + 2
+    first = min(only_b, key=lambda r: abs(r["first_source_id"] - shift_start))
+    assert abs(first["first_source_id"] - shift_start) < 30 * len(HOSTS)
+    assert len(only_b) < flags_b
+
+
+def test_a_poll_exports_the_open_incidents_for_the_alert(db_url, engine):
+    monitor = monitor_settings(incidents=IncidentSettings(alert_severity=0.0))
+    table, monitor, _, _ = trained_plant(engine, monitor)
+    with engine.connect() as connection:
+        last = connection.execute(sa.select(sa.func.max(table.c.ts))).scalar()
+    insert_rows(engine, table, Sensors(seed=3).anomalous(4),
+                start=last.replace(tzinfo=dt.UTC) + dt.timedelta(minutes=1))
+    registry = CollectorRegistry()
+    worker = Worker(settings(db_url, monitor), engine, Metrics(registry), device="cpu")
+    worker.run_once()
+    labels = {"monitor": "plant"}
+    assert registry.get_sample_value("anomaly_monitor_incidents_total", labels) == 1
+    assert registry.get_sample_value("anomaly_monitor_incidents_open", labels) == 1
+    with engine.connect() as connection:
+        (incident,) = list_incidents(connection, "plant")
+    value = registry.get_sample_value("anomaly_monitor_incident_severity",
+                                      {**labels, "entity": "", "incident": str(incident["id"])})
+    assert value == pytest.approx(incident["max_severity"], abs=0.05)
+    # Above the alert level: no series; the count stays.
+    high = dataclasses.replace(monitor, incidents=IncidentSettings(alert_severity=100.0))
+    registry = CollectorRegistry()
+    Worker(settings(db_url, high), engine, Metrics(registry), device="cpu").run_once()
+    assert registry.get_sample_value("anomaly_monitor_incidents_open", labels) == 1
+    assert not [s for m in registry.collect() if m.name == "anomaly_monitor_incident_severity"
+                for s in m.samples]
