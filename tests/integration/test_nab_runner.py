@@ -37,3 +37,13 @@ def test_a_result_file_has_every_row_scored_in_nab_format(tmp_path):
     files = nab_score.load_results(tmp_path, "anomalymonitor", labels)
     result = nab_score.score_detector(files, len(windows))[0]
     assert result.raw >= -len(windows)
+
+
+def test_incident_onsets_are_the_first_flag_of_each_run():
+    import datetime as dt
+
+    times = [dt.datetime(2026, 1, 1) + dt.timedelta(minutes=5 * i) for i in range(10)]
+    scores = {1: 0.1, 2: 3.0, 3: 2.5, 4: 0.2, 5: 4.0, 6: 0.1, 7: 0.1, 8: 0.1, 9: 5.0, 10: 2.1}
+    # flags 2, 3, 5 (10 minutes apart at most) are one run within 15 minutes; 9, 10 another
+    assert nab.incident_onsets(scores, times, 2.0, 900.0) == {2, 9}
+    assert nab.incident_onsets(scores, times, 2.0, 300.0) == {2, 5, 9}
