@@ -67,6 +67,11 @@ batch_size = 5000
 method = "pot"
 target_fpr = 0.002
 
+[monitor.incidents]
+# Live rows come 10 at a time every 0.25 s, but the history was a row a minute: the
+# default gap (3 sampling intervals of the training rows) would be 3 minutes.
+gap_seconds = 1
+
 [monitor.model]
 epochs = 40
 
@@ -219,7 +224,8 @@ class Producer:
 
 def _summary(engine: sa.Engine, monitor: str, table: str, first_live_id: int
              ) -> dict[str, Any]:
-    from anomaly_monitor.tables import anomalies, batches, quarantine
+    from anomaly_monitor.config import DEFAULT_ALERT_SEVERITY
+    from anomaly_monitor.tables import anomalies, batches, incidents, quarantine
 
     source = sa.table(table, sa.column("id"), sa.column("is_anomaly"),
                       sa.column("anomaly_kind"))
@@ -234,6 +240,8 @@ def _summary(engine: sa.Engine, monitor: str, table: str, first_live_id: int
         quarantined = connection.execute(
             sa.select(sa.func.count()).select_from(quarantine)
             .where(quarantine.c.monitor == monitor)).scalar() or 0
+        severities = connection.execute(sa.select(incidents.c.max_severity).where(
+            incidents.c.monitor == monitor)).scalars().all()
         top = connection.execute(
             sa.select(anomalies.c.source_id, anomalies.c.severity, anomalies.c.score,
                       anomalies.c.contributions, source.c.anomaly_kind, anomalies.c.entity)
@@ -246,6 +254,8 @@ def _summary(engine: sa.Engine, monitor: str, table: str, first_live_id: int
     return {
         "episodes": episodes, "monitor": monitor, "scored": int(scored), "flagged": len(flagged),
         "quarantined": int(quarantined), "live_rows": len(truth),
+        "incidents": len(severities),
+        "alerts": sum(1 for v in severities if v >= DEFAULT_ALERT_SEVERITY),
         "live_anomalies": len(positives),
         "precision": hits / len(flagged) if flagged else 0.0,
         "recall": hits / len(positives) if positives else 0.0, "top": top,
@@ -403,11 +413,17 @@ def _print_top(top: list[Any], echo: Callable[[str], None]) -> None:
              f"injected: {kind or 'none'}; top features: {features}")
 
 
+def _incidents(summary: dict[str, Any]) -> str:
+    return (f"the flags form {summary['incidents']} incident(s); {summary['alerts']} reached "
+            "severity 90 and raised an AnomalyMonitorIncident alert")
+
+
 def _print_summary(summary: dict[str, Any], config_path: Path,
                    echo: Callable[[str], None]) -> None:
     echo(f"4. done in {summary['seconds']:.0f} s: {summary['scored']:,} live rows scored, "
          f"{summary['flagged']} flagged, {summary['quarantined']} quarantined "
          "(missing values)")
+    echo(f"   {_incidents(summary)}")
     echo(f"   against the injected labels ({summary['live_anomalies']} anomalous rows): "
          f"precision {summary['precision']:.2f}, recall {summary['recall']:.2f}")
     _print_top(summary["top"], echo)
@@ -416,6 +432,7 @@ def _print_summary(summary: dict[str, Any], config_path: Path,
          f"scored, {hosts['flagged']} flagged; against the injected labels "
          f"({hosts['live_anomalies']} anomalous rows): precision {hosts['precision']:.2f}, "
          f"recall {hosts['recall']:.2f}")
+    echo(f"   {_incidents(hosts)}")
     if hosts["episodes"]:
         echo("   injected episodes caught (a flag on at least one of their rows): " + ", ".join(
             f"{kind} {hit}/{total}" for kind, (hit, total) in hosts["episodes"].items()))
@@ -423,6 +440,6 @@ def _print_summary(summary: dict[str, Any], config_path: Path,
     config = f"--config {config_path}"
     echo("   look further:")
     for command in ("status", "anomalies plant --limit 10",
-                    "anomalies hosts --entity web-01", "models list",
+                    "anomalies hosts --entity web-01", "incidents hosts", "models list",
                     "calibrate plant --dry-run", "run"):
         echo(f"     anomaly-monitor {config} {command}")
