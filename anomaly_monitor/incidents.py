@@ -14,7 +14,10 @@ same way as live scoring):
 - An incident is *open* while the newest source timestamp the monitor has scored (the
   horizon: the row at the cursor, or the newest row of the batch) is at most ``gap``
   after its last flag; every batch closes those it has moved past.
-- A flag without a readable timestamp joins its entity's newest open incident.
+- A flag without a readable timestamp joins its entity's newest open incident (or
+  opens one that the next batch closes). Rows stamped more than an hour ahead of the
+  clock do not move the horizon; their incidents close once they have not grown for
+  ``gap``.
 - ``gap`` is ``[monitor.incidents] gap_seconds``; by default ``GAP_INTERVALS``
   sampling intervals of the active version's training rows (per entity), and for a
   version trained before that was stored, ``GAP_INTERVALS`` polling intervals.
@@ -46,6 +49,9 @@ GAP_INTERVALS = 3
 MAX_ALERT_SERIES = 50
 #: Features named in an incident's summary.
 TOP_FEATURES = 3
+#: Source times more than this far ahead of the clock do not move the horizon (the
+#: batch scores such rows at once, ``anomaly_monitor.batch``).
+FUTURE_TOLERANCE_SECONDS = 3600.0
 
 
 def sample_interval(rows: int, entities: int, first: dt.datetime | None,
@@ -90,10 +96,13 @@ class _Incident:
     def last(self) -> dt.datetime | None:
         return as_utc(self.row["last_timestamp"])
 
-    def holds(self, when: dt.datetime | None, gap: dt.timedelta) -> bool:
-        if when is None or self.first is None or self.last is None:
-            return when is None and self.row["state"] == "open"
+    def holds(self, when: dt.datetime, gap: dt.timedelta) -> bool:
+        if self.first is None or self.last is None:
+            return False
         return self.first - gap <= when <= self.last + gap
+
+    def recency(self) -> tuple[dt.datetime, int]:
+        return (self.last or dt.datetime.min.replace(tzinfo=dt.UTC), self.row["id"] or 2**62)
 
     def add(self, flag: dict[str, Any]) -> None:
         row, when = self.row, flag["source_timestamp"]
@@ -176,7 +185,12 @@ def group(flags: Iterable[dict[str, Any]], stored: Sequence[dict[str, Any]], *,
     merged: dict[int, _Incident] = {}
     for flag in sorted(flags, key=_order):
         candidates = by_entity[flag["entity"]]
-        holding = [c for c in candidates if c.holds(flag["source_timestamp"], gap)]
+        when = flag["source_timestamp"]
+        if when is None:  # the entity's newest open incident, if any
+            live = [c for c in candidates if c.row["state"] == "open"]
+            holding = [max(live, key=_Incident.recency)] if live else []
+        else:
+            holding = [c for c in candidates if c.holds(when, gap)]
         if not holding:
             incident = _new(monitor, generation, flag, now)
             candidates.append(incident)
@@ -194,13 +208,78 @@ def group(flags: Iterable[dict[str, Any]], stored: Sequence[dict[str, Any]], *,
     return Grouping(list(touched.values()), merged)
 
 
-def horizon(connection: sa.Connection, monitor: str,
-            newest: dt.datetime | None) -> dt.datetime | None:
-    """The newest source time scored: the cursor row's timestamp or ``newest``."""
+def horizon(connection: sa.Connection, monitor: str, newest: dt.datetime | None,
+            now: dt.datetime) -> dt.datetime | None:
+    """The newest source time scored: the cursor row's timestamp or ``newest``, leaving
+    out times more than ``FUTURE_TOLERANCE_SECONDS`` ahead of ``now`` (mis-stamped rows
+    must not close every other incident)."""
     at_cursor = as_utc(connection.execute(
         sa.select(cursors.c.position_timestamp).where(cursors.c.monitor == monitor)
     ).scalar())
-    return max(filter(None, (at_cursor, newest)), default=None)
+    latest = now + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+    return max((t for t in (at_cursor, newest) if t is not None and t <= latest), default=None)
+
+
+_TIMES = ("first_timestamp", "last_timestamp", "opened_at", "updated_at", "closed_at")
+
+
+def _candidates(connection: sa.Connection, scope: list[sa.ColumnElement[bool]],
+                flags: list[dict[str, Any]], gap: dt.timedelta) -> list[dict[str, Any]]:
+    """The stored incidents the flags may join: the open ones, and the closed ones
+    whose span widened by ``gap`` reaches the flags' times (two indexed reads)."""
+    rows = list(connection.execute(
+        sa.select(incidents).where(*scope, incidents.c.state == "open")).mappings())
+    times = [f["source_timestamp"] for f in flags if f["source_timestamp"] is not None]
+    if times:
+        rows += connection.execute(sa.select(incidents).where(
+            *scope, incidents.c.state == "closed",
+            incidents.c.last_timestamp >= min(times) - gap,
+            incidents.c.first_timestamp <= max(times) + gap)).mappings()
+    # SQLite returns naive datetimes (stored as UTC).
+    return [{**row, **{key: as_utc(row[key]) for key in _TIMES}} for row in rows]
+
+
+def _write(connection: sa.Connection, grouping: Grouping, upto: dt.datetime | None,
+           gap: dt.timedelta, now: dt.datetime) -> int:
+    """Store the grouping; returns the number of incidents inserted."""
+    for gone, into in grouping.merged.items():
+        connection.execute(anomalies.update().where(anomalies.c.incident_id == gone)
+                           .values(incident_id=into.row["id"]))
+        connection.execute(incidents.delete().where(incidents.c.id == gone))
+    opened = 0
+    for incident in grouping.touched:
+        row, last = incident.row, incident.last
+        is_open = upto is None or last is None or last >= upto - gap
+        row["state"] = "open" if is_open else "closed"
+        row["closed_at"] = None if is_open else (row["closed_at"] or now)
+        row["updated_at"] = now
+        values = {k: v for k, v in row.items() if k != "id"}
+        if row["id"] is None:
+            row["id"] = connection.execute(
+                incidents.insert().values(**values)).inserted_primary_key[0]
+            opened += 1
+        else:
+            connection.execute(incidents.update().where(incidents.c.id == row["id"])
+                               .values(**values))
+        for flag in incident.flags:
+            flag["incident_id"] = row["id"]
+    return opened
+
+
+def _close_stale(connection: sa.Connection, monitor: str, generation: int,
+                 upto: dt.datetime | None, gap: dt.timedelta, now: dt.datetime) -> None:
+    """Close the open incidents the horizon has moved past, those of older generations,
+    those of flags without a timestamp (at the next batch), and mis-stamped ones (far in
+    the future) once they have not grown for ``gap``."""
+    ahead = now + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+    stale = [incidents.c.generation != generation,
+             sa.and_(incidents.c.last_timestamp.is_(None), incidents.c.updated_at < now),
+             sa.and_(incidents.c.last_timestamp > ahead, incidents.c.updated_at < now - gap)]
+    if upto is not None:
+        stale.append(incidents.c.last_timestamp < upto - gap)
+    connection.execute(incidents.update().where(
+        incidents.c.monitor == monitor, incidents.c.state == "open", sa.or_(*stale)
+    ).values(state="closed", closed_at=now, updated_at=now))
 
 
 def record_incidents(connection: sa.Connection, monitor: str, generation: int,
@@ -210,44 +289,14 @@ def record_incidents(connection: sa.Connection, monitor: str, generation: int,
     incidents, set each flag's ``incident_id``, and close the incidents the horizon
     has moved past. Returns how many incidents were opened."""
     gap = dt.timedelta(seconds=gap_seconds)
-    scope = [incidents.c.monitor == monitor, incidents.c.generation == generation]
-    upto = horizon(connection, monitor, newest)
+    upto = horizon(connection, monitor, newest, now)
     opened = 0
     if flags:
-        times = [f["source_timestamp"] for f in flags if f["source_timestamp"] is not None]
-        nearby = incidents.c.state == "open"
-        if times:
-            nearby = sa.or_(nearby, incidents.c.last_timestamp >= min(times) - gap)
-        stored = connection.execute(sa.select(incidents).where(*scope, nearby)).mappings()
-        grouping = group(flags, [dict(r) for r in stored], monitor=monitor,
+        scope = [incidents.c.monitor == monitor, incidents.c.generation == generation]
+        grouping = group(flags, _candidates(connection, scope, flags, gap), monitor=monitor,
                          generation=generation, gap_seconds=gap_seconds, now=now)
-        for gone, into in grouping.merged.items():
-            connection.execute(anomalies.update().where(anomalies.c.incident_id == gone)
-                               .values(incident_id=into.row["id"]))
-            connection.execute(incidents.delete().where(incidents.c.id == gone))
-        for incident in grouping.touched:
-            row = incident.row
-            last = incident.last
-            row["state"] = "open" if upto is None or last is None or last >= upto - gap \
-                else "closed"
-            row["closed_at"] = None if row["state"] == "open" else (row["closed_at"] or now)
-            row["updated_at"] = now
-            if row["id"] is None:
-                values = {k: v for k, v in row.items() if k != "id"}
-                row["id"] = connection.execute(
-                    incidents.insert().values(**values)).inserted_primary_key[0]
-                opened += 1
-            else:
-                connection.execute(incidents.update().where(incidents.c.id == row["id"])
-                                   .values(**{k: v for k, v in row.items() if k != "id"}))
-            for flag in incident.flags:
-                flag["incident_id"] = row["id"]
-    if upto is not None:
-        stale = sa.or_(incidents.c.generation != generation,
-                       incidents.c.last_timestamp < upto - gap)
-        connection.execute(incidents.update().where(
-            incidents.c.monitor == monitor, incidents.c.state == "open", stale
-        ).values(state="closed", closed_at=now, updated_at=now))
+        opened = _write(connection, grouping, upto, gap, now)
+    _close_stale(connection, monitor, generation, upto, gap, now)
     return opened
 
 

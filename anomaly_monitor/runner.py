@@ -653,16 +653,14 @@ class MonitorRunner:
         try:
             # The poll's last batch read the cursor and the version: not read again.
             backlog = 0 if last.nothing_after else None
-            with self.engine.connect() as connection:
-                if backlog is None and last.position is not None:
+            if backlog is None and last.position is not None:
+                with self.engine.connect() as connection:
                     backlog = count_after(connection, self._source(), last.position)
-                open_now = open_count(connection, monitor.name)
-                alerting = alerting_incidents(connection, monitor.name,
-                                              monitor.incidents.alert_severity)
         except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
-            log.warning("monitor %s: could not measure the backlog or the open incidents "
-                        "(%s)", monitor.name, describe_error(exc, self.engine.url))
+            log.warning("monitor %s: could not measure the backlog (%s)", monitor.name,
+                        describe_error(exc, self.engine.url))
             return
+        self._report_incidents()
         state = self.state
         if last.newest_timestamp is not None:
             state.newest_timestamp = last.newest_timestamp
@@ -673,6 +671,19 @@ class MonitorRunner:
         self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)
         self.metrics.set_paused(monitor.name, False)
+
+    def _report_incidents(self) -> None:
+        """Publish the open incidents (the alert's series), read from the database."""
+        monitor = self.monitor
+        try:
+            with self.engine.connect() as connection:
+                open_now = open_count(connection, monitor.name)
+                alerting = alerting_incidents(connection, monitor.name,
+                                              monitor.incidents.alert_severity)
+        except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
+            log.warning("monitor %s: could not read the open incidents (%s)", monitor.name,
+                        describe_error(exc, self.engine.url))
+            return
         self.metrics.set_incidents(monitor.name, open_now, alerting)
 
     def _newest_scored(self) -> dt.datetime | None:

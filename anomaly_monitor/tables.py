@@ -158,8 +158,9 @@ incidents = sa.Table(
     sa.CheckConstraint(sa.column("state").in_(INCIDENT_STATES), name="state"),
     sa.CheckConstraint(sa.or_(sa.column("label").is_(None),
                               sa.column("label").in_(LABELS)), name="label"),
-    sa.Index("ix_am_incidents_monitor_state", "monitor", "state"),
-    sa.Index("ix_am_incidents_monitor_last_timestamp", "monitor", "last_timestamp"),
+    sa.Index("ix_am_incidents_monitor_state_generation", "monitor", "state", "generation"),
+    sa.Index("ix_am_incidents_monitor_generation_last_timestamp", "monitor", "generation",
+             "last_timestamp"),
 )
 
 entity_states = sa.Table(

@@ -248,6 +248,7 @@ def incident_errors(engine: sa.Engine, monitor: str, gap_seconds: float) -> list
         at_cursor = as_utc(connection.execute(sa.select(cursors.c.position_timestamp).where(
             cursors.c.monitor == monitor)).scalar())
     errors = [f"flag {f.source_id} has no incident" for f in flags if f.incident_id is None]
+    flags = [f for f in flags if f.source_timestamp is not None]  # not grouped by time
     runs: dict[tuple[int, str | None], list[Any]] = defaultdict(list)
     for f in sorted(flags, key=lambda f: (as_utc(f.source_timestamp), f.source_id)):
         runs[(f.generation, f.entity)].append(f)

@@ -45,9 +45,10 @@ def upgrade() -> None:
         sa.CheckConstraint("label IS NULL OR label IN ('tp', 'fp')",
                            name="ck_am_incidents_label"),
     )
-    op.create_index("ix_am_incidents_monitor_state", "am_incidents", ["monitor", "state"])
-    op.create_index("ix_am_incidents_monitor_last_timestamp", "am_incidents",
-                    ["monitor", "last_timestamp"])
+    op.create_index("ix_am_incidents_monitor_state_generation", "am_incidents",
+                    ["monitor", "state", "generation"])
+    op.create_index("ix_am_incidents_monitor_generation_last_timestamp", "am_incidents",
+                    ["monitor", "generation", "last_timestamp"])
     with op.batch_alter_table("am_anomalies") as batch:
         batch.add_column(sa.Column("incident_id", sa.BigInteger))
         batch.create_index("ix_am_anomalies_incident_id", ["incident_id"])
@@ -57,6 +58,6 @@ def downgrade() -> None:
     with op.batch_alter_table("am_anomalies") as batch:
         batch.drop_index("ix_am_anomalies_incident_id")
         batch.drop_column("incident_id")
-    op.drop_index("ix_am_incidents_monitor_last_timestamp", "am_incidents")
-    op.drop_index("ix_am_incidents_monitor_state", "am_incidents")
+    op.drop_index("ix_am_incidents_monitor_generation_last_timestamp", "am_incidents")
+    op.drop_index("ix_am_incidents_monitor_state_generation", "am_incidents")
     op.drop_table("am_incidents")

@@ -32,12 +32,11 @@ from tests.integration.test_window_monitor import HOSTS, host_rows, host_table, 
 
 
 def _episodes(engine, table):
-    """Normal rows with two anomalous runs (10 and 5 rows), one a minute after the
-    training rows; returns the ids of the two runs."""
+    """Normal rows with two anomalous runs (10 and 5 rows), one a minute, ending now
+    (rows stamped over an hour ahead would not move the horizon); returns the ids of
+    the two runs."""
     sensors = Sensors(seed=5)
-    with engine.connect() as connection:
-        last = connection.execute(sa.select(sa.func.max(table.c.ts))).scalar()
-    start = last.replace(tzinfo=dt.UTC) + dt.timedelta(minutes=1)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=85)
     parts = [sensors.normal(30), sensors.anomalous(10), sensors.normal(30),
              sensors.anomalous(5), sensors.normal(10)]
     ids = insert_rows(engine, table, np.vstack(parts), start=start, step_seconds=60.0)
@@ -172,3 +171,68 @@ def test_a_poll_exports_the_open_incidents_for_the_alert(db_url, engine):
     assert registry.get_sample_value("anomaly_monitor_incidents_open", labels) == 1
     assert not [s for m in registry.collect() if m.name == "anomaly_monitor_incident_severity"
                 for s in m.samples]
+
+
+def _flag(source_id: int, minute: float | None, severity: float = 50.0) -> dict:
+    when = None if minute is None else START + dt.timedelta(minutes=minute)
+    return {"monitor": "plant", "source_id": source_id, "source_timestamp": when,
+            "score": 1.0, "threshold": 0.5, "severity": severity, "model_version": 1,
+            "contributions": [{"feature": "f0", "share": 1.0, "value": 1.0}],
+            "scored_at": NOW, "entity": None}
+
+
+def _commit_flags(engine, flags: list[dict], newest_minute: float, now=None) -> int:
+    """What a batch's commit does with its flags (without a cursor row: the horizon is
+    the batch's newest row)."""
+    from anomaly_monitor.incidents import record_incidents
+
+    with engine.begin() as connection:
+        opened = record_incidents(connection, "plant", 0, flags, gap_seconds=180.0,
+                                  newest=START + dt.timedelta(minutes=newest_minute),
+                                  now=now or NOW)
+        if flags:
+            connection.execute(anomalies.insert(), [{**f, "generation": 0} for f in flags])
+    return opened
+
+
+START = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+NOW = START + dt.timedelta(days=1)
+
+
+def test_a_late_row_between_two_stored_incidents_merges_them(engine):
+    assert _commit_flags(engine, [_flag(10, 10), _flag(11, 11)], 11) == 1
+    assert _commit_flags(engine, [_flag(20, 20)], 20) == 1  # 9 minutes later: another
+    # A late batch: a flag at 5 (a new run, joined by 8) and 14 and 17, which bridge all.
+    assert _commit_flags(engine, [_flag(5, 5), _flag(8, 8), _flag(14, 14), _flag(17, 17)],
+                         20) == 0
+    with engine.connect() as connection:
+        (row,) = list_incidents(connection, "plant")
+        pointers = set(connection.execute(sa.select(anomalies.c.incident_id)).scalars())
+    assert (row["rows"], row["first_source_id"], row["last_source_id"]) == (7, 5, 20)
+    assert pointers == {row["id"]} and row["id"] == 1  # the oldest absorbed the others
+    assert incident_errors(engine, "plant", 180.0) == []
+
+
+def test_rows_without_a_timestamp_or_stamped_far_ahead(engine):
+    # No timestamp: joins the newest open incident, not every one.
+    _commit_flags(engine, [_flag(1, 0)], 0)
+    _commit_flags(engine, [_flag(2, 100)], 100)
+    _commit_flags(engine, [_flag(3, None)], 100)
+    with engine.connect() as connection:
+        rows = {r["first_source_id"]: r for r in list_incidents(connection, "plant")}
+    assert rows[2]["rows"] == 2 and rows[1]["rows"] == 1
+    # Only flags without a timestamp: closed by the next batch.
+    _commit_flags(engine, [_flag(4, None)], 300)
+    _commit_flags(engine, [], 300, now=NOW + dt.timedelta(seconds=1))
+    with engine.connect() as connection:
+        assert list_incidents(connection, "plant", only_open=True) == []
+    # A row stamped a year ahead neither closes the others nor stays open for a year.
+    far = (NOW - START + dt.timedelta(days=365)).total_seconds() / 60
+    _commit_flags(engine, [_flag(5, 400), _flag(6, far)], far)
+    with engine.connect() as connection:
+        states = {r["first_source_id"]: r["state"] for r in list_incidents(connection, "plant")}
+    assert states[5] == "open" and states[6] == "open"
+    _commit_flags(engine, [], 401, now=NOW + dt.timedelta(hours=1))
+    with engine.connect() as connection:
+        states = {r["first_source_id"]: r["state"] for r in list_incidents(connection, "plant")}
+    assert states[6] == "closed"

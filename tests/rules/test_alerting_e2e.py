@@ -54,6 +54,8 @@ def test_anomalies_and_a_stopped_worker_reach_the_webhook(tmp_path, monkeypatch)
     monkeypatch.setenv("ANOMALY_MONITOR_METRICS_PORT", str(metrics_port))
     config = write_config(tmp_path / "monitor.toml", url, interval=1.0, batch_size=500,
                           lease=3.0)
+    # The burst's incident (severity about 80) raises AnomalyMonitorIncident at 50.
+    config.write_text(config.read_text() + "\n[monitor.incidents]\nalert_severity = 50\n")
     webhook = Webhook()
     daemon = start_daemon(config, tmp_path / "daemon.log")
     try:
@@ -70,6 +72,12 @@ def test_anomalies_and_a_stopped_worker_reach_the_webhook(tmp_path, monkeypatch)
                        "the anomaly-rate alert did not reach the webhook")
             alert = webhook.firing("AnomalyMonitorHighAnomalyRate")[0]
             assert "plant" in alert["annotations"]["summary"]
+            wait_until(lambda: webhook.firing("AnomalyMonitorIncident", monitor="plant",
+                                              severity="critical"),
+                       ALERT_TIMEOUT_SECONDS, "the incident alert did not reach the webhook")
+            incident = webhook.firing("AnomalyMonitorIncident")[0]
+            assert "anomaly-monitor incidents plant --open" in \
+                incident["annotations"]["description"]
 
             # The rate is compared with the active version's calibrated rate (about 1%).
             assert query(prom_url, 'anomaly_monitor_expected_anomaly_ratio{monitor="plant"} '

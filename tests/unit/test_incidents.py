@@ -56,15 +56,26 @@ def test_the_result_does_not_depend_on_the_order_of_scoring():
             stored += [t.row for t in result.touched]
         rest = [flags[i] for i in range(len(flags)) if i not in order]
         _, result = spans(rest, stored)
-        kept = {s["id"]: s for s in stored if s["id"] not in result.merged}
-        kept.update({t.row["id"] or -1: t.row for t in result.touched})
-        assert sorted((r["first_source_id"], r["rows"]) for r in kept.values()) == \
+        touched = {id(t.row) for t in result.touched}
+        final = [s for s in stored if s["id"] not in result.merged
+                 and s["id"] not in {t.row["id"] for t in result.touched}]
+        final += [t.row for t in result.touched]
+        assert len(touched) == len(result.touched)
+        assert sorted((r["first_source_id"], r["rows"]) for r in final) == \
             [(1, 5), (6, 1)], order
 
 
-def test_a_flag_without_a_timestamp_joins_the_open_incident():
+def test_a_flag_without_a_timestamp_joins_the_newest_open_incident_only():
     found, _ = spans([flag(1, 0), flag(2, None)])
     assert found == [[1, 2]]
+    stored = [{"id": i, "monitor": "m", "generation": 0, "entity": None,
+               "first_source_id": i, "last_source_id": i, "rows": 1, "max_severity": 50.0,
+               "first_timestamp": T0 + dt.timedelta(minutes=m),
+               "last_timestamp": T0 + dt.timedelta(minutes=m), "feature_shares": {},
+               "state": "open", "label": None, "model_version": 1, "opened_at": NOW,
+               "updated_at": NOW, "closed_at": None} for i, m in ((1, 0), (2, 100))]
+    _, result = spans([flag(3, None)], stored)
+    assert result.merged == {} and [t.row["id"] for t in result.touched] == [2]
 
 
 def test_summaries():
