@@ -253,9 +253,10 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
         return
     with_entity = settings.entity_column is not None
     print_table(["source id", *(["entity"] if with_entity else []), "timestamp", "score",
-                 "threshold", "severity", "version", "top features"],
+                 "threshold", "severity", "version", "incident", "top features"],
            [(r["source_id"], *([r["entity"]] if with_entity else []), r["source_timestamp"],
              f"{r['score']:.4g}", f"{r['threshold']:.4g}", r["severity"], r["model_version"],
+             r["incident_id"] if r["incident_id"] is not None else "-",
              ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
             for r in rows])
 
@@ -286,6 +287,10 @@ def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None
     if as_json:
         echo_json(rows)
         return
+    if not rows:
+        click.echo(f"no {'open ' if only_open else ''}incidents of monitor {monitor!r}"
+                   + (" matching the filters" if since or entity else ""))
+        return
     with_entity = settings.entity_column is not None
     print_table(["id", *(["entity"] if with_entity else []), "state", "first flag",
                  "last flag", "rows", "severity", "label", "top features"],
@@ -294,6 +299,8 @@ def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None
                   r["label"] or "-",
                   ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
                  for r in rows])
+    if len(rows) == limit:
+        click.echo(f"(the newest {limit}; --limit N for more)")
 
 
 @main.command("quarantine")

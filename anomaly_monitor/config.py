@@ -73,9 +73,10 @@ class WindowSettings:
     baseline_half_life: float = 1000.0
 
 
-#: Incidents of at least this severity (0-100; 90 is a tail probability of about
-#: 1e-5.4) raise an alert (``anomaly_monitor_incident_severity``).
-DEFAULT_ALERT_SEVERITY = 90.0
+#: Incidents of at least this severity (0-100; 50 is a tail probability of 1e-3, ten
+#: times rarer than the rows a 1% threshold flags; window monitors' incidents rarely
+#: reach 90) raise an alert (``anomaly_monitor_incident_severity``).
+DEFAULT_ALERT_SEVERITY = 50.0
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class IncidentSettings:
     """``[monitor.incidents]``: how flags group into incidents, and which alert.
 
     ``gap_seconds`` is the most source time between two flags of one incident (by
-    default three sampling intervals, ``anomaly_monitor.incidents``); open incidents of
-    at least ``alert_severity`` are exported for the ``AnomalyMonitorIncident`` alert.
+    default three sampling intervals, ``anomaly_monitor.incidents``); incidents of at
+    least ``alert_severity`` are exported for the ``AnomalyMonitorIncident`` alert.
     """
 
     gap_seconds: float | None = None
@@ -463,7 +464,7 @@ target_fpr = 0.01               # share of normal rows flagged (robust, quantile
 # [monitor.incidents]           # flags that follow each other form one incident
 # gap_seconds = 900             # the most source time between two of its flags
 #                               # (default: 3 sampling intervals of the training rows)
-# alert_severity = 90           # open incidents this severe (0-100) raise an alert
+# alert_severity = 50           # incidents this severe (0-100) raise an alert
 
 # [monitor.model]               # detector hyperparameters (defaults work across datasets)
 # epochs = 100

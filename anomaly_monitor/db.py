@@ -50,13 +50,15 @@ def _text(url: str | URL) -> str:
 
 
 def _split(url: str) -> tuple[str, str, str | None, str] | None:
-    """(scheme://, user, password or None, the rest) of ``url``; ``None`` without userinfo."""
-    text, mark, query = url.partition("?")
-    found = _USERINFO.match(text)
+    """(scheme://, user, password or None, the rest) of ``url``; ``None`` without userinfo.
+    The userinfo ends at the last ``@`` of the whole URL, query included: an unescaped
+    ``?`` or ``#`` in a password must not end it early (an ``@`` in a query parameter
+    masks too much, never too little)."""
+    found = _USERINFO.match(url)
     if found is None:
         return None
     user, colon, password = found["userinfo"].partition(":")
-    return found["scheme"], user, password if colon else None, found["rest"] + mark + query
+    return found["scheme"], user, password if colon else None, found["rest"]
 
 
 def _secrets(url: str | URL) -> list[str]:

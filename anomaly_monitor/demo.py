@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from anomaly_monitor.config import DEFAULT_ALERT_SEVERITY
 from anomaly_monitor.demo_hosts import (
     HOST_STEP_SECONDS,
     HOST_TABLE,
@@ -224,7 +225,6 @@ class Producer:
 
 def _summary(engine: sa.Engine, monitor: str, table: str, first_live_id: int
              ) -> dict[str, Any]:
-    from anomaly_monitor.config import DEFAULT_ALERT_SEVERITY
     from anomaly_monitor.tables import anomalies, batches, incidents, quarantine
 
     source = sa.table(table, sa.column("id"), sa.column("is_anomaly"),
@@ -415,7 +415,7 @@ def _print_top(top: list[Any], echo: Callable[[str], None]) -> None:
 
 def _incidents(summary: dict[str, Any]) -> str:
     return (f"the flags form {summary['incidents']} incident(s); {summary['alerts']} reached "
-            "severity 90 and raised an AnomalyMonitorIncident alert")
+            f"severity {DEFAULT_ALERT_SEVERITY:g} and raised an AnomalyMonitorIncident alert")
 
 
 def _print_summary(summary: dict[str, Any], config_path: Path,

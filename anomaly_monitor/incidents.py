@@ -40,6 +40,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.registry import ModelVersion
+from anomaly_monitor.source import SourceTable
 from anomaly_monitor.tables import anomalies, as_utc, cursors, incidents
 
 #: The default gap is this many sampling intervals of the stream (or polling intervals).
@@ -47,6 +48,9 @@ GAP_INTERVALS = 3
 #: Open incidents of a monitor exported as ``anomaly_monitor_incident_severity`` series
 #: (those of highest severity): the alert's series stay bounded.
 MAX_ALERT_SERIES = 50
+#: A closed incident keeps its alert series this long after it closed (wall time), so
+#: that one opened and closed within a catch-up is still alerted on.
+ALERT_HOLD_SECONDS = 600.0
 #: Features named in an incident's summary.
 TOP_FEATURES = 3
 #: Source times more than this far ahead of the clock do not move the horizon (the
@@ -54,15 +58,26 @@ TOP_FEATURES = 3
 FUTURE_TOLERANCE_SECONDS = 3600.0
 
 
-def sample_interval(rows: int, entities: int, first: dt.datetime | None,
+def sample_interval(samples: float, first: dt.datetime | None,
                     last: dt.datetime | None) -> float | None:
-    """The mean time between two samples of one entity (of the table, without
-    entities) over a training window of ``rows`` rows; ``None`` without a time span."""
-    per_entity = rows / max(1, entities)
-    if first is None or last is None or per_entity <= 1:
+    """The mean time between two of a stream's ``samples`` over ``first`` to ``last``;
+    ``None`` without a time span."""
+    if first is None or last is None or samples <= 1:
         return None
-    seconds = (last - first).total_seconds() / (per_entity - 1)
+    seconds = (last - first).total_seconds() / (samples - 1)
     return seconds if seconds > 0 else None
+
+
+def stream_samples(connection: sa.Connection, source: SourceTable, first_id: int,
+                   last_id: int, rows: int, entities: int | None) -> float:
+    """How many samples one stream has in a training window of ``rows`` rows: a window
+    monitor's rows per entity; a row monitor's distinct timestamps (a table of several
+    hosts without an entity column writes several rows per time)."""
+    if entities is not None:
+        return rows / max(1, entities)
+    return float(connection.execute(
+        sa.select(sa.func.count(sa.distinct(source.timestamp_column)))
+        .where(source.id_column.between(first_id, last_id))).scalar_one())
 
 
 def incident_gap(monitor: MonitorSettings, version: ModelVersion | None) -> float:
@@ -307,13 +322,17 @@ def top_features(shares: dict[str, float], rows: int) -> list[dict[str, Any]]:
             for name, total in ranked]
 
 
-def alerting_incidents(connection: sa.Connection, monitor: str, min_severity: float
-                       ) -> list[tuple[int, str, float]]:
-    """The open incidents of ``monitor`` with a severity of at least ``min_severity``
-    (id, entity or ``""``, severity), at most ``MAX_ALERT_SERIES``, highest first."""
+def alerting_incidents(connection: sa.Connection, monitor: str, min_severity: float,
+                       now: dt.datetime) -> list[tuple[int, str, float]]:
+    """The incidents of ``monitor`` with a severity of at least ``min_severity`` that are
+    open, or closed less than ``ALERT_HOLD_SECONDS`` before ``now`` (an incident that
+    opened and closed within one batch of a catch-up still raises its alert): id,
+    entity or ``""``, severity; at most ``MAX_ALERT_SERIES``, the most severe."""
+    recent = now - dt.timedelta(seconds=ALERT_HOLD_SECONDS)
+    live = sa.or_(incidents.c.state == "open", incidents.c.closed_at >= recent)
     rows = connection.execute(
         sa.select(incidents.c.id, incidents.c.entity, incidents.c.max_severity)
-        .where(incidents.c.monitor == monitor, incidents.c.state == "open",
+        .where(incidents.c.monitor == monitor, live,
                incidents.c.max_severity >= min_severity)
         .order_by(incidents.c.max_severity.desc(), incidents.c.id)
         .limit(MAX_ALERT_SERIES)).all()

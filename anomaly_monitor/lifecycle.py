@@ -28,7 +28,7 @@ from anomaly_monitor.calibration import (
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
 from anomaly_monitor.entities import row_entities, write_states
-from anomaly_monitor.incidents import sample_interval
+from anomaly_monitor.incidents import sample_interval, stream_samples
 from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
@@ -295,8 +295,11 @@ def train_monitor(
     if stream is not None:
         training.update(window=stream.spec.to_dict(), entities=len(stream.states),
                         fit_rows=stream.fit_rows)
-    training["sample_interval_seconds"] = sample_interval(
-        len(data.ids), training.get("entities", 1), data.first_timestamp, data.last_timestamp)
+    with engine.connect() as connection:
+        samples = stream_samples(connection, source, int(data.ids[0]), int(data.ids[-1]),
+                                 len(data.ids), training.get("entities"))
+    training["sample_interval_seconds"] = sample_interval(samples, data.first_timestamp,
+                                                          data.last_timestamp)
     validation = {
         "holdout_flag_rate": threshold.calibration_flag_rate,
         "score_quantiles": {q: float(np.quantile(scores, float(q)))

@@ -110,9 +110,10 @@ class Metrics:
             f"{PREFIX}_incidents_open", "Incidents open now (as last read by the lease "
             "holder; 0 on a standby).", labels, registry=registry)
         self.incident_severity = Gauge(
-            f"{PREFIX}_incident_severity", "Severity (0-100) of each open incident at or above "
-            "the monitor's alert_severity (at most 50 per monitor, the most severe); no "
-            "series for the others.", ["monitor", "entity", "incident"], registry=registry)
+            f"{PREFIX}_incident_severity", "Severity (0-100) of each incident at or above "
+            "the monitor's alert_severity, open or closed in the last 10 minutes (at most 50 "
+            "per monitor, the most severe); no series for the others.",
+            ["monitor", "entity", "incident"], registry=registry)
         self._incident_labels: dict[str, set[tuple[str, str]]] = {}
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()

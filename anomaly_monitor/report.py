@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import lease_holder, list_standbys, read_cursor, reset_cursor
 from anomaly_monitor.entities import count_entities, entity_key
-from anomaly_monitor.incidents import open_count, top_features
+from anomaly_monitor.incidents import incident_gap, open_count, top_features
 from anomaly_monitor.reading.cancel import bounded
 from anomaly_monitor.registry import active_version, get_version
 from anomaly_monitor.source import (
@@ -75,6 +75,8 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["entities"] = (count_entities(connection, monitor.name, number)
                           if version is not None and version.training.get("window") else None)
     status["incidents_open"] = open_count(connection, monitor.name)
+    status["incident_gap_seconds"] = round(incident_gap(monitor, version), 3)
+    status["alert_severity"] = monitor.incidents.alert_severity
     status["threshold"] = version.threshold if version else None
     status["threshold_method"] = version.threshold_method if version else None
     cursor = read_cursor(connection, monitor.name)

@@ -679,7 +679,7 @@ class MonitorRunner:
             with self.engine.connect() as connection:
                 open_now = open_count(connection, monitor.name)
                 alerting = alerting_incidents(connection, monitor.name,
-                                              monitor.incidents.alert_severity)
+                                              monitor.incidents.alert_severity, utcnow())
         except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
             log.warning("monitor %s: could not read the open incidents (%s)", monitor.name,
                         describe_error(exc, self.engine.url))

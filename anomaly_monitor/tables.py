@@ -161,6 +161,7 @@ incidents = sa.Table(
     sa.Index("ix_am_incidents_monitor_state_generation", "monitor", "state", "generation"),
     sa.Index("ix_am_incidents_monitor_generation_last_timestamp", "monitor", "generation",
              "last_timestamp"),
+    sa.Index("ix_am_incidents_monitor_closed_at", "monitor", "closed_at"),
 )
 
 entity_states = sa.Table(

@@ -49,6 +49,8 @@ def upgrade() -> None:
                     ["monitor", "state", "generation"])
     op.create_index("ix_am_incidents_monitor_generation_last_timestamp", "am_incidents",
                     ["monitor", "generation", "last_timestamp"])
+    op.create_index("ix_am_incidents_monitor_closed_at", "am_incidents",
+                    ["monitor", "closed_at"])
     with op.batch_alter_table("am_anomalies") as batch:
         batch.add_column(sa.Column("incident_id", sa.BigInteger))
         batch.create_index("ix_am_anomalies_incident_id", ["incident_id"])
@@ -58,6 +60,7 @@ def downgrade() -> None:
     with op.batch_alter_table("am_anomalies") as batch:
         batch.drop_index("ix_am_anomalies_incident_id")
         batch.drop_column("incident_id")
+    op.drop_index("ix_am_incidents_monitor_closed_at", "am_incidents")
     op.drop_index("ix_am_incidents_monitor_generation_last_timestamp", "am_incidents")
     op.drop_index("ix_am_incidents_monitor_state_generation", "am_incidents")
     op.drop_table("am_incidents")

@@ -119,6 +119,9 @@ def test_train_calibrate_run_status_anomalies(workspace, tmp_path):
     assert {a["incident_id"] for a in flagged if a["source_id"] in anomalies} == {run[0]["id"]}
     table_out = cli("--config", config, "incidents", "plant", "--since", "2000-01-01")
     assert "top features" in table_out and str(run[0]["id"]) in table_out
+    assert status["incident_gap_seconds"] == pytest.approx(180.0, rel=0.01)  # 3 minutes
+    assert "no incidents of monitor 'plant' matching the filters" in cli(
+        "--config", config, "incidents", "plant", "--since", "2999-01-01")
     assert status["incidents_open"] == len(json.loads(
         cli("--config", config, "incidents", "plant", "--open", "--json")))
     out = cli("--config", config, "incidents", "plant", "--entity", "x", expect=2, stderr=True)

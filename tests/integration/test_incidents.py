@@ -236,3 +236,42 @@ def test_rows_without_a_timestamp_or_stamped_far_ahead(engine):
     with engine.connect() as connection:
         states = {r["first_source_id"]: r["state"] for r in list_incidents(connection, "plant")}
     assert states[6] == "closed"
+
+
+def test_a_row_monitor_over_several_hosts_measures_its_gap_between_timestamps(engine):
+    """Four rows share each timestamp: the sampling interval is the time between
+    distinct timestamps (a minute), not a quarter of it."""
+    from tests.helpers import source_table
+
+    table = source_table(engine)
+    values = Sensors().normal(800)
+    start = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
+    with engine.begin() as connection:
+        connection.execute(table.insert(), [
+            {"ts": start + dt.timedelta(minutes=i // 4), "label": 0,
+             **{f"f{j}": float(v) for j, v in enumerate(row)}}
+            for i, row in enumerate(values)])
+    report = train_monitor(engine, monitor_settings(), device="cpu")
+    assert report.version.training["sample_interval_seconds"] == pytest.approx(60.0)
+
+
+def test_an_incident_opened_and_closed_in_one_catch_up_batch_still_alerts(db_url, engine):
+    table, monitor, _, _ = trained_plant(engine)
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    sensors = Sensors(seed=4)
+    # A burst, then an hour of normal rows: one catch-up batch opens and closes it.
+    insert_rows(engine, table, np.vstack([sensors.anomalous(3), sensors.normal(60)]),
+                start=start, step_seconds=60.0)
+    registry = CollectorRegistry()
+    worker = Worker(settings(db_url, monitor), engine, Metrics(registry), device="cpu")
+    worker.run_once()
+    with engine.connect() as connection:
+        burst = [r for r in list_incidents(connection, "plant", limit=100)
+                 if r["rows"] >= 3 and r["max_severity"] >= monitor.incidents.alert_severity]
+    assert burst and burst[0]["state"] == "closed"
+    value = registry.get_sample_value(
+        "anomaly_monitor_incident_severity",
+        {"monitor": "plant", "entity": "", "incident": str(burst[0]["id"])})
+    assert value == pytest.approx(burst[0]["max_severity"], abs=0.05)
+    assert registry.get_sample_value("anomaly_monitor_incidents_open", {"monitor": "plant"}) \
+        == 0

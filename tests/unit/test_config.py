@@ -182,7 +182,7 @@ def test_reading_a_config_does_not_import_torch(tmp_path):
 def test_incident_settings_are_checked():
     monitor = {"name": "m", "table": "t", "timestamp_column": "ts"}
     default = parse_settings({"monitor": [monitor]}, environ={}).monitors[0].incidents
-    assert default.gap_seconds is None and default.alert_severity == 90.0
+    assert default.gap_seconds is None and default.alert_severity == 50.0
     chosen = parse_settings({"monitor": [{**monitor, "incidents": {
         "gap_seconds": 600, "alert_severity": 50}}]}, environ={}).monitors[0].incidents
     assert (chosen.gap_seconds, chosen.alert_severity) == (600.0, 50.0)

@@ -16,6 +16,11 @@ from anomaly_monitor.db import describe_error, redact
      "postgresql://am:***@db:notaport/x"),
     ("postgresql://u:p%40ss@h/db?password=zzzz", "zzzz",
      "postgresql://u:***@h/db?password=***"),
+    # unescaped '?', '#', '%' and '&' in the password (found by an operator trial)
+    ("postgresql+psycopg://operator:p@ss:w/rd#%?&1@127.0.0.1:55439/db", "p@ss:w/rd#%?&1",
+     "postgresql+psycopg://operator:***@127.0.0.1:55439/db"),
+    ("postgresql+psycopg://operator:p@ss?w@127.0.0.1:55439/db", "p@ss?w",
+     "postgresql+psycopg://operator:***@127.0.0.1:55439/db"),
 ])
 def test_the_password_never_shows(url, password, masked):
     assert redact(url) == masked
