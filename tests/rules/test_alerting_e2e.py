@@ -76,7 +76,7 @@ def test_anomalies_and_a_stopped_worker_reach_the_webhook(tmp_path, monkeypatch)
                                               severity="critical"),
                        ALERT_TIMEOUT_SECONDS, "the incident alert did not reach the webhook")
             incident = webhook.firing("AnomalyMonitorIncident")[0]
-            assert "anomaly-monitor incidents plant --open" in \
+            assert "anomaly-monitor incidents plant`" in \
                 incident["annotations"]["description"]
 
             # The rate is compared with the active version's calibrated rate (about 1%).
