@@ -37,7 +37,14 @@ from anomaly_monitor.reading.cancel import (
     ran_into_timeout,
     statement_timeout_seconds,
 )
-from anomaly_monitor.reading.values import BadRow, Window
+from anomaly_monitor.reading.values import (
+    FUTURE_TOLERANCE_SECONDS,
+    BadRow,
+    Window,
+)
+from anomaly_monitor.reading.values import (
+    future_from as _future_from,
+)
 from anomaly_monitor.reading.windows import read_window
 from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import (
@@ -74,9 +81,6 @@ ARROW_MIN_ROWS = 2_000
 #: An Arrow reader (an ADBC connection, on SQLite a reader process) unused for this long
 #: is closed at the end of a poll; a catch-up opens it again.
 ARROW_IDLE_SECONDS = 120.0
-#: With ``query_delay_seconds``, a row stamped more than this far in the future is
-#: scored at once rather than waited for (it is mis-stamped), and counted.
-FUTURE_TOLERANCE_SECONDS = 3600.0
 #: The warning about such rows is repeated at most this often per monitor.
 FUTURE_WARNING_SECONDS = 600.0
 #: PostgreSQL: how long an open transaction may hold the read window back before the
@@ -325,11 +329,6 @@ def _batch_row(result: BatchResult, started: dt.datetime, kind: str,
         "open_gaps": (gaps or None) if kind == "window" else None,
         "duration_seconds": time.perf_counter() - t0,
     }
-
-
-def _future_from(started: dt.datetime) -> dt.datetime:
-    """From when a row's stamp is too far ahead to wait for (a batch started ``started``)."""
-    return started + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
 
 
 def _note_future_rows(monitor: str, window: Window, future_from: dt.datetime,

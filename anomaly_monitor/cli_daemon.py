@@ -26,7 +26,13 @@ from anomaly_monitor.cli import (
     print_table,
     require_schema,
 )
-from anomaly_monitor.config import SCORING_THREADS, ConfigError, Settings, load_settings
+from anomaly_monitor.config import (
+    SCORING_THREADS,
+    ConfigError,
+    MonitorSettings,
+    Settings,
+    load_settings,
+)
 from anomaly_monitor.db import describe_error, redact
 from anomaly_monitor.reading.values import REASONS
 from anomaly_monitor.runner import is_configuration_error
@@ -241,9 +247,7 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
     """Flagged rows of MONITOR with score, threshold, severity and top features."""
     from anomaly_monitor.report import list_anomalies
 
-    settings = app.settings.monitor(monitor)
-    if entity is not None and settings.entity_column is None:
-        raise click.UsageError(f"--entity: monitor {monitor!r} has no entity_column")
+    settings = _with_entity(app, monitor, entity)
     require_schema(app)
     with app.engine.connect() as connection:
         rows = list_anomalies(connection, monitor, since=as_utc(since),
@@ -257,7 +261,7 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
            [(r["source_id"], *([r["entity"]] if with_entity else []), r["source_timestamp"],
              f"{r['score']:.4g}", f"{r['threshold']:.4g}", r["severity"], r["model_version"],
              r["incident_id"] if r["incident_id"] is not None else "-",
-             ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
+             _shares(r["top_features"]))
             for r in rows])
 
 
@@ -277,9 +281,7 @@ def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None
     monitor's gap, with their span, rows, severity and top features."""
     from anomaly_monitor.report import list_incidents
 
-    settings = app.settings.monitor(monitor)
-    if entity is not None and settings.entity_column is None:
-        raise click.UsageError(f"--entity: monitor {monitor!r} has no entity_column")
+    settings = _with_entity(app, monitor, entity)
     require_schema(app)
     with app.engine.connect() as connection:
         rows = list_incidents(connection, monitor, only_open=only_open, since=as_utc(since),
@@ -297,7 +299,7 @@ def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None
                 [(r["id"], *([r["entity"]] if with_entity else []), r["state"],
                   r["first_timestamp"], r["last_timestamp"], r["rows"], r["max_severity"],
                   r["label"] or "-",
-                  ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in r["top_features"]))
+                  _shares(r["top_features"]))
                  for r in rows])
     if len(rows) == limit:
         click.echo(f"(the newest {limit}; --limit N for more)")
@@ -327,6 +329,19 @@ def quarantine_command(app: App, monitor: str, reason: str | None, since: dt.dat
     print_table(["source id", "reason", "detail", "quarantined at", "raw values"],
                 [(r["source_id"], r["reason"], r["detail"], r["quarantined_at"],
                   _short(r["raw_values"])) for r in rows])
+
+
+def _with_entity(app: App, monitor: str, entity: str | None) -> MonitorSettings:
+    """The monitor's settings; a usage error for ``--entity`` on a monitor without one."""
+    settings = app.settings.monitor(monitor)
+    if entity is not None and settings.entity_column is None:
+        raise click.UsageError(f"--entity: monitor {monitor!r} has no entity_column")
+    return settings
+
+
+def _shares(top: list[dict[str, Any]]) -> str:
+    """Top features as ``name (share%), ...``."""
+    return ", ".join(f"{c['feature']} ({c['share']:.0%})" for c in top)
 
 
 def _short(values: Any, width: int = 60) -> str:

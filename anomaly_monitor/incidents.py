@@ -39,6 +39,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings
+from anomaly_monitor.reading.values import future_from
 from anomaly_monitor.registry import ModelVersion
 from anomaly_monitor.source import SourceTable
 from anomaly_monitor.tables import anomalies, as_utc, cursors, incidents
@@ -53,9 +54,6 @@ MAX_ALERT_SERIES = 50
 ALERT_HOLD_SECONDS = 600.0
 #: Features named in an incident's summary.
 TOP_FEATURES = 3
-#: Source times more than this far ahead of the clock do not move the horizon (the
-#: batch scores such rows at once, ``anomaly_monitor.batch``).
-FUTURE_TOLERANCE_SECONDS = 3600.0
 
 
 def sample_interval(samples: float, first: dt.datetime | None,
@@ -128,12 +126,18 @@ class _Incident:
             row["last_timestamp"] = max(filter(None, (self.last, when)))
         row["rows"] += 1
         row["max_severity"] = max(row["max_severity"], float(flag["severity"]))
-        shares = dict(row["feature_shares"])
-        for part in flag["contributions"]:
-            name = feature_name(part["feature"])
-            shares[name] = round(shares.get(name, 0.0) + float(part["share"]), 6)
-        row["feature_shares"] = shares
+        row["feature_shares"] = _summed(row["feature_shares"], (
+            (feature_name(part["feature"]), float(part["share"]))
+            for part in flag["contributions"]))
         self.flags.append(flag)
+
+
+def _summed(shares: dict[str, float], more: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """``shares`` (feature: summed share) with ``more`` added, as a new dict."""
+    total = dict(shares)
+    for name, share in more:
+        total[name] = round(total.get(name, 0.0) + share, 6)
+    return total
 
 
 def _new(monitor: str, generation: int, flag: dict[str, Any], now: dt.datetime) -> _Incident:
@@ -176,10 +180,7 @@ def _absorb(keep: _Incident, other: _Incident) -> None:
     a["last_timestamp"] = max(filter(None, (keep.last, other.last)), default=None)
     a["rows"] += b["rows"]
     a["max_severity"] = max(a["max_severity"], b["max_severity"])
-    shares = dict(a["feature_shares"])
-    for name, total in b["feature_shares"].items():
-        shares[name] = round(shares.get(name, 0.0) + total, 6)
-    a["feature_shares"] = shares
+    a["feature_shares"] = _summed(a["feature_shares"], b["feature_shares"].items())
     a["opened_at"] = min(a["opened_at"], b["opened_at"])
     a["label"] = a["label"] or b["label"]
     keep.flags.extend(other.flags)
@@ -226,12 +227,13 @@ def group(flags: Iterable[dict[str, Any]], stored: Sequence[dict[str, Any]], *,
 def horizon(connection: sa.Connection, monitor: str, newest: dt.datetime | None,
             now: dt.datetime) -> dt.datetime | None:
     """The newest source time scored: the cursor row's timestamp or ``newest``, leaving
-    out times more than ``FUTURE_TOLERANCE_SECONDS`` ahead of ``now`` (mis-stamped rows
+    out times more than ``FUTURE_TOLERANCE_SECONDS`` (``anomaly_monitor.reading.values``)
+    ahead of ``now`` (mis-stamped rows
     must not close every other incident)."""
     at_cursor = as_utc(connection.execute(
         sa.select(cursors.c.position_timestamp).where(cursors.c.monitor == monitor)
     ).scalar())
-    latest = now + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+    latest = future_from(now)
     return max((t for t in (at_cursor, newest) if t is not None and t <= latest), default=None)
 
 
@@ -286,7 +288,7 @@ def _close_stale(connection: sa.Connection, monitor: str, generation: int,
     """Close the open incidents the horizon has moved past, those of older generations,
     those of flags without a timestamp (at the next batch), and mis-stamped ones (far in
     the future) once they have not grown for ``gap``."""
-    ahead = now + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+    ahead = future_from(now)
     stale = [incidents.c.generation != generation,
              sa.and_(incidents.c.last_timestamp.is_(None), incidents.c.updated_at < now),
              sa.and_(incidents.c.last_timestamp > ahead, incidents.c.updated_at < now - gap)]

@@ -24,6 +24,17 @@ from anomaly_monitor.tables import as_utc
 REASONS = ("null", "nan", "infinite", "non_numeric", "read_timeout")
 
 
+#: A row stamped more than this far ahead of the clock is mis-stamped: a batch with
+#: ``query_delay_seconds`` scores it at once instead of waiting for it (and counts it),
+#: and it does not move the incidents' horizon (``anomaly_monitor.incidents``).
+FUTURE_TOLERANCE_SECONDS = 3600.0
+
+
+def future_from(now: dt.datetime) -> dt.datetime:
+    """From when a row's stamp is too far ahead of ``now`` to be taken at its word."""
+    return now + dt.timedelta(seconds=FUTURE_TOLERANCE_SECONDS)
+
+
 #: ``auto``: an epoch number below this (absolute) is seconds (years to 5138), below
 #: 1000 times it milliseconds, then microseconds, then nanoseconds.
 AUTO_SECONDS_BELOW = 1e11

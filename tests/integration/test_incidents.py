@@ -28,7 +28,7 @@ from tests.helpers import (
     settings,
     trained_plant,
 )
-from tests.integration.test_window_monitor import HOSTS, host_rows, host_table, window_monitor
+from tests.integration.test_window_monitor import HOSTS, host_rows, train_hosts
 
 
 def _episodes(engine, table):
@@ -117,17 +117,11 @@ def test_a_configured_gap_and_a_cursor_reset(engine):
 
 
 def test_each_entity_has_its_own_incidents(engine):
-    table = host_table(engine)
-    history = host_rows(1, 300)
-    with engine.begin() as connection:
-        connection.execute(table.insert(), history)
-    monitor = window_monitor()
-    report = train_monitor(engine, monitor, device="cpu")
+    table, monitor, report, last = train_hosts(engine)
     # Each host samples every 15 minutes (three hosts, a row every 5 minutes).
     assert report.version.training["sample_interval_seconds"] == pytest.approx(900, rel=0.01)
     with engine.begin() as connection:
-        move_cursor(connection, monitor, len(history), force=True)
-        connection.execute(table.insert(), host_rows(len(history) + 1, 200, seed=1,
+        connection.execute(table.insert(), host_rows(last + 1, 200, seed=1,
                                                      shift_host="b", shift_from=100))
     drain(engine, monitor)
     gap = incident_gap(monitor, report.version)
@@ -140,7 +134,7 @@ def test_each_entity_has_its_own_incidents(engine):
     assert {r["entity"] for r in rows} <= set(HOSTS)
     assert only_b and {r["entity"] for r in only_b} == {"b"}
     # the shift of b: its flags are fewer incidents than flags, the first at the shift
-    shift_start = len(history) + 100 * len(HOSTS) + 2
+    shift_start = last + 100 * len(HOSTS) + 2
     first = min(only_b, key=lambda r: abs(r["first_source_id"] - shift_start))
     assert abs(first["first_source_id"] - shift_start) < 30 * len(HOSTS)
     assert len(only_b) < flags_b

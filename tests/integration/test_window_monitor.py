@@ -67,8 +67,9 @@ def window_monitor(**overrides) -> MonitorSettings:
     return MonitorSettings(**base)
 
 
-@pytest.fixture
-def trained(engine):
+def train_hosts(engine) -> tuple[sa.Table, MonitorSettings, object, int]:
+    """The hosts table with 300 steps of history, a window monitor trained on it and its
+    cursor after the history: (table, monitor, train report, last history id)."""
     table = host_table(engine)
     history = host_rows(1, 300)
     with engine.begin() as connection:
@@ -77,9 +78,16 @@ def trained(engine):
     report = train_monitor(engine, monitor, device="cpu")
     with engine.begin() as connection:  # score what comes after the training rows
         move_cursor(connection, monitor, len(history), force=True)
+    return table, monitor, report, len(history)
+
+
+@pytest.fixture
+def trained(engine):
+    table, monitor, report, last = train_hosts(engine)
+    with engine.connect() as connection:
         states = read_states(connection, "hosts", 1, HOSTS,
                              load_model(connection, "hosts", 1).window)
-    return engine, table, monitor, report, len(history), states
+    return engine, table, monitor, report, last, states
 
 
 def flags(engine):
