@@ -1,9 +1,10 @@
 """``calibrate``: the thresholds a stored version could use, measured before one is set.
 
 A plan scores the version's held-out rows (stored with it), re-reads their labels
-when the monitor has a label column, and scores the newest rows the version has not
-seen (those after its training window), then lists the candidate thresholds with
-what each would flag.
+when the monitor has a label column (else takes the flags operators labelled with
+``anomaly-monitor label``), and scores the newest rows the version has not seen
+(those after its training window), then lists the candidate thresholds with what
+each would flag.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.calibration import RATE_METHODS, Threshold, calibrate, fit_robust
 from anomaly_monitor.config import ConfigError, MonitorSettings, ThresholdSettings
+from anomaly_monitor.feedback import labelled_flags
 from anomaly_monitor.lifecycle import (
     calibrate_noting_fallback,
     choose_threshold,
@@ -36,7 +38,7 @@ from anomaly_monitor.registry import (
     load_model,
     set_threshold,
 )
-from anomaly_monitor.source import read_training, reflect_source
+from anomaly_monitor.source import read_ids, read_training, reflect_source
 
 #: The newest rows after the version's training window scored by ``calibrate``.
 DRY_RUN_RECENT_ROWS = 10_000
@@ -51,9 +53,11 @@ Labelled = tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]
 class Candidate:
     """A threshold and what it would flag.
 
-    ``precision``, ``recall`` and ``f1`` are measured on the labelled held-out rows
-    when the monitor has a label column; ``None`` without labels, and precision
-    (recall, F1) also when the threshold flags no row (no row is labelled anomalous).
+    ``precision``, ``recall`` and ``f1`` are measured on the labelled rows: the
+    held-out rows when the monitor has a label column, else the flags operators
+    labelled (recall then counts the labelled true positives only: rows no threshold
+    flagged were never labelled); ``None`` without labels, and precision (recall, F1)
+    also when the threshold flags no row (no row is labelled anomalous).
     """
 
     label: str
@@ -76,13 +80,16 @@ class CalibrationPlan:
     recent_scores: npt.NDArray[np.float64]
     #: First and last id of the recent rows (after the training window); ``None``: none yet.
     recent_ids: tuple[int, int] | None = None
-    #: Held-out rows with a known label, and how many of them are labelled anomalies.
+    #: Rows with a known label, and how many of them are labelled anomalies.
     labelled_rows: int = 0
     labelled_anomalies: int = 0
     #: The share of held-out rows the ``robust`` fit puts above the bulk of normal scores.
     contamination: float | None = None
-    #: The held-out rows' scores and labels, re-read; ``None`` without a label column.
+    #: The labelled rows' scores and labels: the held-out rows re-read with the label
+    #: column, or else the flags operators labelled; ``None`` without either.
     labelled: Labelled | None = None
+    #: Where the labels came from: ``"label column"``, ``"feedback"`` or ``None``.
+    labels_from: str | None = None
 
 
 def _recent_scores(
@@ -126,6 +133,33 @@ def _holdout_labels(
     return model.detector.decision_function(matrix), np.concatenate(labels)
 
 
+def _feedback_labels(
+    connection: sa.Connection, monitor: MonitorSettings, model: LoadedModel
+) -> Labelled | None:
+    """Scores under ``model`` and operator labels (``am_feedback``) of the labelled flags
+    of the current cursor generation; ``None`` without any. A row monitor's flags are
+    re-read and re-scored (a flag of any version counts; rows deleted since are left
+    out); a window monitor's rows score only in order with their entities' states, so
+    only the flags this version scored count, with their stored scores."""
+    flags = labelled_flags(connection, monitor.name)
+    if not flags.source_ids.size:
+        return None
+    if model.window is not None:
+        mine = flags.versions == model.version.version
+        scores, truth = flags.scores[mine], flags.positive[mine]
+    else:
+        source = reflect_source(connection, monitor)
+        window = read_ids(connection, source, flags.source_ids.tolist(),
+                          features=model.version.features)
+        if not window.ids.size:
+            return None
+        scores = model.detector.decision_function(window.values)
+        truth = flags.positive[np.searchsorted(flags.source_ids, window.ids)]
+    if not scores.size:
+        return None
+    return np.asarray(scores, dtype=np.float64), truth.astype(np.float64)
+
+
 def plan_calibration(
     engine: sa.Engine,
     monitor: MonitorSettings,
@@ -152,11 +186,12 @@ def plan_calibration(
         holdout = calibration_scores(connection, monitor.name, number)
         recent, recent_ids = _recent_scores(connection, monitor, model, recent_rows)
         labelled = _holdout_labels(connection, monitor, model)
-    if model.window is not None and settings.method == "labels":
-        raise ConfigError(
-            f"monitor {monitor.name!r} is a window monitor: its rows score only in order "
-            "with their entities' states, so calibrate cannot re-score labelled rows yet; "
-            "use --method robust, quantile, pot or fixed")
+        labels_from = None if labelled is None else "label column"
+        if labelled is None:  # no label column (or a window monitor's): the feedback
+            labelled = _feedback_labels(connection, monitor, model)
+            labels_from = None if labelled is None else "feedback"
+    if settings.method == "labels":
+        _check_labels(monitor, model, labelled, labels_from)
     chosen = _chosen_threshold(model.version, holdout, labelled, settings,
                                per_entity=model.window is not None)
     candidates = [*_candidates(model.version, holdout, labelled, settings.target_fpr,
@@ -171,7 +206,25 @@ def plan_calibration(
         labelled_rows=0 if truth is None else int(truth.size),
         labelled_anomalies=0 if truth is None else int(truth.sum()),
         contamination=None if fit is None else fit.contamination, labelled=labelled,
+        labels_from=labels_from,
     )
+
+
+def _check_labels(monitor: MonitorSettings, model: LoadedModel, labelled: Labelled | None,
+                  labels_from: str | None) -> None:
+    """Refuse ``--method labels`` without a labelled anomaly to maximise F1 on."""
+    if labelled is not None and known_labels(*labelled)[1].any():
+        return
+    if labels_from == "label column":
+        raise ConfigError(f"--method labels: no held-out row of monitor {monitor.name!r} "
+                          f"has {monitor.label_column} = 1 (an anomaly)")
+    scope = (f" that version {model.version.version} flagged" if model.window is not None
+             else "")
+    raise ConfigError(
+        f"--method labels: monitor {monitor.name!r} has no labelled row to calibrate on "
+        f"(no label column, or a window monitor) and no flag{scope} labelled a true "
+        "positive; label some with: anomaly-monitor label {monitor.name} "
+        "SOURCE_ID... --tp (and false alarms --fp)")
 
 
 def _chosen_threshold(

@@ -75,14 +75,18 @@ def plot_calibration(plan: CalibrationPlan, path: str) -> None:
 def _histograms(plan: CalibrationPlan) -> list[tuple[npt.NDArray[np.float64], dict[str, Any]]]:
     """The score sets to draw, with their colour and legend label."""
     parts: list[tuple[npt.NDArray[np.float64], dict[str, Any]]] = []
+    if plan.labels_from == "feedback":  # the held-out rows, and the labelled flags apart
+        parts.append((plan.holdout_scores, {
+            "color": "tab:blue", "label": f"held-out rows ({plan.holdout_scores.size})"}))
     if plan.labelled is not None:
         scores, labels = plan.labelled
         known_scores, truth = known_labels(scores, labels)
         normal, anomalous = known_scores[~truth], known_scores[truth]
+        what = "flags labelled" if plan.labels_from == "feedback" else "held-out, labelled"
         parts += [
-            (normal, {"color": "tab:blue", "label": f"held-out, labelled normal ({normal.size})"}),
-            (anomalous, {"color": "tab:red",
-                         "label": f"held-out, labelled anomaly ({anomalous.size})"}),
+            (normal, {"color": "tab:green" if plan.labels_from == "feedback" else "tab:blue",
+                      "label": f"{what} normal ({normal.size})"}),
+            (anomalous, {"color": "tab:red", "label": f"{what} anomaly ({anomalous.size})"}),
         ]
         unknown = scores[np.isnan(labels)]
         if unknown.size:

@@ -319,4 +319,4 @@ def demo(directory: Path, seconds: int, port: int) -> None:
 
 
 # The other commands live by concept in these modules and register themselves on ``main``.
-from anomaly_monitor import cli_daemon, cli_db, cli_models  # noqa: E402, F401
+from anomaly_monitor import cli_daemon, cli_db, cli_feedback, cli_models  # noqa: E402, F401

@@ -37,7 +37,7 @@ from anomaly_monitor.db import describe_error, redact
 from anomaly_monitor.reading.values import REASONS
 from anomaly_monitor.runner import is_configuration_error
 from anomaly_monitor.source import RESTARTED
-from anomaly_monitor.tables import as_utc
+from anomaly_monitor.tables import LABEL_FILTERS, as_utc
 
 # -- run / status / anomalies -------------------------------------------------------------
 
@@ -238,12 +238,14 @@ def status(app: App, as_json: bool) -> None:
               help="Only rows scored since (UTC).")
 @click.option("--entity", help="Only rows of this entity (a window monitor's "
                                "entity_column value).")
+@click.option("--label", type=click.Choice(LABEL_FILTERS),
+              help="Only rows labelled so (anomaly-monitor label); none: unlabelled ones.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def anomalies(app: App, monitor: str, since: dt.datetime | None,
-              scored_since: dt.datetime | None, entity: str | None, limit: int,
-              as_json: bool) -> None:
+              scored_since: dt.datetime | None, entity: str | None, label: str | None,
+              limit: int, as_json: bool) -> None:
     """Flagged rows of MONITOR with score, threshold, severity and top features."""
     from anomaly_monitor.report import list_anomalies
 
@@ -251,16 +253,17 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
     require_schema(app)
     with app.engine.connect() as connection:
         rows = list_anomalies(connection, monitor, since=as_utc(since),
-                              scored_since=as_utc(scored_since), entity=entity, limit=limit)
+                              scored_since=as_utc(scored_since), entity=entity, label=label,
+                              limit=limit)
     if as_json:
         echo_json(rows)
         return
     with_entity = settings.entity_column is not None
     print_table(["source id", *(["entity"] if with_entity else []), "timestamp", "score",
-                 "threshold", "severity", "version", "incident", "top features"],
+                 "threshold", "severity", "version", "incident", "label", "top features"],
            [(r["source_id"], *([r["entity"]] if with_entity else []), r["source_timestamp"],
              f"{r['score']:.4g}", f"{r['threshold']:.4g}", r["severity"], r["model_version"],
-             r["incident_id"] if r["incident_id"] is not None else "-",
+             r["incident_id"] if r["incident_id"] is not None else "-", r["label"] or "-",
              _shares(r["top_features"]))
             for r in rows])
 
@@ -272,11 +275,14 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
               help="Only incidents with a flag stamped since (UTC, the rows' own timestamps).")
 @click.option("--entity", help="Only incidents of this entity (a window monitor's "
                                "entity_column value).")
+@click.option("--label", type=click.Choice(LABEL_FILTERS),
+              help="Only incidents labelled so (anomaly-monitor label --incident); none: "
+                   "unlabelled ones.")
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None,
-              entity: str | None, limit: int, as_json: bool) -> None:
+              entity: str | None, label: str | None, limit: int, as_json: bool) -> None:
     """Incidents of MONITOR: flags of one entity that follow each other within the
     monitor's gap, with their span, rows, severity and top features."""
     from anomaly_monitor.report import list_incidents
@@ -285,13 +291,13 @@ def incidents(app: App, monitor: str, only_open: bool, since: dt.datetime | None
     require_schema(app)
     with app.engine.connect() as connection:
         rows = list_incidents(connection, monitor, only_open=only_open, since=as_utc(since),
-                              entity=entity, limit=limit)
+                              entity=entity, label=label, limit=limit)
     if as_json:
         echo_json(rows)
         return
     if not rows:
         click.echo(f"no {'open ' if only_open else ''}incidents of monitor {monitor!r}"
-                   + (" matching the filters" if since or entity else ""))
+                   + (" matching the filters" if since or entity or label else ""))
         return
     with_entity = settings.entity_column is not None
     print_table(["id", *(["entity"] if with_entity else []), "state", "first flag",

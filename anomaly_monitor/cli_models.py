@@ -51,10 +51,17 @@ if TYPE_CHECKING:
               show_default=True)
 @click.option("--activate/--no-activate", default=True, show_default=True,
               help="Make the new version active.")
+@click.option("--exclude-flagged", is_flag=True,
+              help="Also leave out every flagged row (not only those labelled --tp).")
+@click.option("--include-labelled", is_flag=True,
+              help="Keep the rows labelled true anomalies (anomaly-monitor label --tp) in "
+                   "the training window; by default they are left out.")
 @pass_app
 def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime | None,
-          limit: int | None, epochs: int | None, device: str, activate: bool) -> None:
-    """Train a new model version of MONITOR on its table."""
+          limit: int | None, epochs: int | None, device: str, activate: bool,
+          exclude_flagged: bool, include_labelled: bool) -> None:
+    """Train a new model version of MONITOR on its table (rows labelled true anomalies
+    left out)."""
     from anomaly_monitor.lifecycle import train_monitor
 
     settings = app.settings.monitor(monitor)
@@ -64,11 +71,16 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     report = train_monitor(
         app.engine, settings, since=as_utc(since), until=as_utc(until), limit=limit, epochs=epochs,
         device=device, activate_version=activate, verbose=sys.stderr.isatty(),
+        exclude=[*([] if include_labelled else ["labelled"]),
+                 *(["flagged"] if exclude_flagged else [])],
     )
     v = report.version
+    left_out = v.training.get("excluded_rows", 0)
+    why = " and ".join(_EXCLUDED[e] for e in v.training.get("exclude", ()))
     click.echo(f"monitor {monitor}: version {v.version} ({v.kind}) trained on {report.rows} "
                f"rows, {v.training['holdout_rows']} held out, {report.skipped} skipped, "
-               f"in {report.seconds:.1f} s on {v.training['device']}")
+               + (f"{left_out} left out ({why}), " if left_out else "")
+               + f"in {report.seconds:.1f} s on {v.training['device']}")
     click.echo(f"threshold {v.threshold:.6g} ({v.threshold_method}); held-out flag rate "
                f"{v.validation['holdout_flag_rate']:.4f}")
     if v.validation.get("auroc") is not None:
@@ -77,6 +89,10 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     click.echo("status: active" if report.activated else
                f"status: candidate (activate with: anomaly-monitor models activate "
                f"{v.version} --monitor {monitor})")
+
+
+#: How ``train`` names what it left out.
+_EXCLUDED = {"labelled": "labelled true anomalies", "flagged": "flagged rows"}
 
 
 @main.command()
@@ -112,9 +128,6 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
                                             "--value": value is not None})
     if chosen_method == "fixed" and value is None and base.value is None:
         raise CliError("--method fixed needs --value", EXIT_USAGE)
-    if chosen_method == "labels" and settings.label_column is None:
-        raise CliError(f"--method labels needs a label column: set label_column in monitor "
-                       f"{monitor!r} of {app.settings.path}", EXIT_USAGE)
     threshold_settings = ThresholdSettings(
         method=chosen_method,
         target_fpr=target_fpr if target_fpr is not None else base.target_fpr,
@@ -174,6 +187,7 @@ def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
         "recent_rows": int(plan.recent_scores.size),
         "recent_ids": list(plan.recent_ids) if plan.recent_ids else None,
         "labelled_rows": plan.labelled_rows, "labelled_anomalies": plan.labelled_anomalies,
+        "labels_from": plan.labels_from,
         "estimated_contamination": plan.contamination,
         "candidates": [{"label": c.label, "method": c.threshold.method,
                         "threshold": c.threshold.value, "holdout_flag_rate": c.holdout_rate,
@@ -185,8 +199,8 @@ def _calibration_json(plan: CalibrationPlan, dry_run: bool) -> dict[str, Any]:
 
 def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
     """The ``calibrate`` table: each candidate's flags, and its precision/recall given labels."""
-    labelled = f", {plan.labelled_rows} labelled ({plan.labelled_anomalies} anomalies)" \
-        if plan.labelled_rows else ""
+    labelled = (f"; {plan.labelled_rows} labelled rows ({plan.labelled_anomalies} "
+                f"anomalies) from the {plan.labels_from}" if plan.labelled_rows else "")
     status = "" if plan.version.status == "active" else f" ({plan.version.status})"
     click.echo(f"monitor {monitor}, version {plan.version.version}{status}: "
                f"{plan.holdout_scores.size} held-out rows{labelled}")
@@ -195,9 +209,10 @@ def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
         click.echo(f"recent rows: the newest {plan.recent_scores.size} after the training "
                    f"window (ids {first}-{last}), which the model has not seen")
     elif plan.version.training.get("window"):
-        click.echo("recent rows and label metrics: not available for a window monitor yet "
-                   "(its rows score only in order, with their entities' states); "
-                   "'recent flagged' counts none")
+        click.echo("recent rows: not available for a window monitor yet (its rows score "
+                   "only in order, with their entities' states); 'recent flagged' counts "
+                   "none; label metrics come from the flags this version scored that "
+                   "operators labelled")
     else:
         click.echo("recent rows: none yet after the training window (last id "
                    f"{plan.version.training['last_id']}); 'recent flagged' counts none")

@@ -271,15 +271,22 @@ def _write(connection: sa.Connection, grouping: Grouping, upto: dt.datetime | No
         row["closed_at"] = None if is_open else (row["closed_at"] or now)
         row["updated_at"] = now
         values = {k: v for k, v in row.items() if k != "id"}
+        label = None
         if row["id"] is None:
             row["id"] = connection.execute(
                 incidents.insert().values(**values)).inserted_primary_key[0]
             opened += 1
         else:
-            connection.execute(incidents.update().where(incidents.c.id == row["id"])
-                               .values(**values))
+            # The label is the operator's: kept as stored (an absorbed incident's fills
+            # it in) and read back after the row lock, so that a label given while this
+            # batch ran reaches the flags joining the incident.
+            values["label"] = sa.func.coalesce(incidents.c.label,
+                                               sa.literal(row["label"], sa.String))
+            label = connection.execute(
+                incidents.update().where(incidents.c.id == row["id"]).values(**values)
+                .returning(incidents.c.label)).scalar_one()
         for flag in incident.flags:
-            flag["incident_id"] = row["id"]
+            flag["incident_id"], flag["label"] = row["id"], label
     return opened
 
 
@@ -328,14 +335,16 @@ def alerting_incidents(connection: sa.Connection, monitor: str, min_severity: fl
                        now: dt.datetime) -> list[tuple[int, str, float]]:
     """The incidents of ``monitor`` with a severity of at least ``min_severity`` that are
     open, or closed less than ``ALERT_HOLD_SECONDS`` before ``now`` (an incident that
-    opened and closed within one batch of a catch-up still raises its alert): id,
+    opened and closed within one batch of a catch-up still raises its alert), and not
+    labelled a false positive (the operator's label silences its alert): id,
     entity or ``""``, severity; at most ``MAX_ALERT_SERIES``, the most severe."""
     recent = now - dt.timedelta(seconds=ALERT_HOLD_SECONDS)
     live = sa.or_(incidents.c.state == "open", incidents.c.closed_at >= recent)
     rows = connection.execute(
         sa.select(incidents.c.id, incidents.c.entity, incidents.c.max_severity)
         .where(incidents.c.monitor == monitor, live,
-               incidents.c.max_severity >= min_severity)
+               incidents.c.max_severity >= min_severity,
+               sa.or_(incidents.c.label.is_(None), incidents.c.label != "fp"))
         .order_by(incidents.c.max_severity.desc(), incidents.c.id)
         .limit(MAX_ALERT_SERIES)).all()
     return [(int(r.id), r.entity or "", float(r.max_severity)) for r in rows]

@@ -7,10 +7,12 @@ Calibration recomputes a version's threshold from its stored held-out scores.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ from anomaly_monitor.calibration import (
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
 from anomaly_monitor.entities import row_entities, write_states
+from anomaly_monitor.feedback import excluded_ids
 from anomaly_monitor.incidents import sample_interval, stream_samples
 from anomaly_monitor.registry import (
     LoadedModel,
@@ -55,6 +58,8 @@ MIN_TRAINING_ROWS = 50
 #: Training reads at most this many rows unless --limit says otherwise (bounded memory).
 DEFAULT_TRAINING_LIMIT = 1_000_000
 SECONDS_PER_DAY = 86_400.0
+#: What ``train`` leaves out of its window by default: rows labelled true anomalies.
+DEFAULT_EXCLUDE = ("labelled",)
 #: Storing a trained version is tried this many times when another ``train`` of the
 #: same monitor took the next version number at the same moment.
 STORE_ATTEMPTS = 5
@@ -74,6 +79,13 @@ class TrainingData:
     skipped: int
     first_timestamp: dt.datetime | None
     last_timestamp: dt.datetime | None
+
+    def without(self, drop: npt.NDArray[np.bool_]) -> TrainingData:
+        """The same window without the rows ``drop`` marks."""
+        keep = ~drop
+        return dataclasses.replace(
+            self, values=self.values[keep], ids=self.ids[keep],
+            labels=None if self.labels is None else self.labels[keep])
 
 
 def collect_training(
@@ -234,8 +246,12 @@ def train_monitor(
     device: str = "auto",
     activate_version: bool = True,
     verbose: bool = False,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
 ) -> TrainReport:
-    """Train a new version of ``monitor`` on its source table and store it."""
+    """Train a new version of ``monitor`` on its source table and store it, leaving
+    ``exclude`` out of the training window (``labelled``: rows labelled true anomalies;
+    ``flagged``: every flagged row). A window monitor keeps those rows as the context
+    of the rows after them: they are left out of the fit and the calibration only."""
     import pandas as pd
 
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
@@ -244,11 +260,17 @@ def train_monitor(
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
         data = collect_training(connection, source, since=since, until=until, limit=limit)
+        drop = np.isin(data.ids, excluded_ids(connection, monitor.name, int(data.ids[0]),
+                                              int(data.ids[-1]), exclude)) \
+            if data.ids.size else np.zeros(0, dtype=bool)
+    if monitor.window is None and drop.any():
+        data = data.without(drop)
     if len(data.ids) < MIN_TRAINING_ROWS:
+        left_out = f", {int(drop.sum())} left out ({', '.join(exclude)})" if drop.any() else ""
         raise TrainingError(
             f"monitor {monitor.name!r}: the training window of table {monitor.table!r} has "
             f"{len(data.ids)} usable rows ({data.skipped} skipped for NULL/NaN/non-numeric "
-            f"values); at least {MIN_TRAINING_ROWS} are needed"
+            f"values{left_out}); at least {MIN_TRAINING_ROWS} are needed"
         )
     n_fit = round(len(data.ids) * (1 - HOLDOUT_FRACTION))
     log.info("train %s: read %d rows of %s (%d skipped) in %.1f s; fitting %s on %d, "
@@ -270,7 +292,7 @@ def train_monitor(
         with engine.connect() as connection:
             keys = training_entities(connection, source, data.ids)
         stream = fit_stream(detector, data.values.astype(np.float64), keys, spec, n_fit,
-                            data.ids)
+                            data.ids, excluded=drop)
         scores = stream.held_out_scores
         labels = labels[stream.held_out_rows] if labels is not None else None
     else:
@@ -291,6 +313,7 @@ def train_monitor(
         "architecture": {"hidden_dims": [int(h) for h in detector.hidden_dims_],
                          "latent_dim": int(detector.latent_dim_)},
         "seconds": round(time.perf_counter() - started, 2),
+        "exclude": list(exclude), "excluded_rows": int(drop.sum()),
     }
     if stream is not None:
         training.update(window=stream.spec.to_dict(), entities=len(stream.states),

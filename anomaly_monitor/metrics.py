@@ -7,13 +7,16 @@ absent()-style alerts work before the first anomaly. Tests build a fresh
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from anomaly_monitor.feedback import PRECISION_WINDOW_FLAGS
 from anomaly_monitor.reading.values import REASONS
+from anomaly_monitor.tables import LABELS
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -115,6 +118,16 @@ class Metrics:
             "per monitor, the most severe); no series for the others.",
             ["monitor", "entity", "incident"], registry=registry)
         self._incident_labels: dict[str, set[tuple[str, str]]] = {}
+        self.feedback = Counter(
+            f"{PREFIX}_feedback", "Labels operators gave flags and incidents (anomaly-monitor "
+            "label), by label: tp true, fp false positive; read from the database by the "
+            "lease holder (max by monitor and label across replicas).",
+            ["monitor", "label"], registry=registry)
+        self._feedback_seen: dict[tuple[str, str], int] = {}
+        self.feedback_precision = Gauge(
+            f"{PREFIX}_feedback_precision", "Share of true positives among the newest "
+            f"{PRECISION_WINDOW_FLAGS} labelled flags (NaN before any label).", labels,
+            registry=registry)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
 
@@ -137,6 +150,9 @@ class Metrics:
                 self.rows_quarantined.labels(monitor, reason)
             for outcome in OUTCOMES:
                 self.batches.labels(monitor, outcome)
+            for label in LABELS:
+                self.feedback.labels(monitor, label)
+            self.feedback_precision.labels(monitor).set(math.nan)
             self.set_model(monitor, "none", "none", None)
 
     def set_model(self, monitor: str, version: str, kind: str, threshold: float | None,
@@ -205,6 +221,20 @@ class Metrics:
             for labels, severity in wanted.items():
                 self.incident_severity.labels(monitor, *labels).set(severity)
             self._incident_labels[monitor] = set(wanted)
+
+    def set_feedback(self, monitor: str, counts: Mapping[str, int],
+                     precision: float | None) -> None:
+        """Publish the labels given so far (``counts``: the database's totals, by label;
+        the counters rise by what is new since the last call) and the recent precision
+        (``None``: no label yet)."""
+        with self._lock:
+            for label, total in counts.items():
+                seen = self._feedback_seen.get((monitor, label), 0)
+                if total > seen:
+                    self.feedback.labels(monitor, label).inc(total - seen)
+                    self._feedback_seen[(monitor, label)] = total
+        self.feedback_precision.labels(monitor).set(math.nan if precision is None
+                                                    else precision)
 
     def observe_id_restart(self, monitor: str) -> None:
         """Count a table found restarted under the cursor."""

@@ -21,6 +21,7 @@ from anomaly_monitor.source import (
     reflect_source,
 )
 from anomaly_monitor.tables import (
+    LABEL_FILTERS,
     anomalies,
     as_utc,
     batches,
@@ -129,6 +130,15 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     return status
 
 
+def _with_label(column: sa.Column[Any], label: str | None) -> list[sa.ColumnElement[bool]]:
+    """The condition of a ``--label`` filter (none without one)."""
+    if label is None:
+        return []
+    if label not in LABEL_FILTERS:
+        raise ValueError(f"label must be one of {', '.join(LABEL_FILTERS)}; got {label!r}")
+    return [column.is_(None) if label == "none" else column == label]
+
+
 def list_anomalies(
     connection: sa.Connection,
     monitor: str,
@@ -136,12 +146,15 @@ def list_anomalies(
     since: dt.datetime | None = None,
     scored_since: dt.datetime | None = None,
     entity: str | None = None,
+    label: str | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Flagged rows of ``monitor`` (``since``: stamped at or after it, by the row's own
     timestamp; ``scored_since``: scored at or after it; ``entity``: of that entity of a
-    window monitor), newest cursor generation and source id first."""
-    query = sa.select(anomalies).where(anomalies.c.monitor == monitor)
+    window monitor; ``label``: labelled so, ``"none"`` unlabelled), newest cursor
+    generation and source id first."""
+    query = sa.select(anomalies).where(anomalies.c.monitor == monitor,
+                                       *_with_label(anomalies.c.label, label))
     if entity is not None:
         query = query.where(anomalies.c.entity == entity_key(entity))
     if since is not None:
@@ -156,7 +169,7 @@ def list_anomalies(
             "score": r.score, "threshold": r.threshold, "severity": round(r.severity, 1),
             "model_version": r.model_version, "top_features": r.contributions,
             "scored_at": _iso(as_utc(r.scored_at)), "generation": r.generation,
-            "entity": r.entity, "incident_id": r.incident_id,
+            "entity": r.entity, "incident_id": r.incident_id, "label": r.label,
         }
         for r in rows
     ]
@@ -169,11 +182,14 @@ def list_incidents(
     only_open: bool = False,
     since: dt.datetime | None = None,
     entity: str | None = None,
+    label: str | None = None,
     limit: int = 50,
 ) -> list[dict[str, Any]]:
     """Incidents of ``monitor`` (``only_open``: open ones; ``since``: with a flag stamped
-    at or after it; ``entity``: of that entity), newest first."""
-    query = sa.select(incidents).where(incidents.c.monitor == monitor)
+    at or after it; ``entity``: of that entity; ``label``: labelled so, ``"none"``
+    unlabelled), newest first."""
+    query = sa.select(incidents).where(incidents.c.monitor == monitor,
+                                       *_with_label(incidents.c.label, label))
     if only_open:
         query = query.where(incidents.c.state == "open")
     if since is not None:

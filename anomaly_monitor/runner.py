@@ -41,6 +41,7 @@ from anomaly_monitor.cursors import (
     set_paused,
 )
 from anomaly_monitor.db import describe_error
+from anomaly_monitor.feedback import feedback_counts, recent_precision
 from anomaly_monitor.incidents import alerting_incidents, open_count
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache, RegistryError
@@ -673,18 +674,22 @@ class MonitorRunner:
         self.metrics.set_paused(monitor.name, False)
 
     def _report_incidents(self) -> None:
-        """Publish the open incidents (the alert's series), read from the database."""
+        """Publish the open incidents (the alert's series) and the operators' feedback,
+        read from the database."""
         monitor = self.monitor
         try:
             with self.engine.connect() as connection:
                 open_now = open_count(connection, monitor.name)
                 alerting = alerting_incidents(connection, monitor.name,
                                               monitor.incidents.alert_severity, utcnow())
+                counts = feedback_counts(connection, monitor.name)
+                precision, _ = recent_precision(connection, monitor.name)
         except Exception as exc:  # metrics must not kill the job, nor count as a failed batch
-            log.warning("monitor %s: could not read the open incidents (%s)", monitor.name,
-                        describe_error(exc, self.engine.url))
+            log.warning("monitor %s: could not read the open incidents and feedback (%s)",
+                        monitor.name, describe_error(exc, self.engine.url))
             return
         self.metrics.set_incidents(monitor.name, open_now, alerting)
+        self.metrics.set_feedback(monitor.name, counts, precision)
 
     def _newest_scored(self) -> dt.datetime | None:
         """The newest source timestamp of the monitor's last batch (after a restart)."""

@@ -225,11 +225,18 @@ def read_gaps(
             sa.select(id_column).where(id_column.between(lo, hi))).scalars(), dtype=np.int64)
         if ids.size:
             found += ids[_in_ranges(ids, ranges)].tolist()
+    return read_ids(connection, source, found, features=names)
+
+
+def read_ids(connection: sa.Connection, source: SourceTable, ids: Sequence[int], *,
+             features: Sequence[str] | None = None) -> Window:
+    """The rows with these ids (those the table still has), in id order."""
+    names = tuple(source.features if features is None else features)
     rows: list[Any] = []
-    unique = sorted(set(found))
+    unique = sorted({int(i) for i in ids})
     for start in range(0, len(unique), IDS_PER_QUERY):
         rows += connection.execute(select_rows(source, names).where(
-            id_column.in_(unique[start:start + IDS_PER_QUERY]))).all()
+            source.id_column.in_(unique[start:start + IDS_PER_QUERY]))).all()
     rows.sort(key=lambda r: r[0])
     return rows_to_window(rows, names, False, source.timestamp_unit)
 

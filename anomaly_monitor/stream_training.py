@@ -52,10 +52,12 @@ def window_spec(monitor: MonitorSettings, features: Sequence[str]) -> WindowSpec
 
 
 def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence[str],
-               spec: WindowSpec, n_fit: int, ids: npt.NDArray[np.int64]) -> StreamFit:
+               spec: WindowSpec, n_fit: int, ids: npt.NDArray[np.int64], *,
+               excluded: npt.NDArray[np.bool_] | None = None) -> StreamFit:
     """Fit ``detector`` (an unfitted ``AutoencoderDetector``) on the window inputs of
     the first ``n_fit`` rows of ``values`` (id order; ``keys``: each row's entity,
-    ``ids`` its id)."""
+    ``ids`` its id). Rows ``excluded`` marks (confirmed anomalies) are the context of
+    the rows after them but are neither fitted nor among the held-out scores."""
     import pandas as pd
 
     built = build_inputs(values, keys, {}, spec)
@@ -63,8 +65,10 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     fit_mask = np.zeros(len(values), dtype=bool)
     fit_mask[:n_fit] = True
     fit_mask &= before >= MIN_BASELINE_SAMPLES
+    kept = np.ones(len(values), dtype=bool) if excluded is None else ~excluded
+    fit_mask &= kept
     if fit_mask.sum() < MIN_BASELINE_SAMPLES:  # few rows per entity: fit on what there is
-        fit_mask[:n_fit] = True
+        fit_mask[:n_fit] = kept[:n_fit]
     detector.fit(pd.DataFrame(inputs[fit_mask], columns=spec.input_names()))  # type: ignore[attr-defined]
     raw = model_term(detector, inputs, spec)
     low, high = calibration_range(raw[fit_mask])
@@ -75,7 +79,7 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     scores, learning = calibrate_scores(score_terms(raw, built), built, spec)
     for key, rows in built.groups.items():
         states[key].last_id = int(ids[rows[-1]])
-    held = ~learning[n_fit:]
+    held = ~learning[n_fit:] & kept[n_fit:]
     if not held.any():  # every entity still learning at the end: keep them all
-        held = np.ones(len(values) - n_fit, dtype=bool)
+        held = kept[n_fit:].copy()
     return StreamFit(spec, states, scores[n_fit:][held], held, int(fit_mask.sum()))

@@ -29,10 +29,16 @@ Timestamp = sa.DateTime(timezone=True)
 MONITOR_NAME_LENGTH = 64
 #: Entity keys (a window monitor's entity_column values as text) are cut to this length.
 ENTITY_LENGTH = 200
+#: Who gave a label (``am_feedback.author``), at most this long.
+AUTHOR_LENGTH = 200
 VERSION_STATUSES = ("candidate", "active", "retired")
 INCIDENT_STATES = ("open", "closed")
 #: Operator labels of flags and incidents: true and false positive.
 LABELS = ("tp", "fp")
+#: The ``--label`` filter of the listings: a label, or ``none`` for unlabelled rows.
+LABEL_FILTERS = (*LABELS, "none")
+#: What a feedback row labels: one flagged row, or a whole incident (and its flags).
+FEEDBACK_TARGETS = ("flag", "incident")
 
 
 def _row_id() -> sa.Column[int]:
@@ -125,10 +131,36 @@ anomalies = sa.Table(
     sa.Column("entity", sa.String(ENTITY_LENGTH)),
     # The incident (am_incidents.id) the flag was grouped into, in the same transaction.
     sa.Column("incident_id", sa.BigInteger),
+    # The current operator label (the newest feedback on the row or its incident; a
+    # flag joining a labelled incident takes its label), NULL while unlabelled.
+    sa.Column("label", sa.String(8)),
     sa.UniqueConstraint("monitor", "generation", "source_id"),
     sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
     sa.Index("ix_am_anomalies_monitor_entity", "monitor", "entity"),
     sa.Index("ix_am_anomalies_incident_id", "incident_id"),
+    sa.Index("ix_am_anomalies_monitor_label", "monitor", "label"),
+)
+
+feedback = sa.Table(
+    "am_feedback", metadata,
+    # Every label an operator gave (anomaly_monitor.feedback), never updated: the newest
+    # row of a target is its label, the older ones its history.
+    _row_id(),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("target", sa.String(8), nullable=False),
+    # am_anomalies.id of a flag, am_incidents.id of an incident.
+    sa.Column("target_id", sa.BigInteger, nullable=False),
+    # The flag's source id (NULL for an incident), and its cursor generation.
+    sa.Column("source_id", sa.BigInteger),
+    sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("label", sa.String(8), nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("author", sa.String(AUTHOR_LENGTH), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.CheckConstraint(sa.column("target").in_(FEEDBACK_TARGETS), name="target"),
+    sa.CheckConstraint(sa.column("label").in_(LABELS), name="label"),
+    sa.Index("ix_am_feedback_monitor_target_target_id", "monitor", "target", "target_id"),
+    sa.Index("ix_am_feedback_monitor_label", "monitor", "label"),
 )
 
 incidents = sa.Table(

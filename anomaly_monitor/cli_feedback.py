@@ -1,0 +1,111 @@
+"""``label`` and ``feedback``: operators mark flags and incidents true or false positives."""
+
+from __future__ import annotations
+
+import getpass
+
+import click
+
+from anomaly_monitor.cli import (
+    EXIT_USAGE,
+    App,
+    CliError,
+    echo_json,
+    main,
+    pass_app,
+    print_table,
+    require_schema,
+)
+from anomaly_monitor.feedback import NOTE_MAX_CHARS
+from anomaly_monitor.tables import AUTHOR_LENGTH
+
+
+def _login() -> str:
+    """Who labels, by default: the login name (``unknown`` without one)."""
+    try:
+        return getpass.getuser()[:AUTHOR_LENGTH]
+    except (KeyError, OSError):
+        return "unknown"
+
+
+@main.command("label")
+@click.argument("monitor")
+@click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0))
+@click.option("--tp", "verdict", flag_value="tp", help="True positives: real anomalies.")
+@click.option("--fp", "verdict", flag_value="fp",
+              help="False positives: not anomalies (an fp incident raises no alert).")
+@click.option("--incident", is_flag=True,
+              help="IDS are incident ids (anomaly-monitor incidents): label each incident "
+                   "and all its flags.")
+@click.option("--note", help=f"Why (kept with the label, up to {NOTE_MAX_CHARS} characters).")
+@click.option("--by", "author", help="Who labels (default: the login name).")
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def label_command(app: App, monitor: str, ids: tuple[int, ...], verdict: str | None,
+                  incident: bool, note: str | None, author: str | None, as_json: bool) -> None:
+    """Label flagged rows of MONITOR (their source ids, as anomaly-monitor anomalies
+    shows them) or, with --incident, whole incidents, as true (--tp) or false (--fp)
+    positives. A later label supersedes an earlier one; every label is kept."""
+    from anomaly_monitor.feedback import FeedbackError, label
+
+    app.settings.monitor(monitor)
+    if verdict is None:
+        raise CliError("give --tp (real anomalies) or --fp (false alarms)", EXIT_USAGE)
+    if note is not None and len(note) > NOTE_MAX_CHARS:
+        raise CliError(f"--note has {len(note)} characters; at most {NOTE_MAX_CHARS}",
+                       EXIT_USAGE)
+    who = (author or "").strip() or _login()
+    if len(who) > AUTHOR_LENGTH:
+        raise CliError(f"--by has {len(who)} characters; at most {AUTHOR_LENGTH}", EXIT_USAGE)
+    require_schema(app)
+    try:
+        with app.engine.begin() as connection:
+            done = label(connection, monitor, ids, verdict, incident=incident, note=note,
+                         author=who)
+    except FeedbackError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if as_json:
+        echo_json({"monitor": monitor, "label": verdict, "feedback_ids": done.feedback_ids,
+                   "flags": done.flags, "incidents": done.incidents, "author": who})
+        return
+    what = (f"{len(done.incidents)} incident(s) ({done.flags} flag(s))" if incident
+            else f"{done.flags} flag(s)")
+    click.echo(f"monitor {monitor}: labelled {what} {verdict} by {who}")
+
+
+@main.command("feedback")
+@click.argument("monitor")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_app
+def feedback_command(app: App, monitor: str, limit: int, as_json: bool) -> None:
+    """The labels given on MONITOR, newest first (superseded ones too), with the
+    precision of its newest labelled flags."""
+    from anomaly_monitor.feedback import (
+        PRECISION_WINDOW_FLAGS,
+        feedback_counts,
+        history,
+        recent_precision,
+    )
+
+    app.settings.monitor(monitor)
+    require_schema(app)
+    with app.engine.connect() as connection:
+        rows = history(connection, monitor, limit=limit)
+        counts = feedback_counts(connection, monitor)
+        precision, measured = recent_precision(connection, monitor)
+    if as_json:
+        echo_json({"monitor": monitor, "counts": counts, "precision": precision,
+                   "precision_flags": measured, "labels": rows})
+        return
+    if not rows:
+        click.echo(f"no labels on monitor {monitor!r} yet; give some with: anomaly-monitor "
+                   f"label {monitor} SOURCE_ID... --tp|--fp")
+        return
+    click.echo(f"monitor {monitor}: {counts['tp']} tp, {counts['fp']} fp labels given"
+               + ("" if precision is None else
+                  f"; precision {precision:.2f} over the newest {measured} labelled flags "
+                  f"(of at most {PRECISION_WINDOW_FLAGS})"))
+    print_table(["id", "target", "target id", "source id", "label", "by", "at", "note"],
+                [(r["id"], r["target"], r["target_id"], r["source_id"] or "-", r["label"],
+                  r["author"], r["created_at"], r["note"] or "") for r in rows])
