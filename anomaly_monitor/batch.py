@@ -62,6 +62,7 @@ from anomaly_monitor.source import (
     read_gaps,
     timestamp_at,
 )
+from anomaly_monitor.suppression import suppress_flags
 from anomaly_monitor.tables import anomalies, as_utc, batches, quarantine, utcnow
 
 #: A window ends before its 1001st id gap, so that every gap of every batch is recorded.
@@ -126,8 +127,11 @@ class BatchResult:
     #: because their entity was still learning.
     new_entities: int = 0
     learning_rows: int = 0
-    #: Incidents this batch opened (``anomaly_monitor.incidents``).
+    #: Incidents this batch opened (``anomaly_monitor.incidents``), and its flags that
+    #: a suppression window marked (counted in ``flagged`` too; their severities are
+    #: not in ``severities``).
     incidents_opened: int = 0
+    suppressed: int = 0
     #: ``idle`` with no row at all after the cursor when it was read (no delay held one
     #: back): the backlog is 0 without counting it.
     nothing_after: bool = False
@@ -250,38 +254,60 @@ class ReadState:
         return now - self.since > HORIZON_MAX_STALL_SECONDS
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a batch's commit wrote beyond its rows: the incidents it opened, and which
+    of its flags a suppression window marked."""
+
+    opened: int = 0
+    suppressed: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def applied(self, result: BatchResult) -> BatchResult:
+        """``result`` counting the suppressed flags apart (and without their severities)."""
+        marked = self.suppressed
+        kept = result.severities[~marked] if marked.size == len(result.severities) \
+            else result.severities
+        return dataclasses.replace(result, incidents_opened=self.opened,
+                                   suppressed=int(marked.sum()), severities=kept)
+
+
 def _commit(
-    engine: sa.Engine, monitor: str, lease: Lease | None, now: dt.datetime, window: Window,
-    flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *, generation: int,
-    move: tuple[int, int, dt.datetime | None] | None = None,
+    engine: sa.Engine, monitor: MonitorSettings, lease: Lease | None, now: dt.datetime,
+    window: Window, flagged: list[dict[str, Any]], batch: dict[str, Any] | None, *,
+    generation: int, move: tuple[int, int, dt.datetime | None] | None = None,
     also: Callable[[sa.Connection], None] | None = None, gap_seconds: float | None = None,
-) -> int:
+) -> Written:
     """The one commit path of a batch: fence the cursor (moving it ``move = (from, to,
     timestamp of the row at to)``), run ``also``, write the flagged and quarantined rows
-    under the cursor's ``generation``, their incidents (grouped within ``gap_seconds``;
-    none when ``None``) and the ``am_batches`` record (none when ``batch`` is ``None``),
-    in one transaction. Returns the number of incidents opened."""
+    under the cursor's ``generation`` (flags inside a suppression window marked), the
+    incidents of the others (grouped within ``gap_seconds``; none when ``None``) and
+    the ``am_batches`` record (none when ``batch`` is ``None``), in one transaction."""
     with engine.begin() as connection:
-        fence(connection, monitor, lease, now, *(move or ()), generation=generation,
+        fence(connection, monitor.name, lease, now, *(move or ()), generation=generation,
               rows=batch["rows"] if batch is not None else 0)
         if also is not None:
             also(connection)
-        opened = 0
+        written = Written()
         if batch is not None:
-            opened = _write_rows(connection, monitor, generation, window, flagged, now,
-                                 gap_seconds)
+            written = _write_rows(connection, monitor, generation, window, flagged, now,
+                                  gap_seconds)
             connection.execute(batches.insert().values(**batch, generation=generation))
-        return opened
+        return written
 
 
-def _write_rows(connection: sa.Connection, monitor: str, generation: int, window: Window,
-                flagged: list[dict[str, Any]], now: dt.datetime,
-                gap_seconds: float | None) -> int:
-    """Insert the flagged rows (with their incidents) and the quarantined ones; returns
-    the number of incidents opened."""
+def _write_rows(connection: sa.Connection, monitor: MonitorSettings, generation: int,
+                window: Window, flagged: list[dict[str, Any]], now: dt.datetime,
+                gap_seconds: float | None) -> Written:
+    """Insert the flagged rows (marked when suppressed; the others with their
+    incidents) and the quarantined ones."""
+    marked = suppress_flags(connection, monitor.name, monitor.suppress, flagged)
     opened = 0
     if gap_seconds is not None and window.size:
-        opened = record_incidents(connection, monitor, generation, flagged,
+        alerting = [f for f, m in zip(flagged, marked, strict=True) if not m]
+        for f in flagged:  # every row of one insert has the same keys
+            f.setdefault("incident_id", None)
+            f.setdefault("label", None)
+        opened = record_incidents(connection, monitor.name, generation, alerting,
                                   gap_seconds=gap_seconds, newest=window.newest_timestamp(),
                                   now=now)
     if flagged:
@@ -289,12 +315,12 @@ def _write_rows(connection: sa.Connection, monitor: str, generation: int, window
                                                 for row in flagged])
     if window.bad:
         connection.execute(quarantine.insert(), [
-            {"monitor": monitor, "source_id": b.source_id, "reason": b.reason,
+            {"monitor": monitor.name, "source_id": b.source_id, "reason": b.reason,
              "detail": b.detail, "raw_values": b.raw_values, "quarantined_at": now,
              "generation": generation}
             for b in window.bad
         ])
-    return opened
+    return Written(opened, marked)
 
 
 def _result(
@@ -498,14 +524,15 @@ def run_batch(
         anchor = timestamp_at(connection, source, window.last_id)
     last_stamp = anchor[1] if anchor is not None and anchor[0] == window.last_id else None
     now = clock()
-    opened = _commit(engine, monitor.name, lease, now, window, flagged, batch,
-                     generation=cursor.generation,
-                     move=(cursor.position, window.last_id, last_stamp),
-                     also=state_writer(model, stream, now),
-                     gap_seconds=incident_gap(monitor, model.version))
-    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
+    written = _commit(engine, monitor, lease, now, window, flagged, batch,
+                      generation=cursor.generation,
+                      move=(cursor.position, window.last_id, last_stamp),
+                      also=state_writer(model, stream, now),
+                      gap_seconds=incident_gap(monitor, model.version))
+    return dataclasses.replace(written.applied(result),
+                               duration_seconds=time.perf_counter() - t0,
                                position=window.last_id, generation=cursor.generation,
-                               version=version, incidents_opened=opened)
+                               version=version)
 
 
 def probe_next_id(engine: sa.Engine, source: SourceTable, position: int, *,
@@ -559,7 +586,7 @@ def _read_timed_out(
     batch = _batch_row(result, started, "window", gaps, t0)
     if gaps:
         read_state.open_gaps = True
-    _commit(engine, monitor.name, lease, clock(), window, [], batch,
+    _commit(engine, monitor, lease, clock(), window, [], batch,
             generation=cursor.generation, move=(cursor.position, found, None))
     read_state.slow_row_skipped()
     log.warning("monitor %s: row %d cannot be read within the statement timeout; "
@@ -661,12 +688,12 @@ def sweep_late_rows(
             **_stream_counts(stream))
         holes = gap_ranges(found, result.first_id - 1, result.last_id)
         batch = _batch_row(result, started, "late", holes, t0)
-    opened = _commit(engine, monitor.name, lease, clock(), window, flagged, batch,
-                     generation=generation, also=close_gaps,
-                     gap_seconds=incident_gap(monitor, version))
+    written = _commit(engine, monitor, lease, clock(), window, flagged, batch,
+                      generation=generation, also=close_gaps,
+                      gap_seconds=incident_gap(monitor, version))
     if result is None:
         return None
-    result = dataclasses.replace(result, incidents_opened=opened)
+    result = written.applied(result)
     log.warning("monitor %s: %d row(s) committed late were found behind the cursor and scored",
                 monitor.name, result.rows)
     return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,

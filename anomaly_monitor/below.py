@@ -203,14 +203,14 @@ def _backfill_chunk(engine: sa.Engine, monitor: MonitorSettings, source: SourceT
             connection.execute(quarantine.delete().where(
                 quarantine.c.monitor == monitor.name, quarantine.c.generation == generation,
                 quarantine.c.reason == "read_timeout", quarantine.c.source_id.in_(retried)))
-        opened = _write_rows(connection, monitor.name, generation, window, flagged, clock(),
-                             incident_gap(monitor, version))
+        written = _write_rows(connection, monitor, generation, window, flagged, clock(),
+                              incident_gap(monitor, version))
         connection.execute(batches.insert().values(**batch, generation=generation))
         connection.execute(cursors.update().where(cursors.c.monitor == monitor.name)
                            .values(**_credited(result.rows - len(retried))))
-    return dataclasses.replace(result, duration_seconds=time.perf_counter() - t0,
-                               generation=generation, version=version,
-                               incidents_opened=opened)
+    return dataclasses.replace(written.applied(result),
+                               duration_seconds=time.perf_counter() - t0,
+                               generation=generation, version=version)
 
 
 @dataclass(frozen=True)

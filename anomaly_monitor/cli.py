@@ -172,6 +172,10 @@ class Group(click.Group):
         """Run the command, translating errors."""
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # one line, as every other error
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise CliError(f"{exc.format_message()} (see: {where} --help)",
+                           exc.exit_code) from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except BrokenPipeError:
@@ -319,4 +323,10 @@ def demo(directory: Path, seconds: int, port: int) -> None:
 
 
 # The other commands live by concept in these modules and register themselves on ``main``.
-from anomaly_monitor import cli_daemon, cli_db, cli_feedback, cli_models  # noqa: E402, F401
+from anomaly_monitor import (  # noqa: E402, F401
+    cli_daemon,
+    cli_db,
+    cli_feedback,
+    cli_models,
+    cli_suppress,
+)

@@ -259,12 +259,14 @@ def anomalies(app: App, monitor: str, since: dt.datetime | None,
         echo_json(rows)
         return
     with_entity = settings.entity_column is not None
+    # The incident column names the suppression window of a suppressed flag.
     print_table(["source id", *(["entity"] if with_entity else []), "timestamp", "score",
                  "threshold", "severity", "version", "incident", "label", "top features"],
            [(r["source_id"], *([r["entity"]] if with_entity else []), r["source_timestamp"],
              f"{r['score']:.4g}", f"{r['threshold']:.4g}", r["severity"], r["model_version"],
-             r["incident_id"] if r["incident_id"] is not None else "-", r["label"] or "-",
-             _shares(r["top_features"]))
+             r["incident_id"] if r["incident_id"] is not None else
+             (f"suppressed ({r['suppressed_by']})" if r["suppressed_by"] else "-"),
+             r["label"] or "-", _shares(r["top_features"]))
             for r in rows])
 
 

@@ -20,7 +20,7 @@ from anomaly_monitor.feedback import NOTE_MAX_CHARS
 from anomaly_monitor.tables import AUTHOR_LENGTH
 
 
-def _login() -> str:
+def login() -> str:
     """Who labels, by default: the login name (``unknown`` without one)."""
     try:
         return getpass.getuser()[:AUTHOR_LENGTH]
@@ -31,8 +31,8 @@ def _login() -> str:
 @main.command("label")
 @click.argument("monitor")
 @click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0))
-@click.option("--tp", "verdict", flag_value="tp", help="True positives: real anomalies.")
-@click.option("--fp", "verdict", flag_value="fp",
+@click.option("--tp", is_flag=True, help="True positives: real anomalies.")
+@click.option("--fp", is_flag=True,
               help="False positives: not anomalies (an fp incident raises no alert).")
 @click.option("--incident", is_flag=True,
               help="IDS are incident ids (anomaly-monitor incidents): label each incident "
@@ -41,7 +41,7 @@ def _login() -> str:
 @click.option("--by", "author", help="Who labels (default: the login name).")
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
-def label_command(app: App, monitor: str, ids: tuple[int, ...], verdict: str | None,
+def label_command(app: App, monitor: str, ids: tuple[int, ...], tp: bool, fp: bool,
                   incident: bool, note: str | None, author: str | None, as_json: bool) -> None:
     """Label flagged rows of MONITOR (their source ids, as anomaly-monitor anomalies
     shows them) or, with --incident, whole incidents, as true (--tp) or false (--fp)
@@ -49,12 +49,14 @@ def label_command(app: App, monitor: str, ids: tuple[int, ...], verdict: str | N
     from anomaly_monitor.feedback import FeedbackError, label
 
     app.settings.monitor(monitor)
-    if verdict is None:
-        raise CliError("give --tp (real anomalies) or --fp (false alarms)", EXIT_USAGE)
+    if tp == fp:
+        raise CliError("give one of --tp (real anomalies) or --fp (false alarms)"
+                       + (", not both" if tp else ""), EXIT_USAGE)
+    verdict = "tp" if tp else "fp"
     if note is not None and len(note) > NOTE_MAX_CHARS:
         raise CliError(f"--note has {len(note)} characters; at most {NOTE_MAX_CHARS}",
                        EXIT_USAGE)
-    who = (author or "").strip() or _login()
+    who = (author or "").strip() or login()
     if len(who) > AUTHOR_LENGTH:
         raise CliError(f"--by has {len(who)} characters; at most {AUTHOR_LENGTH}", EXIT_USAGE)
     require_schema(app)

@@ -71,12 +71,14 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     report = train_monitor(
         app.engine, settings, since=as_utc(since), until=as_utc(until), limit=limit, epochs=epochs,
         device=device, activate_version=activate, verbose=sys.stderr.isatty(),
-        exclude=[*([] if include_labelled else ["labelled"]),
+        exclude=[*([] if include_labelled else ["labelled"]), "suppressed",
                  *(["flagged"] if exclude_flagged else [])],
     )
     v = report.version
     left_out = v.training.get("excluded_rows", 0)
-    why = " and ".join(_EXCLUDED[e] for e in v.training.get("exclude", ()))
+    excluded = v.training.get("excluded", {})
+    why = ", ".join(f"{excluded[e]} {text}" for e, text in _EXCLUDED.items()
+                    if excluded.get(e))
     click.echo(f"monitor {monitor}: version {v.version} ({v.kind}) trained on {report.rows} "
                f"rows, {v.training['holdout_rows']} held out, {report.skipped} skipped, "
                + (f"{left_out} left out ({why}), " if left_out else "")
@@ -92,7 +94,8 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
 
 
 #: How ``train`` names what it left out.
-_EXCLUDED = {"labelled": "labelled true anomalies", "flagged": "flagged rows"}
+_EXCLUDED = {"labelled": "labelled true anomalies", "flagged": "flagged rows",
+             "suppressed": "suppressed with --skip-training"}
 
 
 @main.command()

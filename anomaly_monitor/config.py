@@ -93,6 +93,23 @@ class IncidentSettings:
 
 
 @dataclass(frozen=True)
+class RecurringWindow:
+    """``[[monitor.suppress]]``: a window that recurs (nightly maintenance): it opens at
+    each time the cron expression gives in ``timezone`` and lasts ``duration_seconds``.
+    Flags of rows stamped inside it (of ``entity`` only, when set) are stored, marked
+    suppressed, and kept out of incidents and alerts; with ``skip_training`` the rows
+    are also left out of training (``anomaly_monitor.suppression``)."""
+
+    name: str
+    cron: str
+    duration_seconds: float
+    timezone: str = "UTC"
+    entity: str | None = None
+    reason: str = ""
+    skip_training: bool = False
+
+
+@dataclass(frozen=True)
 class MonitorSettings:
     """One watched table."""
 
@@ -118,6 +135,7 @@ class MonitorSettings:
     threshold: ThresholdSettings = field(default_factory=ThresholdSettings)
     incidents: IncidentSettings = field(default_factory=IncidentSettings)
     model: Mapping[str, Any] = field(default_factory=dict)
+    suppress: tuple[RecurringWindow, ...] = ()
 
 
 #: Unless configured, a worker's lease on a monitor lasts this many intervals (at least
@@ -240,6 +258,8 @@ _MONITOR: dict[str, Check] = {
     "threshold": (lambda v: isinstance(v, dict), "a table"),
     "incidents": (lambda v: isinstance(v, dict), "a table"),
     "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
+    "suppress": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+                 "an array of tables ([[monitor.suppress]])"),
 }
 _WINDOW: dict[str, Check] = {
     "size": (lambda v: _is_int(v) and 1 <= v <= MAX_WINDOW_SIZE,
@@ -254,6 +274,17 @@ _INCIDENTS: dict[str, Check] = {
     "gap_seconds": (_positive, "a positive number of seconds"),
     "alert_severity": ((lambda v: _is_number(v) and 0 <= v <= 100),
                        "a severity from 0 to 100"),
+}
+_SUPPRESS: dict[str, Check] = {
+    "name": (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v)
+             is not None, "a name of 1-64 letters, digits, _ . -"),
+    "cron": (lambda v: isinstance(v, str) and len(v.split()) == 5,
+             "a cron expression of five fields (minute hour day month weekday)"),
+    "duration_seconds": (_positive, "a positive number of seconds"),
+    "timezone": (lambda v: isinstance(v, str) and bool(v), "an IANA time zone name"),
+    "entity": (lambda v: isinstance(v, str) and bool(v), "an entity (a string)"),
+    "reason": (lambda v: isinstance(v, str), "a string"),
+    "skip_training": (lambda v: isinstance(v, bool), "true or false"),
 }
 _REQUIRED_MONITOR = ("name", "table", "timestamp_column")
 
@@ -311,6 +342,36 @@ def check_model_params(settings: Settings, monitor: MonitorSettings) -> None:
         raise ConfigError(f"{settings.path}: monitor {monitor.name!r}.model: {exc}") from None
 
 
+def _recurring(data: Any, index: int, monitor: dict[str, Any], where: str,
+               path: Path | None) -> RecurringWindow:
+    """One ``[[monitor.suppress]]`` table, its cron expression and time zone checked."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    where = f"{where}[{index}]"
+    data = _check_table(data, _SUPPRESS, where, path)
+    for key in ("cron", "duration_seconds"):
+        if key not in data:
+            raise ConfigError(f"{path}: {where}.{key} is required")
+    try:
+        zone = ZoneInfo(data.get("timezone", "UTC"))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{path}: {where}.timezone {data['timezone']!r} is not a known "
+                          "IANA time zone (e.g. UTC, Europe/Berlin)") from None
+    try:
+        CronTrigger.from_crontab(data["cron"], timezone=zone)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {where}.cron {data['cron']!r}: {exc}") from None
+    if "entity" in data and "entity_column" not in monitor:
+        raise ConfigError(f"{path}: {where}.entity needs the monitor's entity_column")
+    return RecurringWindow(name=data.get("name", f"suppress-{index + 1}"), cron=data["cron"],
+                           duration_seconds=float(data["duration_seconds"]),
+                           timezone=data.get("timezone", "UTC"), entity=data.get("entity"),
+                           reason=data.get("reason", ""),
+                           skip_training=data.get("skip_training", False))
+
+
 def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
     where = f"monitor[{index}]"
     data = dict(_check_table(data, _MONITOR, where, path))
@@ -339,6 +400,12 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
                           "(baselines per entity are kept by window monitors)")
     if "model" in data:
         data["model"] = _model_params(data["model"], f"{where}.model", path)
+    if "suppress" in data:
+        data["suppress"] = tuple(_recurring(item, i, data, f"{where}.suppress", path)
+                                 for i, item in enumerate(data["suppress"]))
+        names = [w.name for w in data["suppress"]]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{path}: {where}.suppress names a window twice")
     for key in ("interval_seconds", "query_delay_seconds", "lease_seconds"):
         if key in data:
             data[key] = float(data[key])

@@ -199,9 +199,10 @@ def labelled_flags(connection: sa.Connection, monitor: str) -> LabelledFlags:
                          np.array([r.label == "tp" for r in rows], dtype=bool))
 
 
-#: What ``train`` can leave out of its window: rows labelled true anomalies, and every
-#: flagged row.
-EXCLUDE_CHOICES = ("labelled", "flagged")
+#: What ``train`` can leave out of its window: rows labelled true anomalies, every
+#: flagged row (here), and rows of suppression windows marked ``skip_training``
+#: (``anomaly_monitor.suppression``).
+EXCLUDE_CHOICES = ("labelled", "flagged", "suppressed")
 
 
 def excluded_ids(connection: sa.Connection, monitor: str, first_id: int, last_id: int,
@@ -212,6 +213,7 @@ def excluded_ids(connection: sa.Connection, monitor: str, first_id: int, last_id
     if unknown:
         raise ValueError(f"exclude must be among {', '.join(EXCLUDE_CHOICES)}; got "
                          f"{', '.join(sorted(unknown))}")
+    exclude = [e for e in exclude if e != "suppressed"]
     if not exclude:
         return np.zeros(0, dtype=np.int64)
     query = sa.select(anomalies.c.source_id).where(

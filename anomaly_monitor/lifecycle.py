@@ -43,11 +43,13 @@ from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
     SchemaError,
     SourceTable,
+    ids_stamped_within,
     newest_id,
     read_training,
     reflect_source,
 )
 from anomaly_monitor.stream_training import fit_stream, window_spec
+from anomaly_monitor.suppression import spans_between, training_spans
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,9 @@ MIN_TRAINING_ROWS = 50
 #: Training reads at most this many rows unless --limit says otherwise (bounded memory).
 DEFAULT_TRAINING_LIMIT = 1_000_000
 SECONDS_PER_DAY = 86_400.0
-#: What ``train`` leaves out of its window by default: rows labelled true anomalies.
-DEFAULT_EXCLUDE = ("labelled",)
+#: What ``train`` leaves out of its window by default: rows labelled true anomalies,
+#: and rows in suppression windows marked ``skip_training``.
+DEFAULT_EXCLUDE = ("labelled", "suppressed")
 #: Storing a trained version is tried this many times when another ``train`` of the
 #: same monitor took the next version number at the same moment.
 STORE_ATTEMPTS = 5
@@ -235,6 +238,39 @@ class TrainReport:
     activated: bool
 
 
+def _left_out(connection: sa.Connection, monitor: MonitorSettings, source: SourceTable,
+              data: TrainingData, exclude: Sequence[str],
+              ) -> tuple[npt.NDArray[np.bool_], dict[str, int]]:
+    """Which training rows ``exclude`` leaves out: flags (``labelled``: those labelled
+    true anomalies; ``flagged``: all) and rows stamped inside a suppression window with
+    ``skip_training`` (``suppressed``); and how many for each reason."""
+    counts: dict[str, int] = {}
+    if not data.ids.size:
+        return np.zeros(0, dtype=bool), counts
+    first, last = int(data.ids[0]), int(data.ids[-1])
+    drop = np.zeros(len(data.ids), dtype=bool)
+    for reason in ("labelled", "flagged"):
+        if reason in exclude:
+            hit = np.isin(data.ids, excluded_ids(connection, monitor.name, first, last,
+                                                 [reason]))
+            counts[reason] = int(hit.sum())
+            drop |= hit
+    if "suppressed" in exclude and data.first_timestamp and data.last_timestamp:
+        hit = np.zeros(len(data.ids), dtype=bool)
+        spans = training_spans(spans_between(connection, monitor.name, monitor.suppress,
+                                             data.first_timestamp, data.last_timestamp))
+        for entity in {s.entity for s in spans}:
+            ids = ids_stamped_within(connection, source, first, last,
+                                     [(s.start, s.end) for s in spans if s.entity == entity])
+            if entity is not None and ids.size:
+                keys = row_entities(connection, source, ids)[0]
+                ids = ids[np.array([k == entity for k in keys], dtype=bool)]
+            hit |= np.isin(data.ids, ids)
+        counts["suppressed"] = int(hit.sum())
+        drop |= hit
+    return drop, counts
+
+
 def train_monitor(
     engine: sa.Engine,
     monitor: MonitorSettings,
@@ -250,7 +286,8 @@ def train_monitor(
 ) -> TrainReport:
     """Train a new version of ``monitor`` on its source table and store it, leaving
     ``exclude`` out of the training window (``labelled``: rows labelled true anomalies;
-    ``flagged``: every flagged row). A window monitor keeps those rows as the context
+    ``flagged``: every flagged row; ``suppressed``: rows stamped inside a suppression
+    window with ``skip_training``). A window monitor keeps those rows as the context
     of the rows after them: they are left out of the fit and the calibration only."""
     import pandas as pd
 
@@ -260,17 +297,16 @@ def train_monitor(
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
         data = collect_training(connection, source, since=since, until=until, limit=limit)
-        drop = np.isin(data.ids, excluded_ids(connection, monitor.name, int(data.ids[0]),
-                                              int(data.ids[-1]), exclude)) \
-            if data.ids.size else np.zeros(0, dtype=bool)
+        drop, left_out = _left_out(connection, monitor, source, data, exclude)
     if monitor.window is None and drop.any():
         data = data.without(drop)
     if len(data.ids) < MIN_TRAINING_ROWS:
-        left_out = f", {int(drop.sum())} left out ({', '.join(exclude)})" if drop.any() else ""
+        why = ", ".join(f"{n} {reason}" for reason, n in left_out.items() if n)
         raise TrainingError(
             f"monitor {monitor.name!r}: the training window of table {monitor.table!r} has "
             f"{len(data.ids)} usable rows ({data.skipped} skipped for NULL/NaN/non-numeric "
-            f"values{left_out}); at least {MIN_TRAINING_ROWS} are needed"
+            f"values{'; left out: ' + why if why else ''}); at least {MIN_TRAINING_ROWS} "
+            "are needed"
         )
     n_fit = round(len(data.ids) * (1 - HOLDOUT_FRACTION))
     log.info("train %s: read %d rows of %s (%d skipped) in %.1f s; fitting %s on %d, "
@@ -313,7 +349,7 @@ def train_monitor(
         "architecture": {"hidden_dims": [int(h) for h in detector.hidden_dims_],
                          "latent_dim": int(detector.latent_dim_)},
         "seconds": round(time.perf_counter() - started, 2),
-        "exclude": list(exclude), "excluded_rows": int(drop.sum()),
+        "exclude": list(exclude), "excluded_rows": int(drop.sum()), "excluded": left_out,
     }
     if stream is not None:
         training.update(window=stream.spec.to_dict(), entities=len(stream.states),

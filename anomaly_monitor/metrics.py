@@ -44,8 +44,13 @@ class Metrics:
         labels = ["monitor"]
         self.rows_scored = Counter(f"{PREFIX}_rows_scored", "Rows scored.", labels,
                                    registry=registry)
-        self.rows_flagged = Counter(f"{PREFIX}_rows_flagged", "Rows flagged as anomalous.",
-                                    labels, registry=registry)
+        self.rows_flagged = Counter(f"{PREFIX}_rows_flagged", "Rows flagged as anomalous "
+                                    "(outside suppression windows).", labels,
+                                    registry=registry)
+        self.rows_suppressed = Counter(
+            f"{PREFIX}_rows_suppressed", "Flagged rows stamped inside a suppression window "
+            "(stored, marked, not counted in rows_flagged_total, no incident or alert).",
+            labels, registry=registry)
         self.rows_quarantined = Counter(
             f"{PREFIX}_rows_quarantined", "Rows that could not be scored, by reason.",
             ["monitor", "reason"], registry=registry)
@@ -136,7 +141,8 @@ class Metrics:
         """Create every series of each monitor (name: interval in seconds) at 0; the
         window monitors' own series only for ``windows``."""
         for monitor, interval in monitors.items():
-            for metric in (self.rows_scored, self.rows_flagged, self.batch_duration,
+            for metric in (self.rows_scored, self.rows_flagged, self.rows_suppressed,
+                           self.batch_duration,
                            self.last_success, self.source_lag, self.backlog, self.threshold,
                            self.expected_ratio, self.severity, self.late_rows, self.paused,
                            self.id_restarts, self.future_rows, self.rows_below,
@@ -175,7 +181,9 @@ class Metrics:
         monitor = result.monitor
         self.batches.labels(monitor, "success").inc()
         self.rows_scored.labels(monitor).inc(result.scored)
-        self.rows_flagged.labels(monitor).inc(result.flagged)
+        self.rows_flagged.labels(monitor).inc(result.flagged - result.suppressed)
+        if result.suppressed:
+            self.rows_suppressed.labels(monitor).inc(result.suppressed)
         for reason, count in result.quarantine_reasons.items():
             self.rows_quarantined.labels(monitor, reason).inc(count)
         if result.future_rows:

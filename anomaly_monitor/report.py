@@ -170,6 +170,7 @@ def list_anomalies(
             "model_version": r.model_version, "top_features": r.contributions,
             "scored_at": _iso(as_utc(r.scored_at)), "generation": r.generation,
             "entity": r.entity, "incident_id": r.incident_id, "label": r.label,
+            "suppressed_by": r.suppressed_by,
         }
         for r in rows
     ]

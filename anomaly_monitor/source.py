@@ -288,13 +288,12 @@ def epoch_scale(connection: sa.Connection, source: SourceTable) -> float:
         return 1.0
 
 
-def _training_bounds(
-    connection: sa.Connection, source: SourceTable, since: dt.datetime | None,
-    until: dt.datetime | None, limit: int | None,
-) -> list[sa.ColumnElement[bool]]:
+def _time_bounds(source: SourceTable, since: dt.datetime | None, until: dt.datetime | None,
+                 scale: float) -> list[sa.ColumnElement[bool]]:
+    """Rows stamped at or after ``since`` and before ``until`` (either may be ``None``);
+    ``scale``: the epoch column's units per second (:func:`epoch_scale`)."""
     ts = source.timestamp_column
     conditions: list[sa.ColumnElement[bool]] = []
-    scale = epoch_scale(connection, source) if since or until else 1.0
     for bound, inclusive in ((since, True), (until, False)):
         if bound is None:
             continue
@@ -302,6 +301,36 @@ def _training_bounds(
         value: Any = bound.timestamp() * scale if source.epoch_timestamps else bound
         parameter = sa.bindparam(None, value, type_=ts.type)
         conditions.append(ts >= parameter if inclusive else ts < parameter)
+    return conditions
+
+
+#: Time spans OR-ed in one query by :func:`ids_stamped_within`.
+SPANS_PER_QUERY = 200
+
+
+def ids_stamped_within(connection: sa.Connection, source: SourceTable, first_id: int,
+                       last_id: int, spans: Sequence[tuple[dt.datetime, dt.datetime]],
+                       ) -> npt.NDArray[np.int64]:
+    """Ids in ``first_id..last_id`` of rows stamped within one of ``spans`` (each
+    ``[start, end)``), sorted."""
+    if not spans:
+        return np.zeros(0, dtype=np.int64)
+    scale = epoch_scale(connection, source)
+    found: set[int] = set()
+    for i in range(0, len(spans), SPANS_PER_QUERY):
+        within = sa.or_(*(sa.and_(*_time_bounds(source, start, end, scale))
+                          for start, end in spans[i:i + SPANS_PER_QUERY]))
+        found.update(connection.execute(sa.select(source.id_column).where(
+            source.id_column.between(first_id, last_id), within)).scalars())
+    return np.array(sorted(found), dtype=np.int64)
+
+
+def _training_bounds(
+    connection: sa.Connection, source: SourceTable, since: dt.datetime | None,
+    until: dt.datetime | None, limit: int | None,
+) -> list[sa.ColumnElement[bool]]:
+    scale = epoch_scale(connection, source) if since or until else 1.0
+    conditions = _time_bounds(source, since, until, scale)
     if limit is not None:
         # The newest ``limit`` rows of the window: find the id where they start.
         start = connection.execute(

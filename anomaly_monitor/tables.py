@@ -31,6 +31,8 @@ MONITOR_NAME_LENGTH = 64
 ENTITY_LENGTH = 200
 #: Who gave a label (``am_feedback.author``), at most this long.
 AUTHOR_LENGTH = 200
+#: ``am_anomalies.suppressed_by`` is cut to this length.
+SUPPRESSED_BY_LENGTH = 100
 VERSION_STATUSES = ("candidate", "active", "retired")
 INCIDENT_STATES = ("open", "closed")
 #: Operator labels of flags and incidents: true and false positive.
@@ -134,6 +136,9 @@ anomalies = sa.Table(
     # The current operator label (the newest feedback on the row or its incident; a
     # flag joining a labelled incident takes its label), NULL while unlabelled.
     sa.Column("label", sa.String(8)),
+    # The suppression window the row's timestamp fell in ("window 3", "recurring
+    # nightly"): the flag is kept out of incidents and alerts. NULL: not suppressed.
+    sa.Column("suppressed_by", sa.String(SUPPRESSED_BY_LENGTH)),
     sa.UniqueConstraint("monitor", "generation", "source_id"),
     sa.Index("ix_am_anomalies_monitor_scored_at", "monitor", "scored_at"),
     sa.Index("ix_am_anomalies_monitor_entity", "monitor", "entity"),
@@ -194,6 +199,24 @@ incidents = sa.Table(
     sa.Index("ix_am_incidents_monitor_generation_last_timestamp", "monitor", "generation",
              "last_timestamp"),
     sa.Index("ix_am_incidents_monitor_closed_at", "monitor", "closed_at"),
+)
+
+suppressions = sa.Table(
+    "am_suppressions", metadata,
+    # One-off suppression windows (anomaly-monitor suppress add); recurring ones are in
+    # the config. A removed window keeps its row (removed_at) for the flags it marked.
+    _row_id(),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("entity", sa.String(ENTITY_LENGTH)),
+    sa.Column("start_at", Timestamp, nullable=False),
+    sa.Column("end_at", Timestamp, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("skip_training", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("author", sa.String(AUTHOR_LENGTH), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("removed_at", Timestamp),
+    sa.CheckConstraint(sa.column("end_at") > sa.column("start_at"), name="span"),
+    sa.Index("ix_am_suppressions_monitor_end_at", "monitor", "end_at"),
 )
 
 entity_states = sa.Table(

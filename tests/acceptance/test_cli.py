@@ -176,7 +176,7 @@ def test_calibrate_dry_run_shows_precision_and_recall_on_contaminated_labelled_h
     assert "(robust); held-out flag rate" in cli("--config", config, "train", "plant",
                                                  "--epochs", "10")
     out = cli("--config", config, "calibrate", "plant", "--dry-run")
-    assert "200 held-out rows, 200 labelled (14 anomalies)" in out
+    assert "200 held-out rows; 200 labelled rows (14 anomalies) from the label column" in out
     assert re.search(r"robust fit: [\d.]+% of held-out rows score above the bulk", out)
     header = next(line for line in out.splitlines() if line.startswith("threshold"))
     assert header.split()[-3:] == ["precision", "recall", "F1"]
@@ -285,7 +285,8 @@ def test_commands_on_an_unmigrated_database_name_db_upgrade(tmp_path):
     sa.create_engine(f"sqlite:///{database}").connect().close()  # an empty file
     for args in (["models", "list"], ["models", "show", "1"], ["models", "activate", "1"],
                  ["models", "rollback"], ["anomalies", "plant"], ["quarantine", "plant"],
-                 ["calibrate", "plant", "--dry-run"], ["status"]):
+                 ["calibrate", "plant", "--dry-run"], ["status"], ["label", "plant", "1", "--tp"],
+                 ["feedback", "plant"]):
         out = cli("--config", path, *args, expect=2, stderr=True)
         assert "at revision base" in out and "run: anomaly-monitor db upgrade" in out, args
         assert len(out.strip().splitlines()) == 1, out
@@ -295,8 +296,8 @@ def test_db_downgrade_takes_relative_revisions_and_names_what_base_drops(tmp_pat
     path = tmp_path / "am.toml"
     path.write_text(CONFIG.format(url=f"sqlite:///{tmp_path / 'x.db'}", port=0, features='"f0"'))
     cli("--config", path, "db", "upgrade")
-    assert "at revision 0006" in cli("--config", path, "db", "downgrade", "-1")
-    assert "at revision 0001" in cli("--config", path, "db", "downgrade", "-5")
+    assert "at revision 0007" in cli("--config", path, "db", "downgrade", "-1")
+    assert "at revision 0001" in cli("--config", path, "db", "downgrade", "-6")
     out = cli("--config", path, "db", "downgrade", "-1", expect=2)  # 0001 -> base
     assert "drops every am_ table" in out and "0 model versions" in out
     assert "no revision 'nosuch'" in cli("--config", path, "db", "downgrade", "nosuch",

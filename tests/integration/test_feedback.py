@@ -89,7 +89,7 @@ def test_labels_round_trip_with_history_and_a_later_label_superseding(engine):
 
 
 def test_unknown_ids_are_refused_and_nothing_is_written(engine):
-    _, _, _, first_run, _, flags = _two_incidents(engine)
+    _, _, _, first_run, _, _ = _two_incidents(engine)
     before = _flags(engine)
     with engine.begin() as connection:
         with pytest.raises(FeedbackError, match=r"no flagged row with id 999999\b"):
@@ -161,7 +161,8 @@ def test_training_leaves_out_rows_labelled_true_anomalies(engine):
     trained = train_monitor(engine, dataclasses.replace(monitor, model={"epochs": 2}),
                             device="cpu", activate_version=False)
     training = trained.version.training
-    assert training["excluded_rows"] == len(first_run) and training["exclude"] == ["labelled"]
+    assert training["excluded_rows"] == len(first_run)
+    assert training["excluded"] == {"labelled": len(first_run), "suppressed": 0}
     assert training["rows"] + training["holdout_rows"] == total - len(first_run)
     flagged = train_monitor(engine, dataclasses.replace(monitor, model={"epochs": 2}),
                             device="cpu", activate_version=False, exclude=["flagged"])
@@ -190,3 +191,39 @@ def test_calibrate_by_labels_from_feedback(engine):
     robust = [c for c in plan.candidates if c.threshold.method == "robust"]
     assert all(c.precision is None or 0 <= c.precision <= 1 for c in robust)
     assert np.all(np.isfinite(plan.labelled[0]))
+
+
+def test_a_window_monitor_calibrates_on_its_own_labelled_flags_and_trains_around_them(engine):
+    from tests.integration.test_window_monitor import host_rows, train_hosts
+
+    table, monitor, _, last = train_hosts(engine)
+    with engine.begin() as connection:
+        connection.execute(table.insert(), host_rows(last + 1, 200, seed=1, shift_host="b",
+                                                     shift_from=100))
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        flags = connection.execute(sa.select(anomalies.c.source_id, anomalies.c.entity,
+                                             anomalies.c.score)).all()
+    b = sorted(f.source_id for f in flags if f.entity == "b")
+    others = sorted(f.source_id for f in flags if f.entity != "b")
+    assert b
+    with engine.begin() as connection:
+        label(connection, "hosts", b, "tp", author="ana")
+        if others:
+            label(connection, "hosts", others, "fp", author="ana")
+    plan = plan_calibration(engine, monitor, ThresholdSettings(method="labels"))
+    assert plan.labels_from == "feedback" and plan.labelled_rows == len(flags)
+    assert plan.labelled_anomalies == len(b)
+    scores = dict((f.source_id, f.score) for f in flags)  # the stored scores of version 1
+    assert sorted(plan.labelled[0]) == pytest.approx(sorted(scores.values()))
+    # Training keeps b's shifted rows as context but fits and calibrates without them.
+    again = train_monitor(engine, dataclasses.replace(monitor, model={"epochs": 2}),
+                          device="cpu", activate_version=False)
+    kept = train_monitor(engine, dataclasses.replace(monitor, model={"epochs": 2}),
+                         device="cpu", activate_version=False, exclude=[])
+    left, full = again.version.training, kept.version.training
+    assert left["excluded_rows"] == len(b) and full["excluded_rows"] == 0
+    held_out = sum(1 for i in b if i >= full["holdout_first_id"])
+    assert full["holdout_rows"] - left["holdout_rows"] == held_out
+    assert full["fit_rows"] - left["fit_rows"] == len(b) - held_out
+    assert left["rows"] == full["rows"]  # the rows stay, as context
