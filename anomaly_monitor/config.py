@@ -533,6 +533,13 @@ target_fpr = 0.01               # share of normal rows flagged (robust, quantile
 #                               # (default: 3 sampling intervals of the training rows)
 # alert_severity = 50           # incidents this severe (0-100) raise an alert
 
+# [[monitor.suppress]]          # a recurring window: its flags raise no incident/alert
+# name = "nightly"
+# cron = "30 1 * * *"           # minute hour day month weekday, in timezone
+# duration_seconds = 1800
+# timezone = "UTC"
+# skip_training = false         # true: also keep its rows out of training
+
 # [monitor.model]               # detector hyperparameters (defaults work across datasets)
 # epochs = 100
 # n_estimators = 3

@@ -22,7 +22,7 @@ from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel
 from anomaly_monitor.scoring import StreamContext
 from anomaly_monitor.source import SchemaError, SourceTable
-from anomaly_monitor.tables import ENTITY_LENGTH, entity_states
+from anomaly_monitor.tables import ENTITY_LENGTH, entity_states, trained_states
 from anomaly_monitor.windows import EntityState, WindowSpec
 
 #: Keys per ``IN`` list when states or rows are read by key.
@@ -82,19 +82,36 @@ def read_states(connection: sa.Connection, monitor: str, version: int,
 
 
 def write_states(connection: sa.Connection, monitor: str, version: int,
-                 states: dict[str, EntityState], now: dt.datetime) -> None:
-    """Replace the stored states of ``states``' keys (inside the caller's transaction)."""
+                 states: dict[str, EntityState], now: dt.datetime, *,
+                 trained: bool = False) -> None:
+    """Replace the stored states of ``states``' keys (inside the caller's transaction);
+    ``trained``: a new version's, also kept as trained (``am_trained_states``)."""
     keys = sorted(states)
     for start in range(0, len(keys), KEYS_PER_QUERY):
         connection.execute(entity_states.delete().where(
             entity_states.c.monitor == monitor, entity_states.c.version == version,
             entity_states.c.entity.in_(keys[start:start + KEYS_PER_QUERY])))
-    if keys:
-        connection.execute(entity_states.insert(), [
-            {"monitor": monitor, "version": version, "entity": key,
+    rows = [{"monitor": monitor, "version": version, "entity": key,
              "samples": states[key].samples, "state": states[key].pack(),
-             "last_id": states[key].last_id, "updated_at": now}
-            for key in keys])
+             "last_id": states[key].last_id} for key in keys]
+    if rows:
+        connection.execute(entity_states.insert(), [{**r, "updated_at": now} for r in rows])
+        if trained:
+            connection.execute(trained_states.insert(), rows)
+
+
+def read_trained_states(connection: sa.Connection, monitor: str, version: int,
+                        spec: WindowSpec) -> dict[str, EntityState] | None:
+    """Every entity's state as ``version`` was trained to; ``None`` for a version
+    trained before these were kept."""
+    states: dict[str, EntityState] = {}
+    for key, data, last_id in connection.execute(
+            sa.select(trained_states.c.entity, trained_states.c.state,
+                      trained_states.c.last_id).where(
+                trained_states.c.monitor == monitor, trained_states.c.version == version)):
+        states[key] = EntityState.unpack(bytes(data), spec)
+        states[key].last_id = None if last_id is None else int(last_id)
+    return states or None
 
 
 def count_entities(connection: sa.Connection, monitor: str, version: int) -> int:

@@ -373,7 +373,7 @@ def train_monitor(
                                         features=list(source.features))
                 if stream is not None:
                     write_states(connection, monitor.name, version.version, stream.states,
-                                 version.created_at)
+                                 version.created_at, trained=True)
                 if activate_version:
                     version = activate_checked(connection, monitor, source, version.version)
             break

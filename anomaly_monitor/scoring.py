@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,28 @@ def _stream_scores(model: LoadedModel, window: Window, stream: StreamContext
     return scores, inputs
 
 
+@dataclass(frozen=True)
+class Scored:
+    """The scores of a window's rows (higher: more anomalous) and the model inputs
+    they came from, with the inputs' names."""
+
+    scores: npt.NDArray[np.float64]
+    inputs: npt.NDArray[np.float64]
+    names: Sequence[str]
+
+
+def score_rows(model: LoadedModel, window: Window,
+               stream: StreamContext | None = None) -> Scored:
+    """Score every row of ``window`` (a window monitor's ``stream`` states move)."""
+    if model.window is not None:
+        if stream is None:
+            raise ValueError("a window monitor's rows are scored with their entities' states")
+        scores, inputs = _stream_scores(model, window, stream)
+        return Scored(scores, inputs, model.window.input_names())
+    return Scored(model.detector.decision_function(window.values), window.values,
+                  model.version.features)
+
+
 def score_window(
     monitor: str, model: LoadedModel, window: Window, scored_at: dt.datetime,
     stream: StreamContext | None = None,
@@ -180,15 +203,18 @@ def score_window(
     model needs ``stream`` (its rows' entities and states)."""
     if len(window.ids) == 0:
         return [], np.zeros(0)
-    if model.window is not None:
-        if stream is None:
-            raise ValueError("a window monitor's rows are scored with their entities' states")
-        scores, inputs = _stream_scores(model, window, stream)
-        names = model.window.input_names()
-    else:
-        scores, inputs = model.detector.decision_function(window.values), window.values
-        names = model.version.features
-    threshold = model.version.threshold
+    return flag_rows(monitor, model, window, scored_at, stream,
+                     score_rows(model, window, stream))
+
+
+def flag_rows(
+    monitor: str, model: LoadedModel, window: Window, scored_at: dt.datetime,
+    stream: StreamContext | None, scored: Scored, threshold: float | None = None,
+) -> tuple[list[dict[str, Any]], npt.NDArray[np.float64]]:
+    """The rows of ``window`` whose ``scored`` score passes ``threshold`` (default: the
+    version's), as ``am_anomalies`` rows, and their severities."""
+    scores, inputs, names = scored.scores, scored.inputs, scored.names
+    threshold = model.version.threshold if threshold is None else threshold
     above = scores > threshold
     if stream is not None and model.window is not None:
         above &= ~stream.learning_rows  # whatever the threshold

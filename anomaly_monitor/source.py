@@ -342,6 +342,17 @@ def _training_bounds(
     return conditions
 
 
+def count_training(connection: sa.Connection, source: SourceTable, *,
+                   since: dt.datetime | None = None, until: dt.datetime | None = None,
+                   id_range: tuple[int, int] | None = None) -> int:
+    """How many rows :func:`read_training` reads with the same bounds (no limit)."""
+    conditions = _training_bounds(connection, source, since, until, None)
+    if id_range is not None:
+        conditions += [source.id_column >= id_range[0], source.id_column <= id_range[1]]
+    return int(connection.execute(sa.select(sa.func.count()).select_from(source.table)
+                                  .where(*conditions)).scalar_one())
+
+
 def read_training(
     connection: sa.Connection,
     source: SourceTable,

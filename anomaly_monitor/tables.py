@@ -235,6 +235,18 @@ entity_states = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False),
 )
 
+trained_states = sa.Table(
+    "am_trained_states", metadata,
+    # The states of am_entity_states as training left them (never moved by scoring):
+    # what ``anomaly-monitor backtest`` replays a window monitor's version from.
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("entity", sa.String(ENTITY_LENGTH), primary_key=True),
+    sa.Column("samples", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.LargeBinary, nullable=False),
+    sa.Column("last_id", sa.BigInteger),
+)
+
 activations = sa.Table(
     "am_activations", metadata,
     _row_id(),
