@@ -163,7 +163,7 @@ def run_backtest(
         states = (read_trained_states(connection, monitor.name, model.version.version,
                                       model.window) if model.window is not None else None)
         number = model.version.version
-        runs = [ThresholdRun(t, "version's" if t == model.version.threshold else f"{t:g}")
+        runs = [ThresholdRun(t, "version's" if t == model.version.threshold else "given")
                 for t in (thresholds or [model.version.threshold])]
         report = Backtest(monitor.name, number, model.version.status, since, until, runs,
                           calibrated_rate=model.version.validation.get("holdout_flag_rate"))

@@ -324,6 +324,7 @@ def demo(directory: Path, seconds: int, port: int) -> None:
 
 # The other commands live by concept in these modules and register themselves on ``main``.
 from anomaly_monitor import (  # noqa: E402, F401
+    cli_backtest,
     cli_daemon,
     cli_db,
     cli_feedback,

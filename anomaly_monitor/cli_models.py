@@ -141,7 +141,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
         threshold_settings = ThresholdSettings(chosen_method, threshold_settings.target_fpr,
                                                base.alerts_per_day, threshold_settings.value)
     if plot:
-        _check_plot_path(plot)
+        check_plot_path(plot)
     require_schema(app)  # after the options: their errors need no database
     plan = plan_calibration(app.engine, settings, threshold_settings, version=version)
     if plot:
@@ -169,7 +169,7 @@ def calibrate(app: App, monitor: str, method: str | None, target_fpr: float | No
                    err=as_json)
 
 
-def _check_plot_path(plot: str) -> None:
+def check_plot_path(plot: str) -> None:
     """Refuse a --plot path that cannot be written as a PNG, before any work."""
     path = Path(plot)
     if path.suffix.lower() != ".png":
