@@ -57,6 +57,11 @@ class ThresholdRun:
     label: str
     flags: list[dict[str, Any]] = field(default_factory=list)
     incidents: int = 0
+    #: Incidents that would raise an alert (severity at least the monitor's
+    #: ``alert_severity``), and every incident's first and last flag time and severity.
+    alerts: int = 0
+    spans: list[tuple[dt.datetime | None, dt.datetime | None, float]] = field(
+        default_factory=list)
     #: Per UTC day (ISO date): rows, flags, suppressed flags, incidents opened.
     per_day: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
     precision: float | None = None
@@ -96,6 +101,7 @@ class Backtest:
     #: The share of held-out rows the version's threshold flags (what it was calibrated to).
     calibrated_rate: float | None = None
     labels_from: str | None = None
+    alert_severity: float = 0.0
     #: Each scored row's time (epoch seconds; NaN when unreadable) and score, for the plot.
     times: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
@@ -166,7 +172,8 @@ def run_backtest(
         runs = [ThresholdRun(t, "version's" if t == model.version.threshold else "given")
                 for t in (thresholds or [model.version.threshold])]
         report = Backtest(monitor.name, number, model.version.status, since, until, runs,
-                          calibrated_rate=model.version.validation.get("holdout_flag_rate"))
+                          calibrated_rate=model.version.validation.get("holdout_flag_rate"),
+                          alert_severity=monitor.incidents.alert_severity)
         times, scores, truth, ids = [], [], [], []
         bounds = _bounds(connection, source, model, since, until)
         for page in read_training(connection, source, **bounds,
@@ -231,8 +238,15 @@ def _tally(report: Backtest, monitor: MonitorSettings, model: LoadedModel,
         loud = [f for f in run.flags if not f["suppressed_by"]]
         grouped = group(loud, [], monitor=monitor.name, generation=0, gap_seconds=gap, now=now)
         run.incidents = len(grouped.touched)
+        run.spans = sorted(((i.first, i.last, float(i.row["max_severity"]))
+                            for i in grouped.touched),
+                           key=lambda s: s[0] or dt.datetime.min.replace(tzinfo=dt.UTC))
+        run.alerts = sum(1 for *_, severity in run.spans
+                         if severity >= monitor.incidents.alert_severity)
         for incident in grouped.touched:
             run.per_day[_day(incident.first)]["incidents"] += 1
+            if incident.row["max_severity"] >= monitor.incidents.alert_severity:
+                run.per_day[_day(incident.first)]["alerts"] += 1
 
 
 def _label_metrics(connection: sa.Connection, report: Backtest, monitor: MonitorSettings,

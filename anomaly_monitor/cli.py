@@ -222,6 +222,11 @@ def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def ratio(value: float | None) -> str:
+    """A share in ``[0, 1]`` as ``0.123`` (``-`` when unknown), in tables."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print an aligned plain-text table."""
     cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r]

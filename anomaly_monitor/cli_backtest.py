@@ -18,6 +18,7 @@ from anomaly_monitor.cli import (
     main,
     pass_app,
     print_table,
+    ratio,
     require_schema,
 )
 from anomaly_monitor.cli_models import check_plot_path
@@ -89,7 +90,8 @@ def _run_summary(report: Backtest, run: ThresholdRun) -> dict[str, Any]:
 
     return {"threshold": run.threshold, "label": run.label, "flags": len(run.flags),
             "suppressed": run.suppressed, "flag_rate": flag_rate(report, run),
-            "incidents": run.incidents, "precision": run.precision, "recall": run.recall,
+            "incidents": run.incidents, "alerts": run.alerts,
+            "precision": run.precision, "recall": run.recall,
             "per_day": {day: dict(counts) for day, counts in sorted(run.per_day.items())},
             "severity": run.severity_bands()}
 
@@ -128,26 +130,25 @@ def _print(report: Backtest) -> None:
                    "version's training window)")
     labelled = report.labels_from is not None
     headers = ["threshold", "flags", "suppressed", "flag rate", "calibrated rate",
-               "incidents", *(["precision", "recall"] if labelled else [])]
+               "incidents", "alerts", *(["precision", "recall"] if labelled else [])]
     rows = []
     for run in report.runs:
         summary = _run_summary(report, run)
         rows.append([f"{run.threshold:.6g} ({run.label})", summary["flags"],
                      summary["suppressed"], _percent(summary["flag_rate"]),
-                     _percent(report.calibrated_rate), summary["incidents"],
-                     *([_ratio(run.precision), _ratio(run.recall)] if labelled else [])])
+                     _percent(report.calibrated_rate), summary["incidents"], run.alerts,
+                     *([ratio(run.precision), ratio(run.recall)] if labelled else [])])
     print_table(headers, rows)
     if labelled:
         click.echo(f"precision and recall from the {report.labels_from}")
     first = report.runs[0]
     click.echo(f"\nper day (threshold {first.threshold:.6g}):")
-    print_table(["day", "rows", "flags", "suppressed", "incidents"],
-                [(day, c["rows"], c["flags"], c["suppressed"], c["incidents"])
+    print_table(["day", "rows", "flags", "suppressed", "incidents", "alerts"],
+                [(day, c["rows"], c["flags"], c["suppressed"], c["incidents"], c["alerts"])
                  for day, c in sorted(first.per_day.items())])
+    click.echo(f"alerts: incidents of severity at least {report.alert_severity:g} "
+               "([monitor.incidents] alert_severity)")
     bands = ", ".join(f"{band}: {n}" for band, n in first.severity_bands().items())
     click.echo(f"\nseverity of the flags (not suppressed): {bands}")
     click.echo("nothing was written: flags, incidents and the cursor are as they were")
 
-
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"

@@ -14,6 +14,7 @@ from anomaly_monitor.cli import (
     main,
     pass_app,
     print_table,
+    ratio,
     require_schema,
 )
 from anomaly_monitor.feedback import NOTE_MAX_CHARS
@@ -85,20 +86,26 @@ def feedback_command(app: App, monitor: str, limit: int, as_json: bool) -> None:
     precision of its newest labelled flags."""
     from anomaly_monitor.feedback import (
         PRECISION_WINDOW_FLAGS,
+        alert_levels,
+        best_alert_level,
         feedback_counts,
         history,
         recent_precision,
     )
 
-    app.settings.monitor(monitor)
+    settings = app.settings.monitor(monitor)
     require_schema(app)
     with app.engine.connect() as connection:
         rows = history(connection, monitor, limit=limit)
         counts = feedback_counts(connection, monitor)
         precision, measured = recent_precision(connection, monitor)
+        levels = alert_levels(connection, monitor)
+    best = best_alert_level(levels)
     if as_json:
         echo_json({"monitor": monitor, "counts": counts, "precision": precision,
-                   "precision_flags": measured, "labels": rows})
+                   "precision_flags": measured, "alert_levels": levels,
+                   "best_alert_severity": best,
+                   "alert_severity": settings.incidents.alert_severity, "labels": rows})
         return
     if not rows:
         click.echo(f"no labels on monitor {monitor!r} yet; give some with: anomaly-monitor "
@@ -111,3 +118,11 @@ def feedback_command(app: App, monitor: str, limit: int, as_json: bool) -> None:
     print_table(["id", "target", "target id", "source id", "label", "by", "at", "note"],
                 [(r["id"], r["target"], r["target_id"], r["source_id"] or "-", r["label"],
                   r["author"], r["created_at"], r["note"] or "") for r in rows])
+    if levels:
+        click.echo("\nalert_severity against the labelled incidents ([monitor.incidents] "
+                   f"alert_severity is {settings.incidents.alert_severity:g}"
+                   + (f"; the best F1 at {best:g}" if best is not None else "") + "):")
+        print_table(["alert_severity", "alerts", "true", "false", "precision", "recall"],
+                    [(f"{r['alert_severity']:g}", r["alerts"], r["true"], r["false"],
+                      ratio(r["precision"]), ratio(r["recall"])) for r in levels])
+

@@ -234,3 +234,41 @@ def history(connection: sa.Connection, monitor: str, *,
              "source_id": r.source_id, "label": r.label, "note": r.note, "author": r.author,
              "created_at": as_utc(r.created_at).isoformat(timespec="seconds")}
             for r in rows]
+
+
+#: Alert levels (``[monitor.incidents] alert_severity``) measured on labelled incidents.
+ALERT_LEVELS = (0.0, 25.0, 50.0, 75.0, 90.0)
+
+
+def alert_levels(connection: sa.Connection, monitor: str,
+                 levels: Sequence[float] = ALERT_LEVELS) -> list[dict[str, float | int | None]]:
+    """For each candidate ``alert_severity``, what it would have alerted on among the
+    labelled incidents of ``monitor``: alerts, true and false ones, precision, recall
+    (of the incidents labelled ``tp``) and F1. Empty without labelled incidents."""
+    rows = connection.execute(
+        sa.select(incidents.c.max_severity, incidents.c.label)
+        .where(incidents.c.monitor == monitor, incidents.c.label.is_not(None))).all()
+    positives = sum(1 for r in rows if r.label == "tp")
+    table: list[dict[str, float | int | None]] = []
+    if not rows:
+        return table
+    for level in levels:
+        alerted = [r for r in rows if r.max_severity >= level]
+        hits = sum(1 for r in alerted if r.label == "tp")
+        table.append({
+            "alert_severity": level, "alerts": len(alerted), "true": hits,
+            "false": len(alerted) - hits,
+            "precision": hits / len(alerted) if alerted else None,
+            "recall": hits / positives if positives else None,
+            "f1": 2 * hits / (len(alerted) + positives) if positives else None})
+    return table
+
+
+def best_alert_level(table: Sequence[dict[str, float | int | None]]) -> float | None:
+    """The level of highest F1 (the higher level on a tie: fewer alerts); ``None``
+    without a labelled true positive."""
+    scored = [row for row in table if row["f1"] is not None]
+    if not scored:
+        return None
+    best = max(scored, key=lambda row: (row["f1"], row["alert_severity"]))
+    return float(best["alert_severity"])  # type: ignore[arg-type]

@@ -227,7 +227,7 @@ def pause_info(registry: CollectorRegistry, monitor: str) -> list[dict[str, str]
 
 def incident_errors(engine: sa.Engine, monitor: str, gap_seconds: float) -> list[str]:
     """The incidents oracle: what in ``am_incidents`` differs from the runs of each
-    entity's flags (``am_anomalies``) with at most ``gap_seconds`` between two, and
+    entity's flags (``am_anomalies``, suppressed ones left out) with at most ``gap_seconds`` between two, and
     from the open/closed rule at the newest source time scored. Empty when they agree:
     no incident split, duplicated or lost, whatever the order of scoring and crashes."""
     from collections import defaultdict
@@ -239,7 +239,9 @@ def incident_errors(engine: sa.Engine, monitor: str, gap_seconds: float) -> list
         flags = connection.execute(
             sa.select(anomalies.c.source_id, anomalies.c.entity, anomalies.c.generation,
                       anomalies.c.source_timestamp, anomalies.c.severity,
-                      anomalies.c.incident_id).where(anomalies.c.monitor == monitor)).all()
+                      anomalies.c.incident_id).where(
+                anomalies.c.monitor == monitor,
+                anomalies.c.suppressed_by.is_(None))).all()  # suppressed: no incident
         stored = {r.id: r for r in connection.execute(
             sa.select(incidents).where(incidents.c.monitor == monitor))}
         newest = [as_utc(t) for t in connection.execute(

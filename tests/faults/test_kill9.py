@@ -6,15 +6,19 @@ AM_FAULT_KILLS sets the number of kills per database (default 20; e.g. 500 for a
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
 from anomaly_monitor.cursors import read_cursor
 from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.suppression import add_window
+from anomaly_monitor.tables import anomalies, as_utc
 from anomaly_monitor.worker import Worker
 from tests.faults.harness import (
     Producer,
@@ -41,6 +45,11 @@ def test_kill_9_loses_and_duplicates_nothing(engine, db_url, tmp_path):
         start = read_cursor(connection, "plant").position
     config = write_config(tmp_path / "am.toml", db_url, lease=LEASE_SECONDS)
     rng = np.random.default_rng(SEED)
+    # A suppression window over a few seconds of the run: its flags are marked, in the
+    # batch transaction, exactly once like the rest.
+    opens = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=3)
+    with engine.begin() as connection:
+        add_window(connection, "plant", opens, opens + dt.timedelta(seconds=4), author="test")
     # Two producers; on PostgreSQL the second holds its transactions open for up to
     # 50 ms, so that rows commit out of id order while the daemon is killed.
     slow = engine.dialect.name == "postgresql"
@@ -69,3 +78,11 @@ def test_kill_9_loses_and_duplicates_nothing(engine, db_url, tmp_path):
     assert verdict.wrong_flags == []
     assert verdict.incident_errors == []  # no incident split or duplicated by a kill
     assert verdict.quarantined > 0 and verdict.flagged > 0
+    with engine.connect() as connection:
+        flags = connection.execute(sa.select(anomalies.c.source_timestamp,
+                                             anomalies.c.suppressed_by,
+                                             anomalies.c.incident_id)).all()
+    inside = [opens <= as_utc(f.source_timestamp) < opens + dt.timedelta(seconds=4)
+              for f in flags]
+    assert [f.suppressed_by is not None for f in flags] == inside and any(inside)
+    assert all((f.incident_id is None) == i for f, i in zip(flags, inside, strict=True))

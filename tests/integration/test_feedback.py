@@ -227,3 +227,25 @@ def test_a_window_monitor_calibrates_on_its_own_labelled_flags_and_trains_around
     assert full["holdout_rows"] - left["holdout_rows"] == held_out
     assert full["fit_rows"] - left["fit_rows"] == len(b) - held_out
     assert left["rows"] == full["rows"]  # the rows stay, as context
+
+
+def test_alert_levels_measured_on_labelled_incidents(engine):
+    from anomaly_monitor.feedback import alert_levels, best_alert_level
+
+    now = utcnow()
+    rows = [(95.0, "tp"), (80.0, "tp"), (60.0, "fp"), (30.0, "fp"), (10.0, "fp"),
+            (99.0, None)]
+    with engine.begin() as connection:
+        for i, (severity, verdict) in enumerate(rows):
+            connection.execute(incidents.insert().values(
+                monitor="plant", generation=0, entity=None, first_source_id=i,
+                last_source_id=i, rows=1, max_severity=severity, feature_shares={},
+                state="closed", label=verdict, model_version=1, opened_at=now,
+                updated_at=now, closed_at=now))
+        table = {row["alert_severity"]: row for row in alert_levels(connection, "plant")}
+        assert alert_levels(connection, "other") == []
+    assert table[0.0]["alerts"] == 5 and table[0.0]["precision"] == pytest.approx(0.4)
+    assert table[50.0]["true"] == 2 and table[50.0]["false"] == 1
+    assert table[75.0]["precision"] == 1.0 and table[75.0]["recall"] == 1.0
+    assert table[90.0]["recall"] == 0.5
+    assert best_alert_level(list(table.values())) == 75.0
