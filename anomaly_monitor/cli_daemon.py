@@ -216,6 +216,10 @@ def status(app: App, as_json: bool) -> None:
         if s["standbys"]:
             click.echo(f"monitor {s['monitor']}: standing by: " + ", ".join(
                 f"{w['owner']} (seen {w['seconds_ago']:.0f} s ago)" for w in s["standbys"]))
+        for span in s["suppressed_now"]:
+            whom = "" if span["entity"] is None else f" (entity {span['entity']!r})"
+            click.echo(f"monitor {s['monitor']}: suppressed by {span['window']}{whom} until "
+                       f"{span['until']}")
         if s["pause_reason"]:
             cleared = ("until the cursor is moved" if s["pause_reason"].startswith(RESTARTED)
                        else "cleared when it next finds the problem fixed")

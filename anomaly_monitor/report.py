@@ -20,6 +20,7 @@ from anomaly_monitor.source import (
     oldest_id,
     reflect_source,
 )
+from anomaly_monitor.suppression import spans_between
 from anomaly_monitor.tables import (
     LABEL_FILTERS,
     anomalies,
@@ -78,6 +79,10 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["incidents_open"] = open_count(connection, monitor.name)
     status["incident_gap_seconds"] = round(incident_gap(monitor, version), 3)
     status["alert_severity"] = monitor.incidents.alert_severity
+    # Suppression windows open now (by wall time; they apply to the rows' timestamps).
+    status["suppressed_now"] = [
+        {"window": span.name, "entity": span.entity, "until": _iso(span.end)}
+        for span in spans_between(connection, monitor.name, monitor.suppress, now, now)]
     status["threshold"] = version.threshold if version else None
     status["threshold_method"] = version.threshold_method if version else None
     cursor = read_cursor(connection, monitor.name)

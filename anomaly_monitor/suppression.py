@@ -16,6 +16,7 @@ commits: a window added later does not change flags already written.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import RecurringWindow
 from anomaly_monitor.tables import SUPPRESSED_BY_LENGTH, as_utc, suppressions, utcnow
+
+log = logging.getLogger(__name__)
 
 #: A recurring window is expanded into at most this many spans over one time range
 #: (a cron firing every minute over a year of training rows is cut there).
@@ -64,6 +67,11 @@ def recurring_spans(window: RecurringWindow, first: dt.datetime,
         spans.append(Span(start, start + duration, window.entity,
                           f"recurring {window.name}", window.skip_training))
         fire = trigger.get_next_fire_time(fire, fire)
+    if fire is not None and fire <= last:
+        log.warning("suppression window %r opens more than %d times from %s to %s; only "
+                    "the first %d are applied (until %s)", window.name, MAX_RECURRING_SPANS,
+                    first.isoformat(), last.isoformat(), MAX_RECURRING_SPANS,
+                    spans[-1].end.isoformat())
     return spans
 
 

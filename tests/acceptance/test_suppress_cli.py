@@ -38,6 +38,16 @@ def test_suppress_add_list_remove_and_the_flags_it_marks(workspace):  # noqa: F8
     assert listed["recurring"][0]["timezone"] == "America/New_York"
     text = cli("--config", config, "suppress", "list", "plant")
     assert "pump swap" in text and "recurring (config):" in text and "30 1 * * *" in text
+    status = cli_json("--config", config, "status", "--json")["monitors"][0]
+    assert status["suppressed_now"] == []  # window 1 opens in a minute
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    cli("--config", config, "suppress", "add", "plant", "--start",
+        (now - dt.timedelta(hours=1)).isoformat(), "--end",
+        (now + dt.timedelta(seconds=50)).isoformat())
+    status = cli_json("--config", config, "status", "--json")["monitors"][0]
+    assert [s["window"] for s in status["suppressed_now"]] == ["window 2"]
+    assert "suppressed by window 2" in cli("--config", config, "status")
+    cli("--config", config, "suppress", "remove", "2")
     ids = insert_rows(engine, table, Sensors(seed=5).anomalous(3), start=start)
     cli("--config", config, "run", "--once")
     flags = cli_json("--config", config, "anomalies", "plant", "--json")
@@ -48,8 +58,9 @@ def test_suppress_add_list_remove_and_the_flags_it_marks(workspace):  # noqa: F8
     assert "monitor plant: removed suppression window 1" in cli(
         "--config", config, "suppress", "remove", "1")
     assert cli_json("--config", config, "suppress", "list", "plant", "--json")["windows"] == []
-    assert len(cli_json("--config", config, "suppress", "list", "plant", "--removed",
-                        "--json")["windows"]) == 1
+    removed = cli_json("--config", config, "suppress", "list", "plant", "--removed",
+                       "--json")["windows"]
+    assert sorted(w["id"] for w in removed) == [1, 2] and all(w["removed_at"] for w in removed)
 
 
 def test_bad_suppression_input_is_one_line_and_exit_2(workspace, tmp_path):  # noqa: F811
