@@ -192,10 +192,12 @@ def plan_calibration(
             labels_from = None if labelled is None else "feedback"
     if settings.method == "labels":
         _check_labels(monitor, model, labelled, labels_from)
+    from_feedback = labels_from == "feedback"
     chosen = _chosen_threshold(model.version, holdout, labelled, settings,
-                               per_entity=model.window is not None)
+                               per_entity=model.window is not None, from_feedback=from_feedback)
     candidates = [*_candidates(model.version, holdout, labelled, settings.target_fpr,
-                               per_entity=model.window is not None),
+                               per_entity=model.window is not None,
+                               from_feedback=from_feedback),
                   Candidate(f"chosen: {method_label(chosen)}", chosen)]
     for candidate in candidates:
         _measure(candidate, holdout, recent, labelled)
@@ -223,17 +225,31 @@ def _check_labels(monitor: MonitorSettings, model: LoadedModel, labelled: Labell
     raise ConfigError(
         f"--method labels: monitor {monitor.name!r} has no labelled row to calibrate on "
         f"(no label column, or a window monitor) and no flag{scope} labelled a true "
-        "positive; label some with: anomaly-monitor label {monitor.name} "
+        f"positive; label some with: anomaly-monitor label {monitor.name} "
         "SOURCE_ID... --tp (and false alarms --fp)")
+
+
+def _by_labels(version: ModelVersion, labelled: Labelled, *, from_feedback: bool) -> Threshold:
+    """The threshold of best F1 on the labelled rows. From feedback, never below the
+    version's threshold: only flagged rows were labelled, so no normal row below it
+    speaks against a lower one (feedback raises a threshold above false alarms)."""
+    known_scores, truth = known_labels(*labelled)
+    threshold = calibrate(known_scores, "labels", labels=truth.astype(int))
+    if from_feedback and threshold.value < version.threshold:
+        return Threshold(version.threshold, "labels",
+                         {**threshold.params, "floor": "the version's threshold (labels "
+                          "from feedback cover flagged rows only)"},
+                         float((known_scores > version.threshold).mean()))
+    return threshold
 
 
 def _chosen_threshold(
     version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
-    settings: ThresholdSettings, *, per_entity: bool = False,
+    settings: ThresholdSettings, *, per_entity: bool = False, from_feedback: bool = False,
 ) -> Threshold:
-    """The threshold ``settings`` asks for; ``labels`` uses the re-read held-out labels."""
+    """The threshold ``settings`` asks for; ``labels`` uses the labelled rows."""
     if settings.method == "labels" and labelled is not None:
-        return choose_threshold(labelled[0], settings, labels=labelled[1])
+        return _by_labels(version, labelled, from_feedback=from_feedback)
     training = version.training
     rate = rows_per_day(training["rows"] + training["holdout_rows"],
                         _parse_iso(training.get("first_timestamp")),
@@ -247,7 +263,7 @@ def _parse_iso(value: str | None) -> dt.datetime | None:
 
 def _candidates(
     version: ModelVersion, holdout: npt.NDArray[np.float64], labelled: Labelled | None,
-    target_fpr: float, *, per_entity: bool = False,
+    target_fpr: float, *, per_entity: bool = False, from_feedback: bool = False,
 ) -> list[Candidate]:
     """The current threshold, each rate method at a few rates, and max-F1 given labels."""
     candidates = [Candidate("current", Threshold(version.threshold, version.threshold_method))]
@@ -257,11 +273,9 @@ def _candidates(
                          method == "robust" else
                          calibrate_noting_fallback(holdout, method, rate, None))
             candidates.append(Candidate(method_label(threshold, f" fpr={rate:g}"), threshold))
-    if labelled is not None:
-        known_scores, truth = known_labels(*labelled)
-        if truth.any():
-            threshold = calibrate(known_scores, "labels", labels=truth.astype(int))
-            candidates.append(Candidate("labels (max F1)", threshold))
+    if labelled is not None and known_labels(*labelled)[1].any():
+        candidates.append(Candidate("labels (max F1)",
+                                    _by_labels(version, labelled, from_feedback=from_feedback)))
     return candidates
 
 

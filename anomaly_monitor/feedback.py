@@ -100,8 +100,13 @@ def _label_incidents(connection: sa.Connection, monitor: str, ids: Sequence[int]
     _missing(set(found), ids, "incident", monitor, "incidents")
     flagged = 0
     for page in _pages(ids):  # the incident first: its row lock orders it with batches
-        connection.execute(incidents.update().where(incidents.c.id.in_(page))
-                           .values(label=verdict))
+        done = connection.execute(incidents.update().where(incidents.c.id.in_(page))
+                                  .values(label=verdict)).rowcount
+        if done != len(page):  # a batch merged one into another since it was read
+            raise FeedbackError(f"an incident of {', '.join(map(str, page[:10]))} of monitor "
+                                f"{monitor!r} was merged into another meanwhile; nothing "
+                                f"was labelled (anomaly-monitor incidents {monitor} lists "
+                                "them as they are now)")
         flagged += connection.execute(
             anomalies.update().where(anomalies.c.monitor == monitor,
                                      anomalies.c.incident_id.in_(page))

@@ -42,7 +42,7 @@ from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.reading.values import future_from
 from anomaly_monitor.registry import ModelVersion
 from anomaly_monitor.source import SourceTable
-from anomaly_monitor.tables import anomalies, as_utc, cursors, incidents
+from anomaly_monitor.tables import anomalies, as_utc, cursors, feedback, incidents
 
 #: The default gap is this many sampling intervals of the stream (or polling intervals).
 GAP_INTERVALS = 3
@@ -182,7 +182,7 @@ def _absorb(keep: _Incident, other: _Incident) -> None:
     a["max_severity"] = max(a["max_severity"], b["max_severity"])
     a["feature_shares"] = _summed(a["feature_shares"], b["feature_shares"].items())
     a["opened_at"] = min(a["opened_at"], b["opened_at"])
-    a["label"] = a["label"] or b["label"]
+    a["label"] = merged_label([a["label"], b["label"]])
     keep.flags.extend(other.flags)
 
 
@@ -259,10 +259,19 @@ def _candidates(connection: sa.Connection, scope: list[sa.ColumnElement[bool]],
 def _write(connection: sa.Connection, grouping: Grouping, upto: dt.datetime | None,
            gap: dt.timedelta, now: dt.datetime) -> int:
     """Store the grouping; returns the number of incidents inserted."""
+    absorbed: dict[int, list[str | None]] = defaultdict(list)
     for gone, into in grouping.merged.items():
+        while into.row["id"] in grouping.merged:  # absorbed in turn by another
+            into = grouping.merged[into.row["id"]]
         connection.execute(anomalies.update().where(anomalies.c.incident_id == gone)
                            .values(incident_id=into.row["id"]))
-        connection.execute(incidents.delete().where(incidents.c.id == gone))
+        # The labels given on the absorbed incident now name the one it became.
+        connection.execute(feedback.update().where(
+            feedback.c.target == "incident", feedback.c.target_id == gone)
+            .values(target_id=into.row["id"]))
+        absorbed[id(into)].append(connection.execute(
+            incidents.delete().where(incidents.c.id == gone)
+            .returning(incidents.c.label)).scalar())
     opened = 0
     for incident in grouping.touched:
         row, last = incident.row, incident.last
@@ -277,17 +286,38 @@ def _write(connection: sa.Connection, grouping: Grouping, upto: dt.datetime | No
                 incidents.insert().values(**values)).inserted_primary_key[0]
             opened += 1
         else:
-            # The label is the operator's: kept as stored (an absorbed incident's fills
-            # it in) and read back after the row lock, so that a label given while this
-            # batch ran reaches the flags joining the incident.
-            values["label"] = sa.func.coalesce(incidents.c.label,
-                                               sa.literal(row["label"], sa.String))
-            label = connection.execute(
-                incidents.update().where(incidents.c.id == row["id"]).values(**values)
-                .returning(incidents.c.label)).scalar_one()
+            label = _update(connection, row["id"], values, absorbed.get(id(incident)))
         for flag in incident.flags:
             flag["incident_id"], flag["label"] = row["id"], label
     return opened
+
+
+def _update(connection: sa.Connection, incident_id: int, values: dict[str, Any],
+            absorbed: list[str | None] | None) -> str | None:
+    """Update a stored incident; returns its label. The label is the operator's: kept
+    as stored, read back after the row lock (a label given while this batch ran reaches
+    the flags joining the incident); when the incident absorbed others it becomes
+    :func:`merged_label` of theirs and its own, and its unlabelled flags take it."""
+    values = {k: v for k, v in values.items() if k != "label"}
+    if absorbed is not None:
+        own = connection.execute(sa.select(incidents.c.label).where(
+            incidents.c.id == incident_id).with_for_update()).scalar()
+        values["label"] = merged_label([own, *absorbed])
+    label: str | None = connection.execute(
+        incidents.update().where(incidents.c.id == incident_id).values(**values)
+        .returning(incidents.c.label)).scalar_one()
+    if absorbed is not None and label is not None:
+        connection.execute(anomalies.update().where(
+            anomalies.c.incident_id == incident_id, anomalies.c.label.is_(None))
+            .values(label=label))
+    return label
+
+
+def merged_label(labels: Iterable[str | None]) -> str | None:
+    """The label of incidents merged into one: ``tp`` if one of them was a real
+    anomaly, else ``fp`` if one was labelled a false alarm, else none."""
+    given = set(labels)
+    return "tp" if "tp" in given else "fp" if "fp" in given else None
 
 
 def _close_stale(connection: sa.Connection, monitor: str, generation: int,

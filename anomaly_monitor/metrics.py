@@ -125,8 +125,8 @@ class Metrics:
         self._incident_labels: dict[str, set[tuple[str, str]]] = {}
         self.feedback = Counter(
             f"{PREFIX}_feedback", "Labels operators gave flags and incidents (anomaly-monitor "
-            "label), by label: tp true, fp false positive; read from the database by the "
-            "lease holder (max by monitor and label across replicas).",
+            "label) since this process first read them, by label: tp true, fp false "
+            "positive; read from the database by the lease holder.",
             ["monitor", "label"], registry=registry)
         self._feedback_seen: dict[tuple[str, str], int] = {}
         self.feedback_precision = Gauge(
@@ -232,12 +232,13 @@ class Metrics:
 
     def set_feedback(self, monitor: str, counts: Mapping[str, int],
                      precision: float | None) -> None:
-        """Publish the labels given so far (``counts``: the database's totals, by label;
-        the counters rise by what is new since the last call) and the recent precision
-        (``None``: no label yet)."""
+        """Publish the labels given (``counts``: the database's totals, by label; the
+        counters rise by what is new since the first call of this process, so that a
+        restart or a takeover is no burst of every label ever given) and the recent
+        precision (``None``: no label yet)."""
         with self._lock:
             for label, total in counts.items():
-                seen = self._feedback_seen.get((monitor, label), 0)
+                seen = self._feedback_seen.setdefault((monitor, label), total)
                 if total > seen:
                     self.feedback.labels(monitor, label).inc(total - seen)
                     self._feedback_seen[(monitor, label)] = total

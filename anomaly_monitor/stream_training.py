@@ -26,6 +26,7 @@ from anomaly_monitor.windows import (
     build_inputs,
     calibrate_scores,
     calibration_range,
+    learns,
     model_term,
     score_terms,
 )
@@ -57,7 +58,8 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     """Fit ``detector`` (an unfitted ``AutoencoderDetector``) on the window inputs of
     the first ``n_fit`` rows of ``values`` (id order; ``keys``: each row's entity,
     ``ids`` its id). Rows ``excluded`` marks (confirmed anomalies) are the context of
-    the rows after them but are neither fitted nor among the held-out scores."""
+    the rows after them (their entity's baseline and last samples) but are neither
+    fitted, nor learned by the entity's calibration, nor among the held-out scores."""
     import pandas as pd
 
     built = build_inputs(values, keys, {}, spec)
@@ -76,7 +78,8 @@ def fit_stream(detector: object, values: npt.NDArray[np.float64], keys: Sequence
     # Every training row seeds the calibration, the fitted ones too (their scores are
     # somewhat lower than unseen rows' would be; seeding from the held-out rows alone
     # cost 3.7 points of NAB score: benchmarks/results/nab.md).
-    scores, learning = calibrate_scores(score_terms(raw, built), built, spec)
+    scores, learning = calibrate_scores(score_terms(raw, built), built, spec,
+                                        learn=learns(built) & kept)
     for key, rows in built.groups.items():
         states[key].last_id = int(ids[rows[-1]])
     held = ~learning[n_fit:] & kept[n_fit:]

@@ -16,6 +16,7 @@ commits: a window added later does not change flags already written.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -52,12 +53,18 @@ class Span:
     skip_training: bool
 
 
+@functools.lru_cache(maxsize=256)
+def _trigger(cron: str, timezone: str) -> Any:
+    """The parsed cron expression (parsed once per process)."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    return CronTrigger.from_crontab(cron, timezone=ZoneInfo(timezone))
+
+
 def recurring_spans(window: RecurringWindow, first: dt.datetime,
                     last: dt.datetime) -> list[Span]:
     """The occurrences of ``window`` that hold a time in ``[first, last]``."""
-    from apscheduler.triggers.cron import CronTrigger
-
-    trigger = CronTrigger.from_crontab(window.cron, timezone=ZoneInfo(window.timezone))
+    trigger = _trigger(window.cron, window.timezone)
     duration = dt.timedelta(seconds=window.duration_seconds)
     # The first opening after first - duration: its window still holds first.
     fire = trigger.get_next_fire_time(None, first - duration + dt.timedelta(microseconds=1))
@@ -103,19 +110,22 @@ def suppress_flags(connection: sa.Connection, monitor: str,
     marked = np.zeros(len(flags), dtype=bool)
     for flag in flags:
         flag["suppressed_by"] = None
-    times = [(i, as_utc(f["source_timestamp"])) for i, f in enumerate(flags)
-             if f["source_timestamp"] is not None]
-    if not times:
+    stamps = [as_utc(f["source_timestamp"]) for f in flags]
+    known = [t for t in stamps if t is not None]
+    if not known:
         return marked
-    spans = spans_between(connection, monitor, recurring, min(t for _, t in times),
-                          max(t for _, t in times))
-    for i, when in times:
-        entity = flags[i]["entity"]
-        for span in spans:
-            if span.start <= when < span.end and span.entity in (None, entity):
-                flags[i]["suppressed_by"] = span.name[:SUPPRESSED_BY_LENGTH]
-                marked[i] = True
-                break
+    spans = spans_between(connection, monitor, recurring, min(known), max(known))
+    if not spans:
+        return marked
+    times = np.array([np.nan if t is None else t.timestamp() for t in stamps])
+    entities = np.array([f["entity"] or "" for f in flags], dtype=object)
+    for span in spans:  # one vector test per span (a catch-up batch may meet many)
+        inside = ~marked & (times >= span.start.timestamp()) & (times < span.end.timestamp())
+        if span.entity is not None:
+            inside &= entities == span.entity
+        for i in np.flatnonzero(inside):
+            flags[i]["suppressed_by"] = span.name[:SUPPRESSED_BY_LENGTH]
+        marked |= inside
     return marked
 
 

@@ -227,9 +227,10 @@ def pause_info(registry: CollectorRegistry, monitor: str) -> list[dict[str, str]
 
 def incident_errors(engine: sa.Engine, monitor: str, gap_seconds: float) -> list[str]:
     """The incidents oracle: what in ``am_incidents`` differs from the runs of each
-    entity's flags (``am_anomalies``, suppressed ones left out) with at most ``gap_seconds`` between two, and
-    from the open/closed rule at the newest source time scored. Empty when they agree:
-    no incident split, duplicated or lost, whatever the order of scoring and crashes."""
+    entity's flags (``am_anomalies``, suppressed ones left out) with at most
+    ``gap_seconds`` between two, and from the open/closed rule at the newest source
+    time scored. Empty when they agree: no incident split, duplicated or lost, whatever
+    the order of scoring and crashes."""
     from collections import defaultdict
 
     from anomaly_monitor.tables import anomalies, as_utc, batches, cursors, incidents

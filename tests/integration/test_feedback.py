@@ -146,6 +146,13 @@ def test_flags_joining_a_labelled_incident_take_its_label_and_an_fp_incident_is_
                                      labels) == pytest.approx(1 / 5)
     with engine.connect() as connection:
         assert recent_precision(connection, "plant") == (pytest.approx(0.2), 5)
+    # A restarted worker counts from its first read: no burst of every label ever given.
+    registry = CollectorRegistry()
+    Worker(settings(db_url, monitor), engine, Metrics(registry), device="cpu").run_once()
+    assert registry.get_sample_value("anomaly_monitor_feedback_total",
+                                     {**labels, "label": "fp"}) == 0
+    assert registry.get_sample_value("anomaly_monitor_feedback_precision",
+                                     labels) == pytest.approx(1 / 5)
 
 
 def test_training_leaves_out_rows_labelled_true_anomalies(engine):

@@ -27,7 +27,7 @@ def _panel() -> dict:
 def _grafana_sql(raw: str) -> str:
     """The panel's SQL with its macros as bind parameters (Grafana writes the same
     values in as quoted literals)."""
-    sql = raw.replace("'${monitor:regex}'", ":monitors")
+    sql = raw.replace("(${monitor:sqlstring})", ":monitors")  # expanding: (a, b)
     sql = sql.replace("$__timeFilter(i.last_timestamp)",
                       "i.last_timestamp BETWEEN :time_from AND :time_to")
     assert "${" not in sql and "$__" not in sql, sql
@@ -56,25 +56,28 @@ def test_the_incidents_panel_sql_runs_on_postgresql(pg_url):
         insert_rows(engine, table, Sensors(seed=4).anomalous(2),
                     start=start + dt.timedelta(minutes=30))
         drain(engine, monitor)
-        sql = sa.text(_grafana_sql(_panel()["targets"][0]["rawSql"]))
+        # Grafana writes the monitors in as a list of quoted strings: an expanding list.
+        sql = sa.text(_grafana_sql(_panel()["targets"][0]["rawSql"])).bindparams(
+            sa.bindparam("monitors", expanding=True))
         now = dt.datetime.now(dt.UTC)
         window = {"time_from": now - dt.timedelta(days=1), "time_to": now + dt.timedelta(days=1)}
         with engine.connect() as connection:
-            rows = connection.execute(sql, {"monitors": "plant", **window}).mappings().all()
+            rows = connection.execute(sql, {"monitors": ["plant"], **window}).mappings().all()
             assert len(rows) == 2 and {r["label"] for r in rows} == {"unlabelled"}
             newest, older = rows
             assert newest["last flag"] > older["last flag"] and newest["rows"] >= 1
             assert set(rows[0]) == {"incident", "monitor", "entity", "state", "first flag",
                                     "last flag", "rows", "max severity", "label", "version"}
-            assert connection.execute(sql, {"monitors": "other|nope", **window}).all() == []
-            assert len(connection.execute(sql, {"monitors": ".*", **window}).all()) == 2
+            assert connection.execute(sql, {"monitors": ["other", "nope"], **window}).all() == []
+            odd = ["plant", "x'); DROP TABLE am_incidents; --"]
+            assert len(connection.execute(sql, {"monitors": odd, **window}).all()) == 2
             past = {"time_from": now - dt.timedelta(days=30),
                     "time_to": now - dt.timedelta(days=20)}
-            assert connection.execute(sql, {"monitors": "plant", **past}).all() == []
+            assert connection.execute(sql, {"monitors": ["plant"], **past}).all() == []
         with engine.begin() as connection:
             label(connection, "plant", [older["incident"]], "fp", incident=True, author="ana")
         with engine.connect() as connection:
-            labelled = connection.execute(sql, {"monitors": "plant", **window}).mappings().all()
+            labelled = connection.execute(sql, {"monitors": ["plant"], **window}).mappings().all()
         assert [r["label"] for r in labelled] == ["unlabelled", "fp"]
     finally:
         engine.dispose()
