@@ -73,11 +73,12 @@ class ThresholdRun:
 
     def severity_bands(self) -> dict[str, int]:
         """Unsuppressed flags per severity band (``"50-75"``: above 50, at most 75)."""
-        counts = dict.fromkeys(_band_names(), 0)
+        names = _band_names()
+        counts = dict.fromkeys(names, 0)
         for f in self.flags:
             if not f["suppressed_by"]:
                 band = int(np.searchsorted(SEVERITY_BANDS, f["severity"]))
-                counts[_band_names()[min(band, len(SEVERITY_BANDS) - 1)]] += 1
+                counts[names[min(band, len(SEVERITY_BANDS) - 1)]] += 1
         return counts
 
 
