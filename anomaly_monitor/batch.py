@@ -29,8 +29,10 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import CursorState, Lease, fence, read_cursor
 from anomaly_monitor.db import is_postgresql
+from anomaly_monitor.drift import DriftReport
 from anomaly_monitor.entities import state_writer, stream_context
 from anomaly_monitor.incidents import incident_gap, record_incidents
+from anomaly_monitor.observe import Observation, Watch, watch_batch
 from anomaly_monitor.reading.arrow import ArrowReader
 from anomaly_monitor.reading.cancel import (
     is_query_canceled,
@@ -50,10 +52,13 @@ from anomaly_monitor.registry import LoadedModel, ModelCache, ModelVersion
 from anomaly_monitor.scoring import (
     StreamContext,
     check_features,
+    flag_rows,
     gap_ranges,
+    score_rows,
     score_window,
     subtract_ids,
 )
+from anomaly_monitor.shadow import ShadowScore
 from anomaly_monitor.source import (
     SlowReadError,
     SourceTable,
@@ -132,6 +137,10 @@ class BatchResult:
     #: not in ``severities``).
     incidents_opened: int = 0
     suppressed: int = 0
+    #: The drift of the active version's recent rows, and the challenger's result in
+    #: shadow on this batch (``None``: no reference, no challenger).
+    drift: DriftReport | None = field(default=None, repr=False, compare=False)
+    shadow: ShadowScore | None = field(default=None, repr=False, compare=False)
     #: ``idle`` with no row at all after the cursor when it was read (no delay held one
     #: back): the backlog is 0 without counting it.
     nothing_after: bool = False
@@ -512,10 +521,13 @@ def run_batch(
         _note_future_rows(monitor.name, window, _future_from(started), read_state)
     with engine.connect() as connection:
         stream = stream_context(connection, source, model, window)
-    flagged, severities = score_window(monitor.name, model, window, started, stream)
+        watch = watch_batch(connection, monitor, source, models, model, window)
+    flagged, severities, seen = _score(monitor, model, window, started, stream, watch,
+                                       cursor.generation)
     result = dataclasses.replace(
         _result(monitor, model, window, flagged, severities, caught_up=not full),
-        future_rows=window.future_rows, **_stream_counts(stream))
+        future_rows=window.future_rows, drift=seen.drift, shadow=seen.shadow,
+        **_stream_counts(stream))
     batch = _batch_row(result, started, "window", gaps, t0)
     if gaps:
         read_state.open_gaps = True
@@ -527,12 +539,37 @@ def run_batch(
     written = _commit(engine, monitor, lease, now, window, flagged, batch,
                       generation=cursor.generation,
                       move=(cursor.position, window.last_id, last_stamp),
-                      also=state_writer(model, stream, now),
+                      also=_chain(state_writer(model, stream, now), *seen.writers),
                       gap_seconds=incident_gap(monitor, model.version))
     return dataclasses.replace(written.applied(result),
                                duration_seconds=time.perf_counter() - t0,
                                position=window.last_id, generation=cursor.generation,
                                version=version)
+
+
+def _score(monitor: MonitorSettings, model: LoadedModel, window: Window,
+           started: dt.datetime, stream: StreamContext | None, watch: Watch, generation: int,
+           ) -> tuple[list[dict[str, Any]], npt.NDArray[np.float64], Observation]:
+    """The window's flags and severities, and what the batch observed (drift, shadow)."""
+    if len(window.ids) == 0:
+        return [], np.zeros(0), Observation()
+    scored = score_rows(model, window, stream)
+    flagged, severities = flag_rows(monitor.name, model, window, started, stream, scored)
+    return flagged, severities, watch.observe(window, scored, flagged, generation, started)
+
+
+def _chain(*writes: Callable[[sa.Connection], None] | None
+           ) -> Callable[[sa.Connection], None] | None:
+    """One write that runs each of ``writes`` (``None`` ones skipped) in order."""
+    todo = [w for w in writes if w is not None]
+    if not todo:
+        return None
+
+    def write(connection: sa.Connection) -> None:
+        for w in todo:
+            w(connection)
+
+    return write
 
 
 def probe_next_id(engine: sa.Engine, source: SourceTable, position: int, *,

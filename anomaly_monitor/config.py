@@ -109,6 +109,38 @@ class RecurringWindow:
     skip_training: bool = False
 
 
+#: What a scheduled retrain may leave out of its window (``exclude``).
+RETRAIN_EXCLUDE = ("flagged", "labelled", "suppressed")
+#: What a scheduled retrain leaves out by default: not every flag, for after a lasting
+#: shift the old version flags the new normal rows, which the retrain must learn.
+DEFAULT_RETRAIN_EXCLUDE = ("labelled", "suppressed")
+#: The newest rows a scheduled retrain trains on, unless a window is configured.
+DEFAULT_RETRAIN_ROWS = 10_000
+PROMOTE_MODES = ("manual", "auto")
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """``[monitor.retrain]``: the daemon trains a challenger every ``every_seconds``
+    (``None``: not on a schedule) and, with ``on_drift``, when the batches drift past
+    the documented level (``anomaly_monitor.drift``), on the newest ``window_rows`` rows
+    or those of the last ``window_seconds``, leaving ``exclude`` out. The challenger
+    scores in shadow for ``shadow_rows`` rows; then its promotion gates decide
+    (``promote = "auto"``) or an operator does (``manual``; ``anomaly_monitor.shadow``)."""
+
+    every_seconds: float | None = None
+    window_rows: int | None = None
+    window_seconds: float | None = None
+    exclude: tuple[str, ...] = DEFAULT_RETRAIN_EXCLUDE
+    on_drift: bool = False
+    shadow_rows: int = 1000
+    promote: str = "manual"
+
+
+#: Versions whose artifacts are kept unless ``keep_versions`` says otherwise.
+DEFAULT_KEEP_VERSIONS = 10
+
+
 @dataclass(frozen=True)
 class MonitorSettings:
     """One watched table."""
@@ -136,6 +168,17 @@ class MonitorSettings:
     incidents: IncidentSettings = field(default_factory=IncidentSettings)
     model: Mapping[str, Any] = field(default_factory=dict)
     suppress: tuple[RecurringWindow, ...] = ()
+    #: Scheduled and drift-triggered retraining; ``None``: only ``train`` trains (a
+    #: version stored with ``--no-activate`` still scores in shadow, gates shown).
+    retrain: RetrainSettings | None = None
+    #: The newest versions whose artifacts are kept (the active one, the one a rollback
+    #: returns to and a shadow challenger always are).
+    keep_versions: int = DEFAULT_KEEP_VERSIONS
+
+    @property
+    def shadow(self) -> RetrainSettings:
+        """How a challenger is judged: ``retrain`` or its defaults."""
+        return self.retrain or RetrainSettings()
 
 
 #: Unless configured, a worker's lease on a monitor lasts this many intervals (at least
@@ -260,6 +303,21 @@ _MONITOR: dict[str, Check] = {
     "model": (lambda v: isinstance(v, dict), "a table of detector hyperparameters"),
     "suppress": (lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
                  "an array of tables ([[monitor.suppress]])"),
+    "retrain": (lambda v: isinstance(v, dict), "a table"),
+    "keep_versions": (lambda v: _is_int(v) and 1 <= v <= 10_000, "an integer 1-10000"),
+}
+_RETRAIN: dict[str, Check] = {
+    "every_seconds": ((lambda v: _is_number(v) and v >= 60), "a number of seconds, at least 60"),
+    "window_rows": (lambda v: _is_int(v) and 50 <= v <= 10_000_000,
+                    "an integer 50-10000000 (the newest rows trained on)"),
+    "window_seconds": (_positive, "a positive number of seconds"),
+    "exclude": (lambda v: isinstance(v, list) and all(x in RETRAIN_EXCLUDE for x in v)
+                and len(set(v)) == len(v),
+                f"a list of distinct values among {', '.join(RETRAIN_EXCLUDE)}"),
+    "on_drift": (lambda v: isinstance(v, bool), "true or false"),
+    "shadow_rows": (lambda v: _is_int(v) and 1 <= v <= 100_000_000,
+                    "an integer number of rows, at least 1"),
+    "promote": (_one_of(PROMOTE_MODES), f"one of {', '.join(PROMOTE_MODES)}"),
 }
 _WINDOW: dict[str, Check] = {
     "size": (lambda v: _is_int(v) and 1 <= v <= MAX_WINDOW_SIZE,
@@ -372,6 +430,24 @@ def _recurring(data: Any, index: int, monitor: dict[str, Any], where: str,
                            skip_training=data.get("skip_training", False))
 
 
+def _retrain(data: Any, where: str, path: Path | None) -> RetrainSettings:
+    """The ``[monitor.retrain]`` table: a trigger, and one training window at most."""
+    data = dict(_check_table(data, _RETRAIN, where, path))
+    if "window_rows" in data and "window_seconds" in data:
+        raise ConfigError(f"{path}: {where}: set window_rows or window_seconds, not both")
+    if "every_seconds" not in data and not data.get("on_drift"):
+        raise ConfigError(f"{path}: {where} needs every_seconds or on_drift = true (or "
+                          "both): nothing would trigger a retrain")
+    if "window_seconds" not in data:
+        data.setdefault("window_rows", DEFAULT_RETRAIN_ROWS)
+    for key in ("every_seconds", "window_seconds"):
+        if key in data:
+            data[key] = float(data[key])
+    if "exclude" in data:
+        data["exclude"] = tuple(data["exclude"])
+    return RetrainSettings(**data)
+
+
 def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
     where = f"monitor[{index}]"
     data = dict(_check_table(data, _MONITOR, where, path))
@@ -406,6 +482,8 @@ def _monitor(data: Any, index: int, path: Path | None) -> MonitorSettings:
         names = [w.name for w in data["suppress"]]
         if len(set(names)) != len(names):
             raise ConfigError(f"{path}: {where}.suppress names a window twice")
+    if "retrain" in data:
+        data["retrain"] = _retrain(data["retrain"], f"{where}.retrain", path)
     for key in ("interval_seconds", "query_delay_seconds", "lease_seconds"):
         if key in data:
             data[key] = float(data[key])
@@ -539,6 +617,16 @@ target_fpr = 0.01               # share of normal rows flagged (robust, quantile
 # duration_seconds = 1800
 # timezone = "UTC"
 # skip_training = false         # true: also keep its rows out of training
+
+# keep_versions = 10            # versions whose model artifacts are kept (the active one,
+#                               # the rollback target and a challenger always are)
+# [monitor.retrain]             # the daemon trains a challenger; it scores in shadow
+# every_seconds = 86400         # on a schedule (at least 60), and/or
+# on_drift = true               # when the batches drift from the training data
+# window_rows = 10000           # trained on the newest rows (or: window_seconds = 604800)
+# exclude = ["labelled", "suppressed"]  # left out of its training (also: "flagged")
+# shadow_rows = 1000            # rows it scores in shadow before its gates are judged
+# promote = "manual"            # manual: models promote V; auto: when its gates pass
 
 # [monitor.model]               # detector hyperparameters (defaults work across datasets)
 # epochs = 100

@@ -29,6 +29,8 @@ from anomaly_monitor.calibration import (
     fpr_for_alerts_per_day,
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
+from anomaly_monitor.cursors import Lease, fence
+from anomaly_monitor.drift import reference_of
 from anomaly_monitor.entities import row_entities, write_states
 from anomaly_monitor.feedback import excluded_ids
 from anomaly_monitor.incidents import sample_interval, stream_samples
@@ -36,6 +38,8 @@ from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
     activate,
+    active_version,
+    prune_artifacts,
     rollback_target,
     store_version,
 )
@@ -50,6 +54,7 @@ from anomaly_monitor.source import (
 )
 from anomaly_monitor.stream_training import fit_stream, window_spec
 from anomaly_monitor.suppression import spans_between, training_spans
+from anomaly_monitor.tables import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +103,16 @@ def collect_training(
     since: dt.datetime | None,
     until: dt.datetime | None,
     limit: int | None,
+    up_to_id: int | None = None,
 ) -> TrainingData:
-    """Read the training window page by page, keeping only the matrix (float32)."""
+    """Read the training window page by page, keeping only the matrix (float32); with
+    ``up_to_id``, only rows at or below that id (those already scored)."""
     values, ids, labels, skipped = [], [], [], 0
     first = last = None
     with_label = source.label_column is not None
     for page in read_training(connection, source, since=since, until=until,
-                              limit=limit or DEFAULT_TRAINING_LIMIT, with_label=with_label):
+                              limit=limit or DEFAULT_TRAINING_LIMIT, with_label=with_label,
+                              id_range=(None, up_to_id)):
         values.append(page.values.astype(np.float32))
         ids.append(page.ids)
         if page.labels is not None:
@@ -283,12 +291,21 @@ def train_monitor(
     activate_version: bool = True,
     verbose: bool = False,
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    up_to_id: int | None = None,
+    lease: Lease | None = None,
+    trigger: str = "manual",
 ) -> TrainReport:
     """Train a new version of ``monitor`` on its source table and store it, leaving
     ``exclude`` out of the training window (``labelled``: rows labelled true anomalies;
     ``flagged``: every flagged row; ``suppressed``: rows stamped inside a suppression
     window with ``skip_training``). A window monitor keeps those rows as the context
-    of the rows after them: they are left out of the fit and the calibration only."""
+    of the rows after them: they are left out of the fit and the calibration only.
+
+    Not activated, the version becomes the monitor's challenger (status ``shadow``,
+    replacing an earlier one) when a version is active, else a ``candidate``. With
+    ``lease`` (the daemon's retrain), it is stored only while that lease holds
+    (:class:`BatchConflictError` otherwise). ``trigger`` is recorded (``manual``,
+    ``schedule``, ``drift``); artifacts beyond ``monitor.keep_versions`` are pruned."""
     import pandas as pd
 
     from anomaly_monitor.detectors.estimator import AutoencoderDetector
@@ -296,7 +313,8 @@ def train_monitor(
     started = time.perf_counter()
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
-        data = collect_training(connection, source, since=since, until=until, limit=limit)
+        data = collect_training(connection, source, since=since, until=until, limit=limit,
+                                up_to_id=up_to_id)
         drop, left_out = _left_out(connection, monitor, source, data, exclude)
     if monitor.window is None and drop.any():
         data = data.without(drop)
@@ -350,6 +368,7 @@ def train_monitor(
                          "latent_dim": int(detector.latent_dim_)},
         "seconds": round(time.perf_counter() - started, 2),
         "exclude": list(exclude), "excluded_rows": int(drop.sum()), "excluded": left_out,
+        "trigger": trigger,
     }
     if stream is not None:
         training.update(window=stream.spec.to_dict(), entities=len(stream.states),
@@ -364,18 +383,28 @@ def train_monitor(
         "score_quantiles": {q: float(np.quantile(scores, float(q)))
                             for q in ("0.5", "0.9", "0.99", "0.999")},
         "auroc": _auroc(scores, labels) if labels is not None else None,
+        "loss": _validation_loss(detector),
+        "reference": reference_of(data.values[~drop] if monitor.window is not None
+                                  else data.values, list(source.features), scores),
     }
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             with engine.begin() as connection:
+                if lease is not None:
+                    fence(connection, monitor.name, lease, utcnow())
+                status = "candidate"
+                if not activate_version and active_version(connection, monitor.name):
+                    status = "shadow"
+                    _supersede(connection, monitor.name)
                 version = store_version(connection, monitor.name, detector, threshold, scores,
                                         training=training, validation=validation,
-                                        features=list(source.features))
+                                        features=list(source.features), status=status)
                 if stream is not None:
                     write_states(connection, monitor.name, version.version, stream.states,
                                  version.created_at, trained=True)
                 if activate_version:
                     version = activate_checked(connection, monitor, source, version.version)
+                pruned = prune_artifacts(connection, monitor.name, monitor.keep_versions)
             break
         except (sa.exc.IntegrityError, sa.exc.OperationalError) as exc:
             # Another train stored the number read as next (UNIQUE (monitor, version)),
@@ -383,10 +412,28 @@ def train_monitor(
             if not _raced(exc) or attempt == STORE_ATTEMPTS:
                 raise
     log.info("train %s: stored version %d (%s), threshold %.6g (%s), %.0f s in all",
-             monitor.name, version.version, "active" if activate_version else "not activated",
-             threshold.value, threshold.method, time.perf_counter() - started)
+             monitor.name, version.version, version.status, threshold.value,
+             threshold.method, time.perf_counter() - started)
+    if pruned:
+        log.info("train %s: removed the artifacts of version(s) %s (keep_versions = %d)",
+                 monitor.name, ", ".join(map(str, pruned)), monitor.keep_versions)
     return TrainReport(version, int(n_fit), data.skipped, time.perf_counter() - started,
                        activate_version)
+
+
+def _validation_loss(detector: Any) -> float | None:
+    """The mean over the ensemble of each network's best validation loss."""
+    losses = [min(h.validation_loss) for h in detector.history_ if h.validation_loss]
+    return float(np.mean(losses)) if losses else None
+
+
+def _supersede(connection: sa.Connection, monitor: str) -> None:
+    """Reject the monitor's challenger, if any: a newer one replaces it."""
+    from anomaly_monitor.shadow import reject, shadow_version
+
+    old = shadow_version(connection, monitor)
+    if old is not None:
+        reject(connection, monitor, old, by="train", reason="superseded by a newer challenger")
 
 
 def _raced(exc: sa.exc.DBAPIError) -> bool:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from anomaly_monitor.drift import DRIFT_LEVEL
 from anomaly_monitor.feedback import PRECISION_WINDOW_FLAGS
 from anomaly_monitor.reading.values import REASONS
 from anomaly_monitor.tables import LABELS
@@ -24,9 +25,12 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from anomaly_monitor.batch import BatchResult
+    from anomaly_monitor.drift import DriftReport
 
 PREFIX = "anomaly_monitor"
 OUTCOMES = ("success", "error")
+RETRAIN_OUTCOMES = ("success", "failed", "lease_lost")
+DECISIONS = ("promoted", "rejected")
 #: Batch durations from 10 ms to 2 minutes.
 DURATION_BUCKETS_SECONDS = (0.01, 0.05, 0.25, 1, 5, 30, 120)
 SEVERITY_BUCKETS = (25, 50, 75, 90, 99)
@@ -135,6 +139,38 @@ class Metrics:
             registry=registry)
         self._model_labels: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
+        self._lifecycle(registry)
+
+    def _lifecycle(self, registry: CollectorRegistry) -> None:
+        """The model lifecycle's series: drift, the challenger, retraining."""
+        labels = ["monitor"]
+        self.drift_score = Gauge(
+            f"{PREFIX}_drift_score", "The largest population stability index (PSI) of a "
+            "feature of the recent rows (about the last 2000) against the active version's "
+            "training rows; 0 until it scored 500 rows.", labels, registry=registry)
+        self.drifted_features = Gauge(
+            f"{PREFIX}_drifted_features", f"Features whose PSI reaches {DRIFT_LEVEL:g}.",
+            labels, registry=registry)
+        self.score_drift = Gauge(
+            f"{PREFIX}_score_drift", "PSI of the recent rows' scores against the active "
+            "version's held-out scores.", labels, registry=registry)
+        self.shadow_rows = Counter(
+            f"{PREFIX}_shadow_rows", "Rows a challenger scored in shadow.", labels,
+            registry=registry)
+        self.shadow_flagged = Counter(
+            f"{PREFIX}_shadow_flagged", "Rows a challenger flagged in shadow (not written).",
+            labels, registry=registry)
+        self.retrains = Counter(
+            f"{PREFIX}_retrains", "Retrains the daemon ran, by outcome (success, failed, "
+            "lease_lost: stored nothing because another worker took the lease).",
+            ["monitor", "outcome"], registry=registry)
+        self.last_retrain = Gauge(
+            f"{PREFIX}_last_retrain_success_timestamp_seconds",
+            "Unix time of the daemon's last successful retrain (0: none since the start).",
+            labels, registry=registry)
+        self.decisions = Counter(
+            f"{PREFIX}_challenger_decisions", "Challengers the daemon's gates promoted or "
+            "rejected (promote = \"auto\").", ["monitor", "decision"], registry=registry)
 
     def init_monitors(self, monitors: Mapping[str, float],
                       windows: Collection[str] = ()) -> None:
@@ -160,6 +196,13 @@ class Metrics:
                 self.feedback.labels(monitor, label)
             self.feedback_precision.labels(monitor).set(math.nan)
             self.set_model(monitor, "none", "none", None)
+            for metric in (self.drift_score, self.drifted_features, self.score_drift,
+                           self.shadow_rows, self.shadow_flagged, self.last_retrain):
+                metric.labels(monitor)
+            for outcome in RETRAIN_OUTCOMES:
+                self.retrains.labels(monitor, outcome)
+            for decision in DECISIONS:
+                self.decisions.labels(monitor, decision)
 
     def set_model(self, monitor: str, version: str, kind: str, threshold: float | None,
                   expected_ratio: float | None = None) -> None:
@@ -197,6 +240,27 @@ class Metrics:
         self.batch_duration.labels(monitor).observe(result.duration_seconds)
         for value in result.severities:
             self.severity.labels(monitor).observe(float(value))
+        if result.drift is not None:
+            self.set_drift(monitor, result.drift)
+        if result.shadow is not None:
+            self.shadow_rows.labels(monitor).inc(result.shadow.rows)
+            self.shadow_flagged.labels(monitor).inc(result.shadow.flagged)
+
+    def set_drift(self, monitor: str, report: DriftReport) -> None:
+        """Publish a drift report (0 before it measured enough rows)."""
+        self.drift_score.labels(monitor).set(report.drift_score)
+        self.drifted_features.labels(monitor).set(len(report.drifted))
+        self.score_drift.labels(monitor).set(report.score_drift if report.measured else 0.0)
+
+    def observe_retrain(self, monitor: str, outcome: str, now: float) -> None:
+        """Count a retrain by outcome; a success also sets its timestamp."""
+        self.retrains.labels(monitor, outcome).inc()
+        if outcome == "success":
+            self.last_retrain.labels(monitor).set(now)
+
+    def observe_decision(self, monitor: str, decision: str) -> None:
+        """Count a challenger the gates promoted or rejected."""
+        self.decisions.labels(monitor, decision).inc()
 
     def set_paused(self, monitor: str, paused: bool, cause: str | None = None,
                    reason: str = "") -> None:

@@ -9,6 +9,7 @@ tampered version can never become active.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 from collections.abc import Callable
@@ -60,6 +61,8 @@ class ModelVersion:
     validation: dict[str, Any]
     created_at: dt.datetime
     activated_at: dt.datetime | None
+    #: When retention (``keep_versions``) removed the artifact; ``None`` while kept.
+    pruned_at: dt.datetime | None = None
 
     @classmethod
     def from_row(cls, row: sa.Row[Any]) -> ModelVersion:
@@ -67,6 +70,7 @@ class ModelVersion:
         data = {name: getattr(row, name) for name in cls.__dataclass_fields__}
         data["created_at"] = as_utc(data["created_at"])
         data["activated_at"] = as_utc(data["activated_at"])
+        data["pruned_at"] = as_utc(data["pruned_at"])
         return cls(**data)
 
     def expected_ratio(self) -> float:
@@ -78,7 +82,7 @@ class ModelVersion:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form (times as ISO 8601)."""
         data = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        for key in ("created_at", "activated_at"):
+        for key in ("created_at", "activated_at", "pruned_at"):
             data[key] = data[key].isoformat() if data[key] is not None else None
         return data
 
@@ -117,8 +121,10 @@ def store_version(
     training: dict[str, Any],
     validation: dict[str, Any],
     features: list[str] | None = None,
+    status: str = "candidate",
 ) -> ModelVersion:
-    """Insert a new candidate version (number = previous + 1) and return it.
+    """Insert a new version (number = previous + 1) in ``status`` (``candidate``, or
+    ``shadow`` for a challenger) and return it.
     ``features`` are the source columns it reads (default: the detector's inputs; a
     window monitor's detector reads inputs built from them, ``training["window"]``)."""
     from anomaly_monitor.detectors.artifact import dump_detector
@@ -129,7 +135,7 @@ def store_version(
     ).scalar()
     version = int(latest or 0) + 1
     connection.execute(model_versions.insert().values(
-        monitor=monitor, version=version, kind=detector.kind, status="candidate",
+        monitor=monitor, version=version, kind=detector.kind, status=status,
         features=features if features is not None else list(detector.feature_names_in_ or []),
         hyperparameters=manifest["hyperparameters"], manifest=manifest, artifact=weights,
         artifact_sha256=manifest["weights_sha256"], threshold=float(threshold.value),
@@ -198,6 +204,10 @@ def load_model(
         sa.select(model_versions.c.manifest, model_versions.c.artifact).where(
             model_versions.c.monitor == monitor, model_versions.c.version == version)
     ).one()
+    if weights is None:
+        raise RegistryError(
+            f"monitor {monitor!r} version {version}: its artifact was removed by retention "
+            f"on {meta.pruned_at:%Y-%m-%d %H:%M}Z (keep_versions); train a new version")
     try:
         if not isinstance(manifest, dict) or manifest.get("weights_sha256") != meta.artifact_sha256:
             raise ArtifactError("the manifest's sha256 differs from the version's recorded sha256")
@@ -332,6 +342,7 @@ class ModelCache:
         self.threads = threads
         self._versions: dict[str, ModelVersion] = {}
         self._models: dict[str, LoadedModel] = {}
+        self._shadows: dict[str, LoadedModel] = {}
 
     def active_version(self, connection: sa.Connection, monitor: str) -> ModelVersion | None:
         """The active version's metadata, ``None`` when no version is active."""
@@ -366,7 +377,48 @@ class ModelCache:
         self._models[version.monitor] = loaded
         return loaded
 
+    def shadow(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
+        """The monitor's challenger (status ``shadow``), loaded and cached; ``None``
+        when there is none."""
+        row = connection.execute(
+            sa.select(model_versions.c.version, model_versions.c.threshold).where(
+                model_versions.c.monitor == monitor, model_versions.c.status == "shadow")
+        ).first()
+        if row is None:
+            self._shadows.pop(monitor, None)
+            return None
+        loaded = self._shadows.get(monitor)
+        if loaded is None or loaded.version.version != row.version or \
+                loaded.version.threshold != row.threshold:
+            meta = get_version(connection, monitor, row.version)
+            if loaded is not None and loaded.version.version == row.version:
+                loaded = LoadedModel(meta, loaded.detector, loaded.severity, loaded.window)
+            else:
+                loaded = load_model(connection, monitor, row.version, device=self.device)
+        self._shadows[monitor] = loaded
+        return loaded
+
     def active(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
         """The active model of ``monitor``, loaded; ``None`` when no version is active."""
         version = self.active_version(connection, monitor)
         return None if version is None else self.model(connection, version)
+
+
+def prune_artifacts(connection: sa.Connection, monitor: str, keep: int) -> list[int]:
+    """Remove the artifacts of the versions older than the newest ``keep`` (never the
+    active one, a challenger, or the version a rollback returns to); their metadata,
+    threshold and calibration scores stay. The versions pruned, oldest first."""
+    rows = connection.execute(
+        sa.select(model_versions.c.version, model_versions.c.status)
+        .where(model_versions.c.monitor == monitor, model_versions.c.artifact.is_not(None))
+        .order_by(model_versions.c.version.desc())).all()
+    protected = {r.version for r in rows if r.status in ("active", "shadow")}
+    with contextlib.suppress(RegistryError):  # nothing to roll back to
+        protected.add(rollback_target(connection, monitor))
+    newest = {r.version for r in rows[:keep]}
+    doomed = sorted(r.version for r in rows if r.version not in newest | protected)
+    if doomed:
+        connection.execute(model_versions.update().where(
+            model_versions.c.monitor == monitor, model_versions.c.version.in_(doomed))
+            .values(artifact=None, pruned_at=utcnow()))
+    return doomed

@@ -41,10 +41,12 @@ from anomaly_monitor.cursors import (
     set_paused,
 )
 from anomaly_monitor.db import describe_error
+from anomaly_monitor.drift import DriftReport
 from anomaly_monitor.feedback import feedback_counts, recent_precision
 from anomaly_monitor.incidents import alerting_incidents, open_count
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import ModelCache, RegistryError
+from anomaly_monitor.retraining import Retrainer
 from anomaly_monitor.scoring import check_features
 from anomaly_monitor.source import (
     RESTARTED,
@@ -201,6 +203,8 @@ class MonitorState:
     last_batch_seconds: float = 0.0
     #: Whether the newest scored timestamp was looked up in am_batches (after a start).
     looked_up_newest: bool = False
+    #: The drift of the last batch that measured it (what a drift retrain is judged on).
+    drift: DriftReport | None = None
 
 
 class MonitorRunner:
@@ -218,6 +222,7 @@ class MonitorRunner:
         stop_event: threading.Event,
         use_arrow: bool = True,
         share: float = 1.0,
+        background_retrains: bool = True,
     ) -> None:
         self.monitor = monitor
         #: This monitor's share of the worker's threads (1: a thread of its own); below 1
@@ -233,6 +238,8 @@ class MonitorRunner:
         self.clock = clock
         self.stop_event = stop_event
         self.state = MonitorState(read_state=ReadState(use_arrow=use_arrow))
+        self.retrainer = Retrainer(monitor, engine, metrics, time_now=clock.time,
+                                   background=background_retrains, device=models.device)
 
     def release(self) -> None:
         """Give up the lease, if held, so that a standby takes over at once (and close
@@ -367,6 +374,8 @@ class MonitorRunner:
                          "version %d, threshold %.6g)", monitor.name, version.version,
                          version.threshold, *state.reported_model)
             state.reported_model = (version.version, version.threshold)
+        if result.drift is not None:
+            state.drift = result.drift
         if result.status == "committed":
             state.batches += 1
             state.rows += result.rows
@@ -500,6 +509,7 @@ class MonitorRunner:
                 state.below_check_at = clock() + BELOW_CHECK_SECONDS
                 self._count_below()
             self._report_poll(last)
+            self.retrainer.after_poll(state.lease, state.drift)
         return state
 
     def _hold_lease(self, *, renew: bool = False) -> bool:

@@ -328,9 +328,15 @@ def ids_stamped_within(connection: sa.Connection, source: SourceTable, first_id:
 def _training_bounds(
     connection: sa.Connection, source: SourceTable, since: dt.datetime | None,
     until: dt.datetime | None, limit: int | None,
+    id_range: tuple[int | None, int | None] | None = None,
 ) -> list[sa.ColumnElement[bool]]:
     scale = epoch_scale(connection, source) if since or until else 1.0
     conditions = _time_bounds(source, since, until, scale)
+    low, high = id_range or (None, None)
+    if low is not None:
+        conditions.append(source.id_column >= low)
+    if high is not None:
+        conditions.append(source.id_column <= high)
     if limit is not None:
         # The newest ``limit`` rows of the window: find the id where they start.
         start = connection.execute(
@@ -346,9 +352,7 @@ def count_training(connection: sa.Connection, source: SourceTable, *,
                    since: dt.datetime | None = None, until: dt.datetime | None = None,
                    id_range: tuple[int, int] | None = None) -> int:
     """How many rows :func:`read_training` reads with the same bounds (no limit)."""
-    conditions = _training_bounds(connection, source, since, until, None)
-    if id_range is not None:
-        conditions += [source.id_column >= id_range[0], source.id_column <= id_range[1]]
+    conditions = _training_bounds(connection, source, since, until, None, id_range)
     return int(connection.execute(sa.select(sa.func.count()).select_from(source.table)
                                   .where(*conditions)).scalar_one())
 
@@ -360,17 +364,16 @@ def read_training(
     since: dt.datetime | None = None,
     until: dt.datetime | None = None,
     limit: int | None = None,
-    id_range: tuple[int, int] | None = None,
+    id_range: tuple[int | None, int | None] | None = None,
     with_label: bool = False,
     page_rows: int = TRAINING_PAGE_ROWS,
 ) -> Iterator[Window]:
     """Stream the training window in pages of ``page_rows``, oldest first (keyset paging).
 
-    ``id_range`` (inclusive) narrows the window to known ids, e.g. the held-out rows.
+    ``id_range`` (inclusive) narrows the window to known ids, e.g. the held-out rows
+    (``limit`` then counts the newest rows inside it).
     """
-    conditions = _training_bounds(connection, source, since, until, limit)
-    if id_range is not None:
-        conditions += [source.id_column >= id_range[0], source.id_column <= id_range[1]]
+    conditions = _training_bounds(connection, source, since, until, limit, id_range)
     after: int | None = None
     while True:
         query = select_rows(source, source.features,

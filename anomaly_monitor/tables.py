@@ -33,7 +33,9 @@ ENTITY_LENGTH = 200
 AUTHOR_LENGTH = 200
 #: ``am_anomalies.suppressed_by`` is cut to this length.
 SUPPRESSED_BY_LENGTH = 100
-VERSION_STATUSES = ("candidate", "active", "retired")
+#: ``shadow``: a challenger scoring beside the active version (at most one per monitor);
+#: ``rejected``: a challenger an operator or its gates turned down.
+VERSION_STATUSES = ("candidate", "active", "retired", "shadow", "rejected")
 INCIDENT_STATES = ("open", "closed")
 #: Operator labels of flags and incidents: true and false positive.
 LABELS = ("tp", "fp")
@@ -59,7 +61,8 @@ model_versions = sa.Table(
     sa.Column("features", Json, nullable=False),
     sa.Column("hyperparameters", Json, nullable=False),
     sa.Column("manifest", Json, nullable=False),
-    sa.Column("artifact", sa.LargeBinary, nullable=False),
+    # NULL once retention (keep_versions) removed it; ``pruned_at`` says when.
+    sa.Column("artifact", sa.LargeBinary),
     sa.Column("artifact_sha256", sa.String(64), nullable=False),
     sa.Column("threshold", sa.Float, nullable=False),
     sa.Column("threshold_method", sa.String(16), nullable=False),
@@ -71,6 +74,7 @@ model_versions = sa.Table(
     sa.Column("validation", Json, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("activated_at", Timestamp),
+    sa.Column("pruned_at", Timestamp),
     sa.UniqueConstraint("monitor", "version"),
     sa.CheckConstraint(
         sa.column("status").in_(VERSION_STATUSES), name="status"
@@ -79,6 +83,11 @@ model_versions = sa.Table(
         "uq_am_model_versions_one_active", "monitor", unique=True,
         sqlite_where=sa.text("status = 'active'"),
         postgresql_where=sa.text("status = 'active'"),
+    ),
+    sa.Index(
+        "uq_am_model_versions_one_shadow", "monitor", unique=True,
+        sqlite_where=sa.text("status = 'shadow'"),
+        postgresql_where=sa.text("status = 'shadow'"),
     ),
 )
 
@@ -293,6 +302,45 @@ batches = sa.Table(
     sa.Column("open_gaps", NullableJson),
     sa.Column("generation", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_am_batches_monitor_started_at", "monitor", "started_at"),
+)
+
+# What the batches of the active version drifted to from its training reference: the
+# decayed bin counts (``anomaly_monitor.drift``) and the last report, written by each
+# batch's transaction.
+drift = sa.Table(
+    "am_drift", metadata,
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("state", Json, nullable=False),
+    sa.Column("drift_score", sa.Float, nullable=False),
+    sa.Column("drifted_features", sa.Integer, nullable=False),
+    sa.Column("score_drift", sa.Float, nullable=False),
+    sa.Column("report", Json, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+# A challenger's (status ``shadow``) result on each batch the active version committed:
+# written in that batch's transaction, never to am_anomalies.
+shadow_batches = sa.Table(
+    "am_shadow_batches", metadata,
+    _row_id(),
+    sa.Column("monitor", sa.String(MONITOR_NAME_LENGTH), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("active_version", sa.Integer, nullable=False),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("first_id", sa.BigInteger, nullable=False),
+    sa.Column("last_id", sa.BigInteger, nullable=False),
+    sa.Column("rows", sa.Integer, nullable=False),
+    sa.Column("quarantined", sa.Integer, nullable=False),
+    sa.Column("flagged", sa.Integer, nullable=False),
+    sa.Column("active_flagged", sa.Integer, nullable=False),
+    # Rows both flagged.
+    sa.Column("overlap", sa.Integer, nullable=False),
+    sa.Column("score_quantiles", Json, nullable=False),
+    sa.Column("seconds", sa.Float, nullable=False),
+    sa.Column("scored_at", Timestamp, nullable=False),
+    sa.UniqueConstraint("monitor", "version", "generation", "last_id"),
 )
 
 

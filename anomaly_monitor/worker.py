@@ -173,6 +173,7 @@ class Worker:
         """Process everything pending on every monitor once (``run --once``)."""
         for runner in self.runners.values():
             runner.lease_log_level = logging.DEBUG
+            runner.retrainer.background = False  # a due retrain finishes before the exit
         try:
             for name in self.monitors:
                 if not self.stop_event.is_set():

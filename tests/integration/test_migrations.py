@@ -13,7 +13,8 @@ from anomaly_monitor.tables import metadata
 
 AM_TABLES = {"am_model_versions", "am_cursors", "am_anomalies", "am_quarantine", "am_batches",
              "am_activations", "am_standbys", "am_entity_states", "am_incidents",
-             "am_feedback", "am_suppressions", "am_trained_states"}
+             "am_feedback", "am_suppressions", "am_trained_states", "am_drift",
+             "am_shadow_batches"}
 
 
 def am_tables(engine):

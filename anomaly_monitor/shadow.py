@@ -1,0 +1,253 @@
+"""Challengers: a version in status ``shadow`` scores the batches the active version
+commits, beside it, without writing a flag; its promotion gates judge what it did.
+
+Each batch's shadow result (rows, its flags, the active version's flags, the rows
+both flagged, its score quantiles) is a row of ``am_shadow_batches`` written in the
+batch's own transaction, so it is counted exactly once like the batch. The gates
+(:func:`evaluate_gates`) read their sums: the burn-in (``shadow_rows``), the flag
+rate against the challenger's calibrated rate, the overlap of its flags with the
+active version's, no more quarantine than its training window had, and its
+validation loss against the active version's. ``promote = "auto"`` promotes a
+challenger whose gates all pass, and rejects one still failing after
+``REJECT_AFTER_BURN_INS`` burn-ins; ``models promote`` / ``models reject`` act by hand.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import sqlalchemy as sa
+
+from anomaly_monitor.config import MonitorSettings, RetrainSettings
+from anomaly_monitor.reading.values import Window
+from anomaly_monitor.registry import LoadedModel, ModelVersion, RegistryError
+from anomaly_monitor.scoring import StreamContext, flag_rows, score_rows
+from anomaly_monitor.tables import as_utc, model_versions, shadow_batches, utcnow
+
+#: The challenger's flag share may be at most this many times its calibrated share (and
+#: at least that share divided by it, when the burn-in should have seen 20 flags).
+GATE_RATE_FACTOR = 3.0
+#: Flags expected in the burn-in before the lower bound of the rate is judged.
+GATE_RATE_MIN_EXPECTED = 20
+#: At least this share of the challenger's flags are also flagged by the active version
+#: (it raises few alarms the active one calls normal), once it flagged ...
+GATE_MIN_OVERLAP = 0.5
+#: ... this many rows (fewer say little).
+GATE_OVERLAP_MIN_FLAGS = 5
+#: Quarantined rows in the shadow period may be at most this many times the share its
+#: training window skipped, plus the slack.
+GATE_QUARANTINE_FACTOR = 2.0
+GATE_QUARANTINE_SLACK = 0.001
+#: The challenger's validation loss may be at most this much (relative) above the active's.
+GATE_LOSS_MARGIN = 0.25
+#: With ``promote = "auto"``, a challenger whose gates still fail after this many
+#: burn-ins is rejected.
+REJECT_AFTER_BURN_INS = 4
+#: Score quantiles kept per shadow batch.
+SHADOW_QUANTILES = ("0.5", "0.9", "0.99")
+
+
+@dataclass(frozen=True)
+class ShadowScore:
+    """A challenger's result on one batch."""
+
+    version: int
+    rows: int
+    flagged: int
+    active_flagged: int
+    overlap: int
+    quantiles: dict[str, float]
+    seconds: float
+
+
+def score_shadow(challenger: LoadedModel, window: Window, stream: StreamContext | None,
+                 active_flags: list[dict[str, Any]], scored_at: dt.datetime) -> ShadowScore:
+    """Score ``window`` with the challenger (its ``stream`` states move, as the active
+    version's do) and compare its flags with the active version's ``active_flags``."""
+    t0 = time.perf_counter()
+    scored = score_rows(challenger, window, stream)
+    flags, _ = flag_rows(challenger.version.monitor, challenger, window, scored_at, stream,
+                         scored)
+    mine = {f["source_id"] for f in flags}
+    theirs = {f["source_id"] for f in active_flags}
+    return ShadowScore(challenger.version.version, len(window.ids), len(mine), len(theirs),
+                       len(mine & theirs), quantile_summary(scored.scores),
+                       time.perf_counter() - t0)
+
+
+def shadow_writer(monitor: str, active: int, generation: int, window: Window,
+                  shadow: ShadowScore, now: dt.datetime) -> Callable[[sa.Connection], None]:
+    """The batch transaction's insert of the challenger's result."""
+    ids = [*window.ids.tolist(), *(b.source_id for b in window.bad)]
+    row = {"monitor": monitor, "version": shadow.version, "active_version": active,
+           "generation": generation, "first_id": int(min(ids)), "last_id": int(max(ids)),
+           "rows": shadow.rows, "quarantined": len(window.bad), "flagged": shadow.flagged,
+           "active_flagged": shadow.active_flagged, "overlap": shadow.overlap,
+           "score_quantiles": shadow.quantiles, "seconds": shadow.seconds, "scored_at": now}
+
+    def write(connection: sa.Connection) -> None:
+        connection.execute(shadow_batches.insert().values(**row))
+
+    return write
+
+
+@dataclass(frozen=True)
+class ShadowTotals:
+    """The sums of a challenger's shadow batches."""
+
+    batches: int = 0
+    rows: int = 0
+    quarantined: int = 0
+    flagged: int = 0
+    active_flagged: int = 0
+    overlap: int = 0
+    seconds: float = 0.0
+    first_at: dt.datetime | None = None
+    last_at: dt.datetime | None = None
+
+    @property
+    def flag_share(self) -> float | None:
+        return self.flagged / self.rows if self.rows else None
+
+
+def shadow_totals(connection: sa.Connection, monitor: str, version: int) -> ShadowTotals:
+    """What ``version`` did in shadow so far."""
+    t = shadow_batches.c
+    row = connection.execute(
+        sa.select(sa.func.count(), sa.func.sum(t.rows), sa.func.sum(t.quarantined),
+                  sa.func.sum(t.flagged), sa.func.sum(t.active_flagged),
+                  sa.func.sum(t.overlap), sa.func.sum(t.seconds),
+                  sa.func.min(t.scored_at), sa.func.max(t.scored_at))
+        .where(t.monitor == monitor, t.version == version)).one()
+    return ShadowTotals(int(row[0]), int(row[1] or 0), int(row[2] or 0), int(row[3] or 0),
+                        int(row[4] or 0), int(row[5] or 0), float(row[6] or 0.0),
+                        as_utc(row[7]), as_utc(row[8]))
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One promotion gate: ``passed`` is ``None`` while it cannot be judged yet."""
+
+    name: str
+    passed: bool | None
+    value: float | None
+    limit: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def validation_loss(version: ModelVersion) -> float | None:
+    """The version's held-out validation loss, when its training recorded one."""
+    loss = version.validation.get("loss")
+    return float(loss) if loss is not None else None
+
+
+def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
+                   totals: ShadowTotals, settings: RetrainSettings) -> list[Gate]:
+    """The challenger's promotion gates after ``totals`` in shadow."""
+    gates = [Gate("burn_in", totals.rows >= settings.shadow_rows, float(totals.rows),
+                  f">= {settings.shadow_rows} rows",
+                  f"{totals.rows} of {settings.shadow_rows} rows scored in shadow")]
+    target = challenger.expected_ratio()
+    share = totals.flag_share
+    if share is None:
+        gates.append(Gate("flag_rate", None, None, "", "no row scored in shadow yet"))
+    else:
+        high = share <= GATE_RATE_FACTOR * target + 1.0 / max(totals.rows, 1)
+        judged_low = target * totals.rows >= GATE_RATE_MIN_EXPECTED
+        low = not judged_low or share >= target / GATE_RATE_FACTOR
+        gates.append(Gate("flag_rate", high and low, share,
+                          f"within x{GATE_RATE_FACTOR:g} of {target:.4g}",
+                          f"flagged {totals.flagged} of {totals.rows} rows ({share:.4g}); "
+                          f"calibrated share {target:.4g}"))
+    if totals.flagged < GATE_OVERLAP_MIN_FLAGS:
+        gates.append(Gate("overlap", True, None, f">= {GATE_MIN_OVERLAP:g}",
+                          f"{totals.flagged} flag(s): fewer than {GATE_OVERLAP_MIN_FLAGS}, "
+                          "not judged"))
+    else:
+        overlap = totals.overlap / totals.flagged
+        gates.append(Gate("overlap", overlap >= GATE_MIN_OVERLAP, overlap,
+                          f">= {GATE_MIN_OVERLAP:g}",
+                          f"{totals.overlap} of its {totals.flagged} flags also flagged by "
+                          f"the active version ({totals.active_flagged} flags)"))
+    consumed = totals.rows + totals.quarantined
+    trained = challenger.training.get("rows", 0) + challenger.training.get("holdout_rows", 0)
+    skipped = challenger.training.get("skipped_rows", 0)
+    allowed = GATE_QUARANTINE_FACTOR * skipped / max(trained + skipped, 1) + \
+        GATE_QUARANTINE_SLACK
+    q_share = totals.quarantined / consumed if consumed else 0.0
+    gates.append(Gate("quarantine", q_share <= allowed, q_share, f"<= {allowed:.4g}",
+                      f"{totals.quarantined} of {consumed} rows quarantined in shadow"))
+    mine, theirs = validation_loss(challenger), (validation_loss(active) if active else None)
+    if mine is None or theirs is None:
+        gates.append(Gate("validation_loss", True, mine, "", "not recorded for both versions"))
+    else:
+        limit = theirs * (1 + GATE_LOSS_MARGIN)
+        gates.append(Gate("validation_loss", mine <= limit, mine, f"<= {limit:.4g}",
+                          f"{mine:.4g} against the active version's {theirs:.4g}"))
+    return gates
+
+
+def gates_pass(gates: list[Gate]) -> bool:
+    """Whether every gate passed."""
+    return all(g.passed is True for g in gates)
+
+
+def shadow_version(connection: sa.Connection, monitor: str) -> int | None:
+    """The monitor's challenger, ``None`` when there is none."""
+    return connection.execute(
+        sa.select(model_versions.c.version).where(
+            model_versions.c.monitor == monitor, model_versions.c.status == "shadow")
+    ).scalar()
+
+
+def decide(connection: sa.Connection, monitor: str, version: int, status: str,
+           decision: dict[str, Any]) -> None:
+    """Record a challenger's end: its ``status`` and the decision in
+    ``validation["decision"]``, only while it is still in shadow."""
+    current = connection.execute(
+        sa.select(model_versions.c.validation).where(
+            model_versions.c.monitor == monitor, model_versions.c.version == version,
+            model_versions.c.status == "shadow")).scalar()
+    if current is None:
+        raise RegistryError(f"monitor {monitor!r} version {version} is not a challenger in "
+                            "shadow (models list shows the statuses)")
+    connection.execute(model_versions.update().where(
+        model_versions.c.monitor == monitor, model_versions.c.version == version)
+        .values(status=status, validation={**current, "decision": decision}))
+
+
+def reject(connection: sa.Connection, monitor: str, version: int, *, by: str,
+           reason: str) -> None:
+    """Turn a challenger down: it stops scoring in shadow."""
+    decide(connection, monitor, version, "rejected",
+           {"action": "rejected", "by": by, "reason": reason, "at": utcnow().isoformat()})
+
+
+def record_promotion(connection: sa.Connection, monitor: MonitorSettings, version: int,
+                     *, by: str, gates: list[Gate]) -> None:
+    """Note who promoted a challenger and its gates then, in ``validation["decision"]``
+    (the activation itself is :func:`anomaly_monitor.lifecycle.activate_checked`)."""
+    current = connection.execute(
+        sa.select(model_versions.c.validation).where(
+            model_versions.c.monitor == monitor.name, model_versions.c.version == version)
+    ).scalar() or {}
+    connection.execute(model_versions.update().where(
+        model_versions.c.monitor == monitor.name, model_versions.c.version == version)
+        .values(validation={**current, "decision": {
+            "action": "promoted", "by": by, "at": utcnow().isoformat(),
+            "gates": [g.to_dict() for g in gates]}}))
+
+
+def quantile_summary(values: npt.NDArray[np.float64]) -> dict[str, float]:
+    """Score quantiles as the shadow batches keep them."""
+    return {q: float(np.quantile(values, float(q))) for q in SHADOW_QUANTILES} \
+        if values.size else {}

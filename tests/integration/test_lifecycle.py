@@ -1,0 +1,137 @@
+"""The model lifecycle on SQLite and PostgreSQL: drift against the training reference,
+a challenger scoring in shadow (nothing written to am_anomalies), its promotion gates,
+promotion by the daemon or by hand, rejection, and retention of artifacts."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry
+
+from anomaly_monitor.config import RetrainSettings
+from anomaly_monitor.drift import DRIFT_LEVEL, read_drift, stored_report
+from anomaly_monitor.lifecycle import train_monitor
+from anomaly_monitor.metrics import Metrics
+from anomaly_monitor.registry import (
+    RegistryError,
+    get_version,
+    list_versions,
+    load_model,
+    prune_artifacts,
+)
+from anomaly_monitor.shadow import shadow_totals
+from anomaly_monitor.tables import anomalies, shadow_batches
+from anomaly_monitor.worker import Worker
+from tests.helpers import Sensors, bulk_insert, drain, settings, trained_plant
+
+SHIFT = 1.5
+
+
+def _flag_versions(engine) -> dict[int, int]:
+    with engine.connect() as connection:
+        return dict(connection.execute(sa.select(anomalies.c.source_id,
+                                                 anomalies.c.model_version)).all())
+
+
+def test_drift_stays_low_on_normal_rows_and_rises_after_a_mean_shift(engine):
+    table, monitor, _, report = trained_plant(engine)
+    reference = report.version.validation["reference"]
+    assert set(reference["features"]) == set(monitor.features)
+    sensors = Sensors(seed=5)
+    bulk_insert(engine, table, sensors.normal(800))
+    results = drain(engine, monitor)
+    calm = results[-1].drift
+    assert calm is not None and calm.measured
+    assert calm.drift_score < DRIFT_LEVEL and not calm.drifting, calm.features
+    bulk_insert(engine, table, sensors.normal(1500) + SHIFT)
+    shifted = drain(engine, monitor)[-1].drift
+    assert shifted.drift_score >= DRIFT_LEVEL and len(shifted.drifted) >= 3
+    assert shifted.drifting
+    with engine.connect() as connection:
+        stored, _ = stored_report(connection, "plant")
+        state = read_drift(connection, "plant", report.version.version)
+    assert stored["drift_score"] == pytest.approx(shifted.drift_score)
+    assert state.rows == 2300
+    # Another version starts its counts afresh.
+    with engine.connect() as connection:
+        assert read_drift(connection, "plant", 99).rows == 0
+
+
+def test_a_challenger_scores_in_shadow_then_the_daemon_promotes_it(db_url, engine):
+    retrain = RetrainSettings(on_drift=True, window_rows=1200, shadow_rows=400,
+                              promote="auto")
+    table, monitor, _, first = trained_plant(engine)
+    monitor = dataclasses.replace(monitor, retrain=retrain, batch_size=400)
+    sensors = Sensors(seed=7)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    bulk_insert(engine, table, sensors.normal(1500) + SHIFT)
+    worker = Worker(settings(db_url, monitor), engine, metrics, device="cpu")
+    worker.run_once()  # scores the shift with version 1, drifts, retrains a challenger
+    with engine.connect() as connection:
+        versions = {v.version: v for v in list_versions(connection, "plant")}
+    assert versions[2].status == "shadow" and versions[2].training["trigger"] == "drift"
+    assert versions[1].status == "active"
+    assert registry.get_sample_value("anomaly_monitor_retrains_total",
+                                     {"monitor": "plant", "outcome": "success"}) == 1
+    assert registry.get_sample_value("anomaly_monitor_drift_score",
+                                     {"monitor": "plant"}) >= DRIFT_LEVEL
+    before = set(_flag_versions(engine))
+    bulk_insert(engine, table, sensors.normal(800) + SHIFT)
+    worker.run_once()  # 800 rows in shadow: its gates pass, it is promoted
+    with engine.connect() as connection:
+        totals = shadow_totals(connection, "plant", 2)
+        assert get_version(connection, "plant", 2).status == "active"
+        assert get_version(connection, "plant", 1).status == "retired"
+        decision = get_version(connection, "plant", 2).validation["decision"]
+    assert totals.rows == 800 and totals.flagged < totals.active_flagged
+    assert decision["action"] == "promoted" and decision["by"] == "gates"
+    flags = _flag_versions(engine)
+    # Nothing the challenger flagged in shadow was written: every flag is version 1's.
+    assert set(flags.values()) == {1}
+    old_flags = len(flags) - len(before)
+    bulk_insert(engine, table, sensors.normal(800) + SHIFT)
+    worker.run_once()  # now version 2 scores, and flags far fewer of the shifted rows
+    flags = _flag_versions(engine)
+    new_flags = [i for i, v in flags.items() if v == 2]
+    assert len(new_flags) < old_flags / 4, (len(new_flags), old_flags)
+    assert registry.get_sample_value("anomaly_monitor_challenger_decisions_total",
+                                     {"monitor": "plant", "decision": "promoted"}) == 1
+    assert first.version.version == 1
+
+
+def test_train_no_activate_makes_a_challenger_rejected_by_hand(engine):
+    table, monitor, _, _ = trained_plant(engine)
+    report = train_monitor(engine, monitor, device="cpu", activate_version=False)
+    assert report.version.status == "shadow"
+    bulk_insert(engine, table, Sensors(seed=2).normal(300))
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        rows = connection.execute(sa.select(shadow_batches)).all()
+    assert sum(r.rows for r in rows) == 300 and {r.version for r in rows} == {2}
+    # A newer challenger replaces it.
+    report = train_monitor(engine, monitor, device="cpu", activate_version=False)
+    with engine.connect() as connection:
+        old = get_version(connection, "plant", 2)
+        assert old.status == "rejected"
+        assert old.validation["decision"]["reason"].startswith("superseded")
+        assert get_version(connection, "plant", 3).status == "shadow"
+
+
+def test_retention_keeps_the_newest_the_active_and_the_rollback_target(engine):
+    _, monitor, _, _ = trained_plant(engine)
+    monitor = dataclasses.replace(monitor, keep_versions=2)
+    for _ in range(3):
+        train_monitor(engine, monitor, device="cpu")  # versions 2, 3, 4 (active)
+    with engine.connect() as connection:
+        statuses = {v.version: (v.status, v.pruned_at is not None)
+                    for v in list_versions(connection, "plant")}
+        # 4 active and newest, 3 the rollback target, 2 pruned, 1 pruned.
+        assert statuses == {4: ("active", False), 3: ("retired", False),
+                            2: ("retired", True), 1: ("retired", True)}
+        with pytest.raises(RegistryError, match="removed by retention"):
+            load_model(connection, "plant", 1)
+    with engine.begin() as connection:
+        assert prune_artifacts(connection, "plant", 1) == []  # 3 is still protected
