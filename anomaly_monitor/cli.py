@@ -333,6 +333,7 @@ from anomaly_monitor import (  # noqa: E402, F401
     cli_daemon,
     cli_db,
     cli_feedback,
+    cli_lifecycle,
     cli_models,
     cli_suppress,
 )

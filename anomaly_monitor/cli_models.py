@@ -88,9 +88,16 @@ def train(app: App, monitor: str, since: dt.datetime | None, until: dt.datetime 
     if v.validation.get("auroc") is not None:
         click.echo(f"held-out AUROC against {settings.label_column}: "
                    f"{v.validation['auroc']:.3f}")
-    click.echo("status: active" if report.activated else
-               f"status: candidate (activate with: anomaly-monitor models activate "
-               f"{v.version} --monitor {monitor})")
+    if report.activated:
+        click.echo("status: active")
+    elif v.status == "shadow":
+        click.echo(f"status: shadow (a challenger: running workers score it beside the "
+                   f"active version, writing no flag; see its gates with: anomaly-monitor "
+                   f"models list --monitor {monitor}; promote with: anomaly-monitor models "
+                   f"promote {v.version} --monitor {monitor})")
+    else:
+        click.echo(f"status: candidate (activate with: anomaly-monitor models activate "
+                   f"{v.version} --monitor {monitor})")
 
 
 #: How ``train`` names what it left out.
@@ -236,20 +243,22 @@ def _print_calibration(monitor: str, plan: CalibrationPlan) -> None:
 
 @main.group(cls=Group)
 def models() -> None:
-    """List, inspect, activate and roll back model versions."""
+    """List, inspect, compare, activate, promote, reject and roll back model versions."""
 
 
-_monitor_option = click.option("--monitor", "-m", "monitor_name",
+monitor_option = click.option("--monitor", "-m", "monitor_name",
                                help="Monitor (needed when several are configured).")
 
 
 @models.command("list")
-@_monitor_option
+@monitor_option
 @click.option("--json", "as_json", is_flag=True)
 @pass_app
 def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
-    """List the versions of a monitor, newest first."""
+    """List the versions of a monitor, newest first, with the challenger's gates."""
+    from anomaly_monitor.cli_lifecycle import gate_rows
     from anomaly_monitor.registry import activation_history, list_versions
+    from anomaly_monitor.retraining import judge
 
     names = ([app.settings.monitor(monitor_name).name] if monitor_name
              else [m.name for m in app.settings.monitors])
@@ -257,10 +266,15 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
     with app.engine.connect() as connection:
         versions = [v for name in names for v in list_versions(connection, name)]
         history = {name: activation_history(connection, name) for name in names}
+        judged = {name: judge(connection, app.settings.monitor(name)) for name in names}
+    gates = {(name, j.version): [g.to_dict() for g in j.gates]
+             for name, j in judged.items() if j is not None}
     if as_json:
         echo_json([{**v.to_dict(), "activations": [
             {"action": a, "at": t.isoformat()} for n, a, t in history[v.monitor]
-            if n == v.version]} for v in versions])
+            if n == v.version], **({"gates": gates[(v.monitor, v.version)]}
+                                   if (v.monitor, v.version) in gates else {})}
+                   for v in versions])
         return
     print_table(["monitor", "version", "kind", "status", "threshold", "method", "rows", "created"],
            [(v.monitor, v.version, v.kind, v.status, f"{v.threshold:.6g}", v.threshold_method,
@@ -271,11 +285,16 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
             steps = " -> ".join(f"{v}{' (rollback)' if a == 'rollback' else ''}"
                                 for v, a, _ in events[-10:])
             click.echo(f"monitor {name}: activations, oldest first: {steps}")
+    for (name, version), rows in gates.items():
+        mode = app.settings.monitor(name).shadow.promote
+        click.echo(f"monitor {name}: challenger version {version} in shadow (promote = "
+                   f"{mode}); its gates:")
+        print_table(["gate", "result", "limit", "detail"], gate_rows(rows))
 
 
 @models.command("show")
 @click.argument("version", type=int)
-@_monitor_option
+@monitor_option
 @click.option("--json", "as_json", is_flag=True,
               help="Everything recorded, the severity grid included.")
 @pass_app
@@ -365,7 +384,7 @@ def _activation(app: App, monitor_name: str | None,
 
 @models.command("activate")
 @click.argument("version", type=int)
-@_monitor_option
+@monitor_option
 @pass_app
 def models_activate(app: App, version: int, monitor_name: str | None) -> None:
     """Make VERSION the active model (after verifying its artifact)."""
@@ -385,7 +404,7 @@ def models_activate(app: App, version: int, monitor_name: str | None) -> None:
 
 
 @models.command("rollback")
-@_monitor_option
+@monitor_option
 @pass_app
 def models_rollback(app: App, monitor_name: str | None) -> None:
     """Re-activate the version that was active before the current one."""

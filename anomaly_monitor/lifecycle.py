@@ -37,6 +37,7 @@ from anomaly_monitor.incidents import sample_interval, stream_samples
 from anomaly_monitor.registry import (
     LoadedModel,
     ModelVersion,
+    RegistryError,
     activate,
     active_version,
     prune_artifacts,
@@ -379,11 +380,12 @@ def train_monitor(
     training["sample_interval_seconds"] = sample_interval(samples, data.first_timestamp,
                                                           data.last_timestamp)
     validation = {
+        **(_held_out_losses(engine, monitor, detector, data.values[n_fit:])
+           if stream is None else {}),
         "holdout_flag_rate": threshold.calibration_flag_rate,
         "score_quantiles": {q: float(np.quantile(scores, float(q)))
                             for q in ("0.5", "0.9", "0.99", "0.999")},
         "auroc": _auroc(scores, labels) if labels is not None else None,
-        "loss": _validation_loss(detector),
         "reference": reference_of(data.values[~drop] if monitor.window is not None
                                   else data.values, list(source.features), scores),
     }
@@ -421,10 +423,27 @@ def train_monitor(
                        activate_version)
 
 
-def _validation_loss(detector: Any) -> float | None:
-    """The mean over the ensemble of each network's best validation loss."""
-    losses = [min(h.validation_loss) for h in detector.history_ if h.validation_loss]
-    return float(np.mean(losses)) if losses else None
+def _held_out_losses(engine: sa.Engine, monitor: MonitorSettings, detector: Any,
+                     values: npt.NDArray[np.float32]) -> dict[str, Any]:
+    """A row monitor's held-out loss, and the active version's on the same rows (what
+    the ``validation_loss`` gate of a challenger compares)."""
+    from anomaly_monitor.registry import load_model
+    from anomaly_monitor.shadow import holdout_loss
+
+    rows = values.astype(np.float64)
+    found: dict[str, Any] = {"loss": holdout_loss(detector, rows)}
+    with engine.connect() as connection:
+        current = active_version(connection, monitor.name)
+        try:
+            active = load_model(connection, monitor.name, current, device="cpu") \
+                if current is not None else None
+        except RegistryError:  # e.g. its artifact was pruned: nothing to compare with
+            active = None
+    if active is not None and active.window is None and \
+            list(active.version.features) == list(detector.feature_names_in_ or []):
+        found["active_loss"] = {"version": current,
+                                "loss": holdout_loss(active.detector, rows)}
+    return found
 
 
 def _supersede(connection: sa.Connection, monitor: str) -> None:

@@ -173,9 +173,10 @@ class Metrics:
             "rejected (promote = \"auto\").", ["monitor", "decision"], registry=registry)
 
     def init_monitors(self, monitors: Mapping[str, float],
-                      windows: Collection[str] = ()) -> None:
+                      windows: Collection[str] = (), retraining: Collection[str] = ()) -> None:
         """Create every series of each monitor (name: interval in seconds) at 0; the
-        window monitors' own series only for ``windows``."""
+        window monitors' own series only for ``windows``, the retraining ones only for
+        ``retraining``."""
         for monitor, interval in monitors.items():
             for metric in (self.rows_scored, self.rows_flagged, self.rows_suppressed,
                            self.batch_duration,
@@ -196,13 +197,20 @@ class Metrics:
                 self.feedback.labels(monitor, label)
             self.feedback_precision.labels(monitor).set(math.nan)
             self.set_model(monitor, "none", "none", None)
-            for metric in (self.drift_score, self.drifted_features, self.score_drift,
-                           self.shadow_rows, self.shadow_flagged, self.last_retrain):
+            for metric in (self.drift_score, self.drifted_features, self.score_drift):
                 metric.labels(monitor)
-            for outcome in RETRAIN_OUTCOMES:
-                self.retrains.labels(monitor, outcome)
-            for decision in DECISIONS:
-                self.decisions.labels(monitor, decision)
+            if monitor in retraining:
+                self.init_retraining(monitor)
+
+    def init_retraining(self, monitor: str) -> None:
+        """Create the series of a monitor the daemon retrains (``[monitor.retrain]``) at 0
+        (a challenger of another monitor creates its shadow series when it first scores)."""
+        for metric in (self.shadow_rows, self.shadow_flagged, self.last_retrain):
+            metric.labels(monitor)
+        for outcome in RETRAIN_OUTCOMES:
+            self.retrains.labels(monitor, outcome)
+        for decision in DECISIONS:
+            self.decisions.labels(monitor, decision)
 
     def set_model(self, monitor: str, version: str, kind: str, threshold: float | None,
                   expected_ratio: float | None = None) -> None:

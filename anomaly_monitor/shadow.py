@@ -144,10 +144,31 @@ class Gate:
         return asdict(self)
 
 
-def validation_loss(version: ModelVersion) -> float | None:
-    """The version's held-out validation loss, when its training recorded one."""
-    loss = version.validation.get("loss")
-    return float(loss) if loss is not None else None
+#: The largest share of held-out rows left out of the held-out loss (its anomalies).
+LOSS_TRIM = 0.05
+
+
+def holdout_loss(detector: Any, values: npt.NDArray[np.float64]) -> float:
+    """The held-out loss of a detector on rows ``values``: the mean squared
+    reconstruction error of each feature, in the rows' units, over the feature's
+    variance in these rows, averaged over features; the worst ``LOSS_TRIM`` of rows
+    left out. Two detectors trained on other windows compare on the same rows."""
+    errors = detector.reconstruction_errors(values)
+    variance = np.maximum(np.var(values, axis=0), 1e-12)
+    rows = np.sort((errors / variance).mean(axis=1))
+    keep = max(1, len(rows) - int(LOSS_TRIM * len(rows)))
+    return float(rows[:keep].mean())
+
+
+def losses(challenger: ModelVersion, active: ModelVersion | None
+           ) -> tuple[float | None, float | None]:
+    """The challenger's held-out loss and the active version's on the same rows, as its
+    training measured them (``None`` when not measured, or another version is active)."""
+    mine = challenger.validation.get("loss")
+    theirs = challenger.validation.get("active_loss") or {}
+    if mine is None or active is None or theirs.get("version") != active.version:
+        return None, None
+    return float(mine), float(theirs["loss"])
 
 
 def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
@@ -186,13 +207,16 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
     q_share = totals.quarantined / consumed if consumed else 0.0
     gates.append(Gate("quarantine", q_share <= allowed, q_share, f"<= {allowed:.4g}",
                       f"{totals.quarantined} of {consumed} rows quarantined in shadow"))
-    mine, theirs = validation_loss(challenger), (validation_loss(active) if active else None)
+    mine, theirs = losses(challenger, active)
     if mine is None or theirs is None:
-        gates.append(Gate("validation_loss", True, mine, "", "not recorded for both versions"))
+        gates.append(Gate("validation_loss", True, mine, "",
+                          "not measured against the active version (a window monitor, "
+                          "or another version became active since training)"))
     else:
         limit = theirs * (1 + GATE_LOSS_MARGIN)
         gates.append(Gate("validation_loss", mine <= limit, mine, f"<= {limit:.4g}",
-                          f"{mine:.4g} against the active version's {theirs:.4g}"))
+                          f"{mine:.4g} against the active version's {theirs:.4g} on "
+                          "the challenger's held-out rows"))
     return gates
 
 

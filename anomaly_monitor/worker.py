@@ -147,7 +147,8 @@ class Worker:
             for m in chosen
         }
         metrics.init_monitors({m.name: m.interval_seconds for m in chosen},
-                              windows={m.name for m in chosen if m.window is not None})
+                              windows={m.name for m in chosen if m.window is not None},
+                              retraining={m.name for m in chosen if m.retrain is not None})
 
     @property
     def states(self) -> dict[str, MonitorState]:

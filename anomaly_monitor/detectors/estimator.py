@@ -517,6 +517,14 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         )
         return np.concatenate(parts).astype(np.float64)
 
+    def reconstruction_errors(self, X: Any) -> npt.NDArray[np.float64]:
+        """Each feature's squared reconstruction error per row, in the units of ``X``
+        (the ensemble's mean; shape rows x features): comparable between detectors
+        fitted on other rows, unlike the scores."""
+        array = self._check_input(X)
+        parts = self._map_batches(array, lambda terms: terms.errors.cpu().numpy())
+        return np.concatenate(parts).astype(np.float64) * self.scaler_.scale ** 2
+
     # -- persistence ----------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:

@@ -165,25 +165,52 @@ def _pass_scores(connection: sa.Connection, source, model, window,
     return calibrate_scores(terms, built, model.window)[0]
 
 
+def _covered(every: np.ndarray, span) -> np.ndarray:
+    """Which of ``every`` a batch covers: its id range minus the gaps it did not score."""
+    inside = (every >= span.first_id) & (every <= span.last_id)
+    for a, b in span.gaps or []:
+        inside &= ~((every >= a) & (every <= b))
+    return inside
+
+
 def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int,
                        states: dict[str, EntityState] | None = None) -> Verdict:
-    """Compare the am_ tables with one uninterrupted pass of the same model over the
-    rows (a window monitor's from the entity ``states`` training left)."""
+    """Compare the am_ tables with one uninterrupted pass over the rows, each row scored
+    by the version its batch records (a window monitor's by version 1, from the entity
+    ``states`` training left); every flag must record that version."""
     with engine.connect() as connection:
         source = reflect_source(connection, monitor)
         window = read_window(connection, source, start, 10**9)
-        model = load_model(connection, monitor.name, 1, device="cpu")
-        scores = _pass_scores(connection, source, model, window, states)
         cursor = read_cursor(connection, monitor.name)
         spans = connection.execute(sa.select(batches.c.first_id, batches.c.last_id,
-                                             batches.c.rows, batches.c.kind, batches.c.gaps)
+                                             batches.c.rows, batches.c.kind, batches.c.gaps,
+                                             batches.c.model_version)
                                    .where(batches.c.monitor == monitor.name)
                                    .order_by(batches.c.first_id)).all()
-        flagged = connection.execute(sa.select(anomalies.c.source_id)).scalars().all()
+        version_of = np.ones(len(window.ids), dtype=int)
+        for span in spans:
+            version_of[_covered(window.ids, span)] = span.model_version
+        models = {v: load_model(connection, monitor.name, int(v), device="cpu")
+                  for v in {1, *version_of.tolist()}}
+        scores = np.zeros(len(window.ids))
+        thresholds = np.zeros(len(window.ids))
+        for v, model in models.items():
+            mine = version_of == v
+            if mine.any():
+                scores[mine] = _pass_scores(connection, source, model, window,
+                                            states)[mine]
+                thresholds[mine] = model.version.threshold
+        model = models[1]
+        flags = connection.execute(sa.select(anomalies.c.source_id,
+                                             anomalies.c.model_version)).all()
+        flagged = [f.source_id for f in flags]
         quarantined = connection.execute(sa.select(quarantine.c.source_id)).scalars().all()
     assert cursor is not None and cursor.position == window.last_id, "not caught up"
-    threshold = model.version.threshold
-    near = np.abs(scores - threshold) <= 1e-5 * max(abs(threshold), 1.0)
+    recorded = dict(zip(window.ids.tolist(), version_of.tolist(), strict=True))
+    misversioned = sorted(f.source_id for f in flags
+                          if recorded.get(f.source_id, f.model_version) != f.model_version)
+    threshold = thresholds
+    near = np.abs(scores - threshold) <= 1e-5 * np.maximum(np.abs(threshold), 1.0)
     expected = set(window.ids[(scores > threshold) & ~near].tolist())
     borderline = set(window.ids[near].tolist())
     actual = set(flagged)
@@ -191,11 +218,8 @@ def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int,
     overlaps = sum(1 for a, b in itertools.pairwise(windows) if b.first_id <= a.last_id)
     every = np.array(sorted(set(window.ids.tolist()) | {b.source_id for b in window.bad}))
     coverage = np.zeros(len(every), dtype=int)
-    for span in spans:  # a batch covers its id range minus the gaps it did not score
-        inside = (every >= span.first_id) & (every <= span.last_id)
-        for a, b in span.gaps or []:
-            inside &= ~((every >= a) & (every <= b))
-        coverage += inside
+    for span in spans:
+        coverage += _covered(every, span)
     counted = sum(s.rows for s in spans)
     return Verdict(
         rows=len(every), flagged=len(actual), quarantined=len(quarantined),
@@ -204,7 +228,7 @@ def check_exactly_once(engine: sa.Engine, monitor: MonitorSettings, start: int,
         + overlaps + int((coverage > 1).sum()) + abs(counted - len(every)),
         lost=every[coverage == 0].tolist(),
         extra=sorted(set(quarantined) - {b.source_id for b in window.bad}),
-        wrong_flags=sorted((actual ^ expected) - borderline),
+        wrong_flags=sorted(((actual ^ expected) - borderline) | set(misversioned)),
         incident_errors=incident_errors(engine, monitor.name,
                                         incident_gap(monitor, model.version)),
     )

@@ -121,7 +121,8 @@ def test_a_candidate_backtested_before_activation_flags_what_it_then_flags(engin
                                    ).scalar().replace(tzinfo=dt.UTC)
     replay = run_backtest(engine, monitor, since=start, until=FAR,
                           version=candidate.version.version)
-    assert replay.status == "candidate" and replay.version == candidate.version.version
+    # Not activated beside an active version: a challenger in shadow.
+    assert replay.status == "shadow" and replay.version == candidate.version.version
     with engine.begin() as connection:
         activate(connection, "plant", candidate.version.version, initial_position=lambda: 0)
         move_cursor(connection, monitor, first - 1, force=True)

@@ -57,7 +57,9 @@ def test_anomalies_and_a_stopped_worker_reach_the_webhook(tmp_path, monkeypatch)
     config = write_config(tmp_path / "monitor.toml", url, interval=1.0, batch_size=500,
                           lease=3.0)
     # The burst's incident (severity about 80) raises AnomalyMonitorIncident at 50.
-    config.write_text(config.read_text() + "\n[monitor.incidents]\nalert_severity = 50\n")
+    # A daily retrain (not due: version 1 was just trained) gives the retrain panel data.
+    config.write_text(config.read_text() + "\n[monitor.incidents]\nalert_severity = 50\n"
+                      "\n[monitor.retrain]\nevery_seconds = 86400\n")
     webhook = Webhook()
     daemon = start_daemon(config, tmp_path / "daemon.log")
     try:
