@@ -216,6 +216,18 @@ def status(app: App, as_json: bool) -> None:
         if s["standbys"]:
             click.echo(f"monitor {s['monitor']}: standing by: " + ", ".join(
                 f"{w['owner']} (seen {w['seconds_ago']:.0f} s ago)" for w in s["standbys"]))
+        if s["drift"] is not None and s["drift"]["drifted_features"]:
+            click.echo(f"monitor {s['monitor']}: drifted from its training data: "
+                       f"{s['drift']['drifted_features']} feature(s), largest PSI "
+                       f"{s['drift']['drift_score']:.2f} (anomaly-monitor drift "
+                       f"{s['monitor']})")
+        if s["challenger"] is not None:
+            c = s["challenger"]
+            click.echo(f"monitor {s['monitor']}: challenger version {c['version']} in shadow "
+                       f"({c['shadow_rows']} rows; gates passed: "
+                       f"{', '.join(c['gates_passed']) or 'none'}"
+                       + (f"; failing: {', '.join(c['gates_failed'])}" if c["gates_failed"]
+                          else "") + f"; promote = {c['promote']})")
         for span in s["suppressed_now"]:
             whom = "" if span["entity"] is None else f" (entity {span['entity']!r})"
             click.echo(f"monitor {s['monitor']}: suppressed by {span['window']}{whom} until "

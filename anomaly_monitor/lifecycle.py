@@ -369,7 +369,7 @@ def train_monitor(
                          "latent_dim": int(detector.latent_dim_)},
         "seconds": round(time.perf_counter() - started, 2),
         "exclude": list(exclude), "excluded_rows": int(drop.sum()), "excluded": left_out,
-        "trigger": trigger,
+        "trigger": trigger, "cuda_oom": detector.oom_counts().as_dict(),
     }
     if stream is not None:
         training.update(window=stream.spec.to_dict(), entities=len(stream.states),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from anomaly_monitor.detectors.cuda_memory import OOM_ACTIONS
 from anomaly_monitor.drift import DRIFT_LEVEL
 from anomaly_monitor.feedback import PRECISION_WINDOW_FLAGS
 from anomaly_monitor.reading.values import REASONS
@@ -168,6 +169,11 @@ class Metrics:
             f"{PREFIX}_last_retrain_success_timestamp_seconds",
             "Unix time of the daemon's last successful retrain (0: none since the start).",
             labels, registry=registry)
+        self.cuda_oom = Counter(
+            f"{PREFIX}_cuda_oom", "CUDA out-of-memory errors handled while scoring or "
+            "retraining, by action: halved (the batch, then retried), cpu (moved to the "
+            "CPU); exist from the start where CUDA is used.", ["monitor", "action"],
+            registry=registry)
         self.decisions = Counter(
             f"{PREFIX}_challenger_decisions", "Challengers the daemon's gates promoted or "
             "rejected (promote = \"auto\").", ["monitor", "decision"], registry=registry)
@@ -265,6 +271,18 @@ class Metrics:
         self.retrains.labels(monitor, outcome).inc()
         if outcome == "success":
             self.last_retrain.labels(monitor).set(now)
+
+    def init_cuda(self, monitors: Iterable[str]) -> None:
+        """Create the CUDA out-of-memory series at 0 (a worker that scores on CUDA)."""
+        for monitor in monitors:
+            for action in OOM_ACTIONS:
+                self.cuda_oom.labels(monitor, action)
+
+    def observe_cuda_oom(self, monitor: str, counts: Mapping[str, int]) -> None:
+        """Count CUDA out-of-memory events by action."""
+        for action, count in counts.items():
+            if count:
+                self.cuda_oom.labels(monitor, action).inc(count)
 
     def observe_decision(self, monitor: str, decision: str) -> None:
         """Count a challenger the gates promoted or rejected."""

@@ -398,6 +398,16 @@ class ModelCache:
         self._shadows[monitor] = loaded
         return loaded
 
+    def oom_counts(self, monitor: str) -> dict[str, int]:
+        """CUDA out-of-memory events the monitor's loaded detectors (active and
+        challenger) handled, by action, since they were loaded."""
+        total: dict[str, int] = {}
+        for loaded in (self._models.get(monitor), self._shadows.get(monitor)):
+            if loaded is not None:
+                for action, count in loaded.detector.oom_counts().as_dict().items():
+                    total[action] = total.get(action, 0) + count
+        return total
+
     def active(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
         """The active model of ``monitor``, loaded; ``None`` when no version is active."""
         version = self.active_version(connection, monitor)

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 
 from anomaly_monitor.config import MonitorSettings, lease_duration
 from anomaly_monitor.cursors import lease_holder, list_standbys, read_cursor, reset_cursor
+from anomaly_monitor.drift import stored_report
 from anomaly_monitor.entities import count_entities, entity_key
 from anomaly_monitor.incidents import incident_gap, open_count, top_features
 from anomaly_monitor.reading.cancel import bounded
@@ -65,6 +66,19 @@ def _last_batch(connection: sa.Connection, monitor: str) -> dict[str, Any] | Non
     }
 
 
+def _challenger(connection: sa.Connection, monitor: MonitorSettings) -> dict[str, Any] | None:
+    """The challenger in shadow: its version, rows scored and gates passed so far."""
+    from anomaly_monitor.retraining import judge
+
+    judgement = judge(connection, monitor)
+    if judgement is None:
+        return None
+    return {"version": judgement.version, "shadow_rows": judgement.totals.rows,
+            "gates_passed": [g.name for g in judgement.gates if g.passed is True],
+            "gates_failed": [g.name for g in judgement.gates if g.passed is False],
+            "promote": monitor.shadow.promote}
+
+
 def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[str, Any]:
     """Active version, threshold, cursor, backlog, lag, last batch, recent anomalies."""
     now = utcnow()
@@ -83,6 +97,11 @@ def monitor_status(connection: sa.Connection, monitor: MonitorSettings) -> dict[
     status["suppressed_now"] = [
         {"window": span.name, "entity": span.entity, "until": _iso(span.end)}
         for span in spans_between(connection, monitor.name, monitor.suppress, now, now)]
+    status["challenger"] = _challenger(connection, monitor)
+    stored = stored_report(connection, monitor.name)
+    status["drift"] = ({key: stored[0][key] for key in ("drift_score", "drifted_features",
+                                                         "score_drift", "measured")}
+                       if stored is not None and stored[0].get("version") == number else None)
     status["threshold"] = version.threshold if version else None
     status["threshold_method"] = version.threshold_method if version else None
     cursor = read_cursor(connection, monitor.name)

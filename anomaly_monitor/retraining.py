@@ -227,6 +227,7 @@ class Retrainer:
             self._outcome = "failed"
             return
         self._failed_at = None
+        self.metrics.observe_cuda_oom(monitor.name, report.version.training.get("cuda_oom", {}))
         self._outcome = "success"
         log.info("monitor %s: retrained (%s): version %d scores in shadow for %d rows, "
                  "then %s", monitor.name, trigger, report.version.version,

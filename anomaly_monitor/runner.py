@@ -205,6 +205,8 @@ class MonitorState:
     looked_up_newest: bool = False
     #: The drift of the last batch that measured it (what a drift retrain is judged on).
     drift: DriftReport | None = None
+    #: The CUDA out-of-memory counts of the monitor's detectors at the last batch.
+    oom_seen: dict[str, int] = field(default_factory=dict)
 
 
 class MonitorRunner:
@@ -376,6 +378,7 @@ class MonitorRunner:
             state.reported_model = (version.version, version.threshold)
         if result.drift is not None:
             state.drift = result.drift
+        self._count_cuda_oom()
         if result.status == "committed":
             state.batches += 1
             state.rows += result.rows
@@ -385,6 +388,15 @@ class MonitorRunner:
             log.info("monitor %s: ids %s-%s, %d rows, %d flagged, %d quarantined (%.3f s)",
                      monitor.name, result.first_id, result.last_id, result.rows,
                      result.flagged, result.quarantined, result.duration_seconds)
+
+    def _count_cuda_oom(self) -> None:
+        """Count the CUDA out-of-memory events of the monitor's detectors since the last
+        batch (a detector loaded anew starts from 0)."""
+        counts = self.models.oom_counts(self.monitor.name)
+        seen = self.state.oom_seen
+        delta = {a: n - seen.get(a, 0) if n >= seen.get(a, 0) else n for a, n in counts.items()}
+        self.state.oom_seen = counts
+        self.metrics.observe_cuda_oom(self.monitor.name, delta)
 
     def _failed(self, exc: BaseException) -> float:
         """Count a failed batch; returns the backoff delay in seconds.

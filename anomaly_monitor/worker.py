@@ -106,6 +106,12 @@ class ClockStepWatch:
         return step if abs(step) > CLOCK_STEP_SECONDS else 0.0
 
 
+def _cuda_available() -> bool:
+    import torch  # the worker scores with it anyway
+
+    return bool(torch.cuda.is_available())
+
+
 class Worker:
     """Runs the monitors of ``settings`` against ``engine``, reporting to ``metrics``."""
 
@@ -149,6 +155,8 @@ class Worker:
         metrics.init_monitors({m.name: m.interval_seconds for m in chosen},
                               windows={m.name for m in chosen if m.window is not None},
                               retraining={m.name for m in chosen if m.retrain is not None})
+        if device != "cpu" and _cuda_available():
+            metrics.init_cuda(m.name for m in chosen)
 
     @property
     def states(self) -> dict[str, MonitorState]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from numbers import Integral, Real
 from pathlib import Path
@@ -20,6 +21,13 @@ from anomaly_monitor.detectors.base import (
     check_matrix,
 )
 from anomaly_monitor.detectors.capacity import auto_architecture
+from anomaly_monitor.detectors.cuda_memory import (
+    MIN_FIT_BATCH_ROWS,
+    MIN_SCORE_BATCH_ROWS,
+    OomCounts,
+    is_cuda_oom,
+    release_cached,
+)
 from anomaly_monitor.detectors.progress import FitProgress
 from anomaly_monitor.detectors.sparse import SparseAutoencoder
 from anomaly_monitor.detectors.state import FittedStateMixin
@@ -315,6 +323,7 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         self.feature_names_in_ = names
         self.scaler_ = Scaler.fit(array, self.scaling)
         self.device_ = self.resolve_device()
+        self.cuda_oom_ = OomCounts()
         scaled_rows = self.scaler_.transform(array)
         self.hidden_dims_, self.latent_dim_ = self._architecture(scaled_rows)
         scaled = torch.from_numpy(scaled_rows).to(self.device_)
@@ -329,11 +338,25 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         with FitProgress(self.epochs * self.n_estimators, description,
                          bar=self.verbose) as progress:
             for seed in (int(s) for s in seeds):
-                module, history = self._fit_one(scaled, config, seed, progress)
+                while True:
+                    try:
+                        module, history = self._fit_one(scaled, config, seed, progress)
+                        break
+                    except Exception as exc:  # CUDA out of memory: smaller steps, then CPU
+                        if not is_cuda_oom(exc):
+                            raise
+                        config = dataclasses.replace(config, batch_size=self._after_oom(
+                            config.batch_size, MIN_FIT_BATCH_ROWS, exc))
+                        scaled = scaled.to(self.device_)
                 self.modules_.append(module)
                 self.history_.append(history)
         self._fit_statistics(array)
         return self
+
+    def oom_counts(self) -> OomCounts:
+        """The CUDA out-of-memory events this detector handled (batches halved, moves
+        to the CPU) since it was fitted or loaded."""
+        return self.__dict__.setdefault("cuda_oom_", OomCounts())
 
     def _fit_statistics(self, array: npt.NDArray[np.float64]) -> None:
         """Error scales, code statistics and the two terms' null fits, from typical rows.
@@ -452,12 +475,38 @@ class AutoencoderDetector(FittedStateMixin, BaseDetector):
         """Scale ``array`` and run ``reduce(terms)`` on each batch of rows."""
         latent = self._latent_tensors()
         parts = []
+        rows, start = SCORE_BATCH_ROWS, 0
         with torch.inference_mode():
-            for start in range(0, array.shape[0], SCORE_BATCH_ROWS):
-                scaled = self.scaler_.transform(array[start:start + SCORE_BATCH_ROWS])
-                x = torch.from_numpy(scaled).to(self.device_)
-                parts.append(reduce(self._batch_terms(x, latent)))
+            while start < array.shape[0]:
+                chunk = array[start:start + rows]
+                try:
+                    x = torch.from_numpy(self.scaler_.transform(chunk)).to(self.device_)
+                    parts.append(reduce(self._batch_terms(x, latent)))
+                except Exception as exc:
+                    if not is_cuda_oom(exc):
+                        raise
+                    rows = self._after_oom(rows, MIN_SCORE_BATCH_ROWS, exc)
+                    latent = self._latent_tensors()
+                    continue
+                start += len(chunk)
         return parts
+
+    def _after_oom(self, rows: int, minimum: int, exc: BaseException) -> int:
+        """After CUDA ran out of memory with ``rows`` per step: half as many, or (below
+        ``minimum``) the same on the CPU, where the detector then stays (``exc`` again
+        when it is on the CPU already)."""
+        release_cached()
+        counts = self.oom_counts()
+        if rows // 2 >= minimum:
+            counts.halved += 1
+            return rows // 2
+        if self.device_.type == "cpu":
+            raise exc
+        counts.cpu += 1
+        self.device_ = torch.device("cpu")
+        for module in getattr(self, "modules_", []):
+            module.to(self.device_)
+        return rows
 
     def _feature_weights(self) -> Tensor:
         """Per-feature factor turning squared errors into reconstruction-term shares."""

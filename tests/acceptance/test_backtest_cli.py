@@ -37,7 +37,7 @@ def test_backtest_compares_versions_on_the_same_history(workspace, tmp_path):  #
     candidate = cli_json("--config", config, "backtest", "plant", "--since", since,
                          "--until", until, "--version", "2", "--threshold", "5",
                          "--threshold", "50", "--json")
-    assert candidate["version_status"] == "candidate"
+    assert candidate["version_status"] == "shadow"  # not activated: a challenger
     low, high = candidate["thresholds"]
     assert low["threshold"] == 5 and low["flags"] >= high["flags"]
     plot = tmp_path / "backtest.png"

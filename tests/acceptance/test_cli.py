@@ -296,8 +296,8 @@ def test_db_downgrade_takes_relative_revisions_and_names_what_base_drops(tmp_pat
     path = tmp_path / "am.toml"
     path.write_text(CONFIG.format(url=f"sqlite:///{tmp_path / 'x.db'}", port=0, features='"f0"'))
     cli("--config", path, "db", "upgrade")
-    assert "at revision 0009" in cli("--config", path, "db", "downgrade", "-1")
-    assert "at revision 0001" in cli("--config", path, "db", "downgrade", "-8")
+    assert "at revision 0010" in cli("--config", path, "db", "downgrade", "-1")
+    assert "at revision 0001" in cli("--config", path, "db", "downgrade", "-9")
     out = cli("--config", path, "db", "downgrade", "-1", expect=2)  # 0001 -> base
     assert "drops every am_ table" in out and "0 model versions" in out
     assert "no revision 'nosuch'" in cli("--config", path, "db", "downgrade", "nosuch",

@@ -80,13 +80,13 @@ def test_a_candidate_is_calibrated_and_shown_before_it_is_activated(engine, tmp_
 
     # Right after training every row is the candidate's own: the dry run says so.
     out = _cli(config, "calibrate", "plant", "--version", "2", "--dry-run")
-    assert "version 2 (candidate)" in out
+    assert "version 2 (shadow)" in out
     assert "recent rows: none yet after the training window (last id 450)" in out
     insert_rows(engine, table, sensors.normal(30))
     plan = json.loads(_cli(config, "calibrate", "plant", "--version", "2", "--dry-run",
                            "--json"))
     assert plan["recent_rows"] == 30 and plan["recent_ids"] == [451, 480]
-    assert plan["version_status"] == "candidate"
+    assert plan["version_status"] == "shadow"  # a challenger beside version 1
 
     out = _cli(config, "calibrate", "plant", "--version", "2", "--method", "quantile",
                "--target-fpr", "0.05")
@@ -96,7 +96,7 @@ def test_a_candidate_is_calibrated_and_shown_before_it_is_activated(engine, tmp_
         assert get_version(connection, "plant", 1).threshold == active_before
         assert get_version(connection, "plant", 2).threshold < candidate_before
     shown = _cli(config, "models", "show", "2")
-    assert "version 2 (vae): candidate" in shown and "threshold " in shown
+    assert "version 2 (vae): shadow" in shown and "threshold " in shown
     assert "(quantile, target_fpr 0.05)" in shown
     assert "no model version 7" in _cli(config, "calibrate", "plant", "--version", "7",
                                         expect=2)

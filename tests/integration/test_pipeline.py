@@ -147,7 +147,7 @@ def test_a_new_active_version_is_used_without_restart_and_can_be_rolled_back(pla
     insert_rows(engine, table, sensors.normal(10))
     assert drain(engine, monitor, models)[0].model_version == 1
     report = train_monitor(engine, monitor, device="cpu", activate_version=False)
-    assert report.version.status == "candidate"
+    assert report.version.status == "shadow"  # a challenger beside version 1
     with engine.begin() as connection:
         activate_checked(connection, monitor, None, 2)
     insert_rows(engine, table, sensors.normal(10))
