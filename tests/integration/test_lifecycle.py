@@ -135,3 +135,28 @@ def test_retention_keeps_the_newest_the_active_and_the_rollback_target(engine):
             load_model(connection, "plant", 1)
     with engine.begin() as connection:
         assert prune_artifacts(connection, "plant", 1) == []  # 3 is still protected
+
+
+def test_a_window_monitors_challenger_scores_with_its_own_entity_states(engine):
+    from anomaly_monitor.entities import read_states
+    from tests.integration.test_window_monitor import HOSTS, host_rows, train_hosts
+
+    table, monitor, _, last = train_hosts(engine)
+    second = train_monitor(engine, dataclasses.replace(monitor, model={
+        **monitor.model, "random_state": 3}), device="cpu", activate_version=False)
+    assert second.version.status == "shadow"
+    with engine.begin() as connection:
+        connection.execute(table.insert(), host_rows(last + 1, 60, seed=4))
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        totals = shadow_totals(connection, "hosts", 2)
+        spec = load_model(connection, "hosts", 2).window
+        moved = read_states(connection, "hosts", 2, HOSTS, spec)
+        flags = connection.execute(sa.select(anomalies.c.model_version)).scalars().all()
+    assert totals.rows == 180 and set(flags) <= {1}
+    # The challenger's states moved with what it scored (to the last row of each host).
+    assert {moved[h].last_id for h in HOSTS} == {last + 178, last + 179, last + 180}
+    # Its score drift is measured against the window monitor's own reference.
+    with engine.connect() as connection:
+        report, _ = stored_report(connection, "hosts")
+    assert report["version"] == 1 and set(report["features"]) == {"cpu", "mem"}
