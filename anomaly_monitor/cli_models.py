@@ -368,6 +368,24 @@ def _version_summary(model: ModelVersion, history: list[tuple[str, dt.datetime]]
                         f"{training.get('entities')} entities at training")
     if history:
         lines.append("activations: " + ", ".join(f"{a} {_when(t)}" for a, t in history))
+    lines += _lifecycle_lines(model)
+    return lines
+
+
+def _lifecycle_lines(model: ModelVersion) -> list[str]:
+    """How the version came and went: its trigger, a challenger's decision, retention."""
+    lines = []
+    trigger = model.training.get("trigger")
+    if trigger and trigger != "manual":
+        lines.append(f"trained by the daemon ({trigger})")
+    decision = model.validation.get("decision")
+    if decision:
+        lines.append(f"as a challenger: {decision['action']} by {decision['by']} "
+                     f"{_when(_iso(decision.get('at')))}"
+                     + (f": {decision['reason']}" if decision.get("reason") else ""))
+    if model.pruned_at is not None:
+        lines.append(f"artifact removed by retention {_when(model.pruned_at)} (keep_versions); "
+                     "it can no longer be activated")
     return lines
 
 

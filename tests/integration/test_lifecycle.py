@@ -5,6 +5,7 @@ promotion by the daemon or by hand, rejection, and retention of artifacts."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 
 import pytest
 import sqlalchemy as sa
@@ -160,3 +161,50 @@ def test_a_window_monitors_challenger_scores_with_its_own_entity_states(engine):
     with engine.connect() as connection:
         report, _ = stored_report(connection, "hosts")
     assert report["version"] == 1 and set(report["features"]) == {"cpu", "mem"}
+
+
+def test_scoring_goes_on_while_the_daemon_retrains(db_url, engine, monkeypatch):
+    import threading
+
+    import anomaly_monitor.lifecycle as lifecycle
+    from anomaly_monitor.tables import model_versions
+
+    table, monitor, _, _ = trained_plant(engine)
+    monitor = dataclasses.replace(monitor, retrain=RetrainSettings(every_seconds=60,
+                                                                   window_rows=600))
+    with engine.begin() as connection:  # version 1 is two minutes old: a retrain is due
+        old = connection.execute(sa.select(model_versions.c.created_at)).scalar()
+        connection.execute(model_versions.update().values(
+            created_at=old - dt.timedelta(minutes=2)))
+    release, started = threading.Event(), threading.Event()
+    real = lifecycle.train_monitor
+
+    def slow_train(*args, **kwargs):
+        started.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lifecycle, "train_monitor", slow_train)
+    registry = CollectorRegistry()
+    worker = Worker(settings(db_url, monitor), engine, Metrics(registry), device="cpu")
+    runner = worker.runners["plant"]
+    try:
+        bulk_insert(engine, table, Sensors(seed=9).normal(200))
+        worker.poll("plant", budget_seconds=30)  # scores, then starts the retrain
+        assert started.wait(30) and runner.retrainer.training
+        for seed in (10, 11):  # the retrain holds on; batches commit meanwhile
+            bulk_insert(engine, table, Sensors(seed=seed).normal(100))
+            assert worker.poll("plant", budget_seconds=30).rows == 200 + 100 * (seed - 9)
+    finally:
+        release.set()
+        runner.retrainer.wait(120)
+    worker.poll("plant", budget_seconds=30)
+    assert registry.get_sample_value("anomaly_monitor_retrains_total",
+                                     {"monitor": "plant", "outcome": "success"}) == 1
+    assert registry.get_sample_value(
+        "anomaly_monitor_last_retrain_success_timestamp_seconds", {"monitor": "plant"}) > 0
+    with engine.connect() as connection:
+        v2 = get_version(connection, "plant", 2)
+    assert v2.status == "shadow" and v2.training["trigger"] == "schedule"
+    assert v2.training["last_id"] <= 800  # rows scored when it started, no later
+    worker.release_leases()
