@@ -23,7 +23,13 @@ from anomaly_monitor.entities import state_writer, stream_context
 from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel, ModelCache
 from anomaly_monitor.scoring import Scored, StreamContext, check_features
-from anomaly_monitor.shadow import ShadowScore, score_shadow, shadow_version, shadow_writer
+from anomaly_monitor.shadow import (
+    ShadowScore,
+    active_tail,
+    score_shadow,
+    shadow_version,
+    shadow_writer,
+)
 from anomaly_monitor.source import SourceTable
 
 log = logging.getLogger(__name__)
@@ -64,7 +70,8 @@ class Watch:
         challenger = self.challenger
         if challenger is not None and len(window.ids):
             try:
-                seen.shadow = score_shadow(challenger, window, self.stream, flagged, now)
+                seen.shadow = score_shadow(challenger, window, self.stream, flagged,
+                                           active_tail(self.model, scored.scores), now)
             except Exception:  # never the active version's batch
                 log.warning("monitor %s: challenger version %d failed to score a batch in "
                             "shadow; skipped", version.monitor, challenger.version.version,

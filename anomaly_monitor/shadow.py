@@ -35,9 +35,14 @@ from anomaly_monitor.tables import as_utc, model_versions, shadow_batches, utcno
 GATE_RATE_FACTOR = 3.0
 #: Flags expected in the burn-in before the lower bound of the rate is judged.
 GATE_RATE_MIN_EXPECTED = 20
-#: At least this share of the challenger's flags are also flagged by the active version
-#: (it raises few alarms the active one calls normal), once it flagged ...
+#: At least this share of the challenger's flags are rows the active version also found
+#: unusual, in its ``AGREEMENT_TAIL`` (it raises few alarms the active one calls normal;
+#: the two versions' noise flags at the threshold itself rarely coincide), once it
+#: flagged ...
 GATE_MIN_OVERLAP = 0.5
+#: The tail probability under the active version's calibration within which it "also
+#: found the row unusual" (5x a 1% threshold).
+AGREEMENT_TAIL = 0.05
 #: ... this many rows (fewer say little).
 GATE_OVERLAP_MIN_FLAGS = 5
 #: Quarantined rows in the shadow period may be at most this many times the share its
@@ -61,24 +66,38 @@ class ShadowScore:
     rows: int
     flagged: int
     active_flagged: int
+    #: Its flags the active version flagged too, and those in the active's ``AGREEMENT_TAIL``.
     overlap: int
+    agreed: int
     quantiles: dict[str, float]
     seconds: float
 
 
+def active_tail(active: LoadedModel, scores: npt.NDArray[np.float64]
+                ) -> npt.NDArray[np.float64]:
+    """The tail probability of each of the active version's ``scores`` under its own
+    calibration (a window monitor's score is already ``-log10`` of it)."""
+    if active.window is not None:
+        return np.power(10.0, -np.asarray(scores, dtype=np.float64))
+    return active.severity.tail_probability(scores)
+
+
 def score_shadow(challenger: LoadedModel, window: Window, stream: StreamContext | None,
-                 active_flags: list[dict[str, Any]], scored_at: dt.datetime) -> ShadowScore:
+                 active_flags: list[dict[str, Any]], active_tails: npt.NDArray[np.float64],
+                 scored_at: dt.datetime) -> ShadowScore:
     """Score ``window`` with the challenger (its ``stream`` states move, as the active
-    version's do) and compare its flags with the active version's ``active_flags``."""
+    version's do) and compare its flags with the active version's ``active_flags`` and
+    with the rows' tail probabilities under the active version, ``active_tails``."""
     t0 = time.perf_counter()
     scored = score_rows(challenger, window, stream)
     flags, _ = flag_rows(challenger.version.monitor, challenger, window, scored_at, stream,
                          scored)
     mine = {f["source_id"] for f in flags}
     theirs = {f["source_id"] for f in active_flags}
+    unusual = set(window.ids[active_tails <= AGREEMENT_TAIL].tolist()) | theirs
     return ShadowScore(challenger.version.version, len(window.ids), len(mine), len(theirs),
-                       len(mine & theirs), quantile_summary(scored.scores),
-                       time.perf_counter() - t0)
+                       len(mine & theirs), len(mine & unusual),
+                       quantile_summary(scored.scores), time.perf_counter() - t0)
 
 
 def shadow_writer(monitor: str, active: int, generation: int, window: Window,
@@ -89,6 +108,7 @@ def shadow_writer(monitor: str, active: int, generation: int, window: Window,
            "generation": generation, "first_id": int(min(ids)), "last_id": int(max(ids)),
            "rows": shadow.rows, "quarantined": len(window.bad), "flagged": shadow.flagged,
            "active_flagged": shadow.active_flagged, "overlap": shadow.overlap,
+           "agreed": shadow.agreed,
            "score_quantiles": shadow.quantiles, "seconds": shadow.seconds, "scored_at": now}
 
     def write(connection: sa.Connection) -> None:
@@ -107,6 +127,7 @@ class ShadowTotals:
     flagged: int = 0
     active_flagged: int = 0
     overlap: int = 0
+    agreed: int = 0
     seconds: float = 0.0
     first_at: dt.datetime | None = None
     last_at: dt.datetime | None = None
@@ -122,12 +143,11 @@ def shadow_totals(connection: sa.Connection, monitor: str, version: int) -> Shad
     row = connection.execute(
         sa.select(sa.func.count(), sa.func.sum(t.rows), sa.func.sum(t.quarantined),
                   sa.func.sum(t.flagged), sa.func.sum(t.active_flagged),
-                  sa.func.sum(t.overlap), sa.func.sum(t.seconds),
+                  sa.func.sum(t.overlap), sa.func.sum(t.agreed), sa.func.sum(t.seconds),
                   sa.func.min(t.scored_at), sa.func.max(t.scored_at))
         .where(t.monitor == monitor, t.version == version)).one()
-    return ShadowTotals(int(row[0]), int(row[1] or 0), int(row[2] or 0), int(row[3] or 0),
-                        int(row[4] or 0), int(row[5] or 0), float(row[6] or 0.0),
-                        as_utc(row[7]), as_utc(row[8]))
+    return ShadowTotals(*(int(v or 0) for v in row[:7]), float(row[7] or 0.0),
+                        as_utc(row[8]), as_utc(row[9]))
 
 
 @dataclass(frozen=True)
@@ -194,11 +214,13 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
                           f"{totals.flagged} flag(s): fewer than {GATE_OVERLAP_MIN_FLAGS}, "
                           "not judged"))
     else:
-        overlap = totals.overlap / totals.flagged
-        gates.append(Gate("overlap", overlap >= GATE_MIN_OVERLAP, overlap,
+        agreement = totals.agreed / totals.flagged
+        gates.append(Gate("overlap", agreement >= GATE_MIN_OVERLAP, agreement,
                           f">= {GATE_MIN_OVERLAP:g}",
-                          f"{totals.overlap} of its {totals.flagged} flags also flagged by "
-                          f"the active version ({totals.active_flagged} flags)"))
+                          f"{totals.agreed} of its {totals.flagged} flags unusual to the "
+                          f"active version too (tail <= {AGREEMENT_TAIL:g}); "
+                          f"{totals.overlap} flagged by both, the active "
+                          f"{totals.active_flagged}"))
     consumed = totals.rows + totals.quarantined
     trained = challenger.training.get("rows", 0) + challenger.training.get("holdout_rows", 0)
     skipped = challenger.training.get("skipped_rows", 0)

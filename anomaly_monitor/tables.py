@@ -337,6 +337,8 @@ shadow_batches = sa.Table(
     sa.Column("active_flagged", sa.Integer, nullable=False),
     # Rows both flagged.
     sa.Column("overlap", sa.Integer, nullable=False),
+    # Its flags the active version scored in its 5% tail (or flagged).
+    sa.Column("agreed", sa.Integer, nullable=False),
     sa.Column("score_quantiles", Json, nullable=False),
     sa.Column("seconds", sa.Float, nullable=False),
     sa.Column("scored_at", Timestamp, nullable=False),
