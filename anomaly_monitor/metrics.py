@@ -266,6 +266,11 @@ class Metrics:
         self.drifted_features.labels(monitor).set(len(report.drifted))
         self.score_drift.labels(monitor).set(report.score_drift if report.measured else 0.0)
 
+    def clear_drift(self, monitor: str) -> None:
+        """Drift at 0 (a standby: the lease holder reports it)."""
+        for gauge in (self.drift_score, self.drifted_features, self.score_drift):
+            gauge.labels(monitor).set(0)
+
     def observe_retrain(self, monitor: str, outcome: str, now: float) -> None:
         """Count a retrain by outcome; a success also sets its timestamp."""
         self.retrains.labels(monitor, outcome).inc()

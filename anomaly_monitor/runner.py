@@ -561,6 +561,7 @@ class MonitorRunner:
             self.metrics.set_rows_below(monitor.name, 0)  # the leader reports it
             self.metrics.set_paused(monitor.name, False)  # and its pause, if any
             self.metrics.set_incidents(monitor.name, 0, ())  # and the open incidents
+            self.metrics.clear_drift(monitor.name)  # and the drift
             # What this worker measured as leader is stale when it leads again.
             state.rows_below, state.below_check_at = 0, 0.0
             state.newest_timestamp, state.looked_up_newest = None, False
