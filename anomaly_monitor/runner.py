@@ -565,6 +565,7 @@ class MonitorRunner:
             # What this worker measured as leader is stale when it leads again.
             state.rows_below, state.below_check_at = 0, 0.0
             state.newest_timestamp, state.looked_up_newest = None, False
+            state.drift = None
             state.detail = (f"another worker ({result.holder}) holds the lease until "
                             f"{_when(result.expires_at)}" if result.holder is not None else
                             "the lease changed hands during the claim; claiming it again at "
