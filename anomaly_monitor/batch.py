@@ -552,7 +552,7 @@ def _score(monitor: MonitorSettings, model: LoadedModel, window: Window,
            ) -> tuple[list[dict[str, Any]], npt.NDArray[np.float64], Observation]:
     """The window's flags and severities, and what the batch observed (drift, shadow)."""
     if len(window.ids) == 0:
-        return [], np.zeros(0), Observation()
+        return [], np.zeros(0), watch.observe(window, None, [], generation, started)
     scored = score_rows(model, window, stream)
     flagged, severities = flag_rows(monitor.name, model, window, started, stream, scored)
     return flagged, severities, watch.observe(window, scored, flagged, generation, started)

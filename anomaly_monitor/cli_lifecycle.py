@@ -96,6 +96,7 @@ def models_compare(app: App, a: int, b: int, monitor_name: str | None, as_json: 
         "validation_loss": v.validation.get("loss"), "auroc": v.validation.get("auroc"),
         "shadow_rows": t.rows, "shadow_flagged": t.flagged, "shadow_overlap": t.overlap,
         "shadow_agreed": t.agreed, "shadow_active_flagged": t.active_flagged,
+        "shadow_seconds": round(t.seconds, 3),
     } for v, t in zip(pair, totals, strict=True)]
     if as_json:
         echo_json({"monitor": monitor.name, "versions": facts})

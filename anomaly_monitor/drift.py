@@ -3,8 +3,9 @@
 At training, each feature's distribution is summarised by the edges of its deciles
 and the share of training rows between them (:func:`reference_of`, stored in the
 version's ``validation["reference"]``), and the held-out scores likewise. Each batch
-adds its rows' bin counts to decayed totals (about the last ``DRIFT_WINDOW_ROWS``
-rows weigh), kept in ``am_drift`` and written by the batch's own transaction. Drift
+adds its rows' bin counts to decayed totals (about the last day of rows weigh, at
+least ``DRIFT_WINDOW_ROWS``), kept in ``am_drift`` and written by the batch's own
+transaction. Drift
 is the population stability index (PSI) of those totals against the reference:
 per feature, of the scores, and the share of rows above the threshold against the
 share the calibration expected.
@@ -30,9 +31,11 @@ REFERENCE_BINS = 10
 #: A feature (or the scores) drifted when its PSI reaches this: the usual reading of
 #: the index is below 0.1 stable, 0.1-0.25 a moderate shift, above 0.25 a significant one.
 DRIFT_LEVEL = 0.25
-#: Rows weigh by ``exp(-rows after them / DRIFT_WINDOW_ROWS)``: drift is measured on
-#: about the newest this many rows.
+#: Rows weigh by ``exp(-rows after them / window)``, the window being about a day of
+#: the training window's rows, at least this many ...
 DRIFT_WINDOW_ROWS = 2000
+#: ... and at most this many.
+DRIFT_MAX_WINDOW_ROWS = 100_000
 #: Drift is reported as 0 until a version has scored this many rows (a PSI of a few rows
 #: is noise: about (bins - 1) / rows even without drift).
 DRIFT_MIN_ROWS = 500
@@ -43,30 +46,45 @@ PSI_FLOOR = 1e-4
 def _bins(values: npt.NDArray[np.float64]) -> dict[str, list[float]]:
     """The decile edges of ``values`` (distinct) and the share of values in each bin
     (``x <= edges[0]``, ``edges[i-1] < x <= edges[i]``, ``x > edges[-1]``)."""
-    finite = values[np.isfinite(values)]
+    finite = _rounded(values)
+    finite = finite[np.isfinite(finite)]
     if finite.size == 0:
         return {"edges": [], "shares": [1.0]}
-    quantiles = np.quantile(finite, np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1])
-    edges = np.unique(quantiles)
-    counts = np.bincount(np.searchsorted(edges, finite, side="left"),
-                         minlength=len(edges) + 1)
+    edges = np.unique(np.quantile(finite, np.linspace(0, 1, REFERENCE_BINS + 1)[1:-1]))
+    counts = bin_counts(finite, edges)
     return {"edges": [float(e) for e in edges],
             "shares": [float(c) for c in counts / counts.sum()]}
 
 
+def _rounded(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``values`` at float32 precision: training keeps its matrix in float32 and a batch
+    reads float64, so that a value at an edge (0.7) falls in the same bin in both."""
+    return np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def drift_window_rows(rows_per_day: float | None) -> int:
+    """The rows drift is measured over: about a day of them (so that a daily cycle is
+    not drift), at least ``DRIFT_WINDOW_ROWS``, at most ``DRIFT_MAX_WINDOW_ROWS``."""
+    if rows_per_day is None:
+        return DRIFT_WINDOW_ROWS
+    return int(min(DRIFT_MAX_WINDOW_ROWS, max(DRIFT_WINDOW_ROWS, rows_per_day)))
+
+
 def reference_of(values: npt.NDArray[np.float64], names: Sequence[str],
-                 scores: npt.NDArray[np.float64]) -> dict[str, Any]:
+                 scores: npt.NDArray[np.float64], *, window_rows: int = DRIFT_WINDOW_ROWS,
+                 ) -> dict[str, Any]:
     """The training reference of a version: each feature's bins over the training rows
-    ``values`` (columns ``names``), and the held-out ``scores``' bins."""
-    return {"bins": REFERENCE_BINS,
+    ``values`` (columns ``names``), the held-out ``scores``' bins, and the rows drift
+    is measured over (``window_rows``)."""
+    return {"bins": REFERENCE_BINS, "window_rows": window_rows,
             "features": {name: _bins(np.asarray(values[:, j], dtype=np.float64))
                          for j, name in enumerate(names)},
             "scores": _bins(np.asarray(scores, dtype=np.float64))}
 
 
 def bin_counts(values: npt.ArrayLike, edges: Sequence[float]) -> npt.NDArray[np.float64]:
-    """How many of ``values`` fall in each bin of ``edges``."""
-    x = np.asarray(values, dtype=np.float64)
+    """How many of ``values`` (at float32 precision) fall in each bin of ``edges``."""
+    x = _rounded(values)
     return np.bincount(np.searchsorted(np.asarray(edges, dtype=np.float64), x[np.isfinite(x)],
                                        side="left"), minlength=len(edges) + 1).astype(float)
 
@@ -146,7 +164,7 @@ class DriftState:
         n = len(scores)
         if n == 0:
             return
-        decay = math.exp(-n / DRIFT_WINDOW_ROWS)
+        decay = math.exp(-n / reference.get("window_rows", DRIFT_WINDOW_ROWS))
         for j, name in enumerate(names):
             bins = reference["features"].get(name)
             if bins is None:
@@ -173,6 +191,7 @@ class DriftState:
             measured=self.rows >= DRIFT_MIN_ROWS)
 
     def to_json(self) -> dict[str, Any]:
+        """The counts as stored in ``am_drift.state``."""
         return {"features": self.features, "scores": self.scores, "weight": self.weight,
                 "above": self.above}
 

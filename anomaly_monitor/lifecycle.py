@@ -30,7 +30,7 @@ from anomaly_monitor.calibration import (
 )
 from anomaly_monitor.config import MonitorSettings, ThresholdSettings
 from anomaly_monitor.cursors import Lease, fence
-from anomaly_monitor.drift import reference_of
+from anomaly_monitor.drift import drift_window_rows, reference_of
 from anomaly_monitor.entities import row_entities, write_states
 from anomaly_monitor.feedback import excluded_ids
 from anomaly_monitor.incidents import sample_interval, stream_samples
@@ -386,9 +386,31 @@ def train_monitor(
         "score_quantiles": {q: float(np.quantile(scores, float(q)))
                             for q in ("0.5", "0.9", "0.99", "0.999")},
         "auroc": _auroc(scores, labels) if labels is not None else None,
-        "reference": reference_of(data.values[~drop] if monitor.window is not None
-                                  else data.values, list(source.features), scores),
+        "reference": reference_of(
+            data.values[~drop] if monitor.window is not None else data.values,
+            list(source.features), scores, window_rows=drift_window_rows(rows_per_day(
+                len(data.ids), data.first_timestamp, data.last_timestamp))),
     }
+    version, pruned = _store(engine, monitor, source, detector, threshold, scores, stream,
+                             training=training, validation=validation, lease=lease,
+                             activate_version=activate_version)
+    log.info("train %s: stored version %d (%s), threshold %.6g (%s), %.0f s in all",
+             monitor.name, version.version, version.status, threshold.value,
+             threshold.method, time.perf_counter() - started)
+    if pruned:
+        log.info("train %s: removed the artifacts of version(s) %s (keep_versions = %d)",
+                 monitor.name, ", ".join(map(str, pruned)), monitor.keep_versions)
+    return TrainReport(version, int(n_fit), data.skipped, time.perf_counter() - started,
+                       activate_version)
+
+
+def _store(engine: sa.Engine, monitor: MonitorSettings, source: SourceTable, detector: Any,
+           threshold: Threshold, scores: npt.NDArray[np.float64], stream: Any, *,
+           training: dict[str, Any], validation: dict[str, Any], lease: Lease | None,
+           activate_version: bool) -> tuple[ModelVersion, list[int]]:
+    """Store a trained version in one transaction (fenced by ``lease``): as active, as
+    the challenger, or as a candidate; its entity states; retention. The version, and
+    the versions whose artifacts retention removed."""
     for attempt in range(1, STORE_ATTEMPTS + 1):
         try:
             with engine.begin() as connection:
@@ -406,21 +428,14 @@ def train_monitor(
                                  version.created_at, trained=True)
                 if activate_version:
                     version = activate_checked(connection, monitor, source, version.version)
-                pruned = prune_artifacts(connection, monitor.name, monitor.keep_versions)
-            break
+                return version, prune_artifacts(connection, monitor.name,
+                                                monitor.keep_versions)
         except (sa.exc.IntegrityError, sa.exc.OperationalError) as exc:
             # Another train stored the number read as next (UNIQUE (monitor, version)),
             # or on SQLite committed after this transaction's snapshot: read it again.
             if not _raced(exc) or attempt == STORE_ATTEMPTS:
                 raise
-    log.info("train %s: stored version %d (%s), threshold %.6g (%s), %.0f s in all",
-             monitor.name, version.version, version.status, threshold.value,
-             threshold.method, time.perf_counter() - started)
-    if pruned:
-        log.info("train %s: removed the artifacts of version(s) %s (keep_versions = %d)",
-                 monitor.name, ", ".join(map(str, pruned)), monitor.keep_versions)
-    return TrainReport(version, int(n_fit), data.skipped, time.perf_counter() - started,
-                       activate_version)
+    raise AssertionError("unreachable: the last attempt raises")
 
 
 def _held_out_losses(engine: sa.Engine, monitor: MonitorSettings, detector: Any,

@@ -147,7 +147,8 @@ class Metrics:
         labels = ["monitor"]
         self.drift_score = Gauge(
             f"{PREFIX}_drift_score", "The largest population stability index (PSI) of a "
-            "feature of the recent rows (about the last 2000) against the active version's "
+            "feature of the recent rows (about a day of them, at least 2000) against the active "
+            "version's "
             "training rows; 0 until it scored 500 rows.", labels, registry=registry)
         self.drifted_features = Gauge(
             f"{PREFIX}_drifted_features", f"Features whose PSI reaches {DRIFT_LEVEL:g}.",

@@ -26,6 +26,7 @@ from anomaly_monitor.scoring import Scored, StreamContext, check_features
 from anomaly_monitor.shadow import (
     ShadowScore,
     active_tail,
+    agreement_tail,
     score_shadow,
     shadow_version,
     shadow_writer,
@@ -54,34 +55,42 @@ class Watch:
     model: LoadedModel
     drift: DriftState | None
     challenger: LoadedModel | None = None
-    stream: StreamContext | None = None
+    #: Reads the challenger's entities and states (a window monitor's), when it scores.
+    stream: Callable[[], StreamContext | None] | None = None
 
-    def observe(self, window: Window, scored: Scored, flagged: list[dict[str, Any]],
+    def observe(self, window: Window, scored: Scored | None, flagged: list[dict[str, Any]],
                 generation: int, now: dt.datetime) -> Observation:
-        """The batch's drift and shadow result, with the writes of both."""
+        """The batch's drift and shadow result, with the writes of both (``scored``:
+        ``None`` when every row of the window was quarantined)."""
         seen = Observation()
         version = self.model.version
         reference = version.validation.get("reference")
-        if self.drift is not None and reference is not None and len(window.ids):
+        if self.drift is not None and reference is not None and scored is not None:
             self.drift.add(reference, window.values, version.features, scored.scores,
                            len(flagged))
             seen.drift = self.drift.report(reference, version.expected_ratio())
             seen.writers.append(drift_writer(version.monitor, self.drift, seen.drift, now))
         challenger = self.challenger
-        if challenger is not None and len(window.ids):
+        if challenger is None:
+            return seen
+        if scored is None:  # its quarantined rows count for its gates too
+            seen.shadow = ShadowScore(challenger.version.version, 0, 0, 0, 0, 0, {}, 0.0)
+        else:
             try:
-                seen.shadow = score_shadow(challenger, window, self.stream, flagged,
-                                           active_tail(self.model, scored.scores), now)
+                stream = self.stream() if self.stream is not None else None
+                seen.shadow = score_shadow(challenger, window, stream, flagged,
+                                           active_tail(self.model, scored.scores),
+                                           agreement_tail(version), now)
             except Exception:  # never the active version's batch
                 log.warning("monitor %s: challenger version %d failed to score a batch in "
                             "shadow; skipped", version.monitor, challenger.version.version,
                             exc_info=True)
                 return seen
-            seen.writers.append(shadow_writer(version.monitor, version.version, generation,
-                                              window, seen.shadow, now))
-            states = state_writer(challenger, self.stream, now)
+            states = state_writer(challenger, stream, now)
             if states is not None:
                 seen.writers.append(states)
+        seen.writers.append(shadow_writer(version.monitor, version.version, generation,
+                                          window, seen.shadow, now))
         return seen
 
 
@@ -123,5 +132,12 @@ def watch_batch(connection: sa.Connection, monitor: MonitorSettings, source: Sou
         return watch
     if challenger is not None:
         watch.challenger = challenger
-        watch.stream = stream_context(connection, source, challenger, window)
+        if challenger.window is not None:  # read on a connection of its own, guarded
+            engine = connection.engine
+
+            def stream() -> StreamContext | None:
+                with engine.connect() as own:
+                    return stream_context(own, source, challenger, window)
+
+            watch.stream = stream
     return watch

@@ -343,6 +343,8 @@ class ModelCache:
         self._versions: dict[str, ModelVersion] = {}
         self._models: dict[str, LoadedModel] = {}
         self._shadows: dict[str, LoadedModel] = {}
+        #: A challenger that failed to load, and why: (version, message).
+        self._shadow_errors: dict[str, tuple[int, str]] = {}
 
     def active_version(self, connection: sa.Connection, monitor: str) -> ModelVersion | None:
         """The active version's metadata, ``None`` when no version is active."""
@@ -387,6 +389,9 @@ class ModelCache:
         if row is None:
             self._shadows.pop(monitor, None)
             return None
+        failed = self._shadow_errors.get(monitor)
+        if failed is not None and failed[0] == row.version:  # not loaded again every batch
+            raise RegistryError(failed[1])
         loaded = self._shadows.get(monitor)
         if loaded is None or loaded.version.version != row.version or \
                 loaded.version.threshold != row.threshold:
@@ -394,7 +399,11 @@ class ModelCache:
             if loaded is not None and loaded.version.version == row.version:
                 loaded = LoadedModel(meta, loaded.detector, loaded.severity, loaded.window)
             else:
-                loaded = load_model(connection, monitor, row.version, device=self.device)
+                try:
+                    loaded = load_model(connection, monitor, row.version, device=self.device)
+                except RegistryError as exc:
+                    self._shadow_errors[monitor] = (int(row.version), str(exc))
+                    raise
         self._shadows[monitor] = loaded
         return loaded
 
@@ -427,8 +436,11 @@ def prune_artifacts(connection: sa.Connection, monitor: str, keep: int) -> list[
         protected.add(rollback_target(connection, monitor))
     newest = {r.version for r in rows[:keep]}
     doomed = sorted(r.version for r in rows if r.version not in newest | protected)
-    if doomed:
-        connection.execute(model_versions.update().where(
-            model_versions.c.monitor == monitor, model_versions.c.version.in_(doomed))
-            .values(artifact=None, pruned_at=utcnow()))
+    if doomed:  # the status re-checked in the statement: one activated meanwhile stays
+        result = connection.execute(model_versions.update().where(
+            model_versions.c.monitor == monitor, model_versions.c.version.in_(doomed),
+            model_versions.c.status.not_in(("active", "shadow")))
+            .values(artifact=None, pruned_at=utcnow())
+            .returning(model_versions.c.version))
+        doomed = sorted(int(v) for v in result.scalars())
     return doomed

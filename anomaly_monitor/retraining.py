@@ -37,13 +37,20 @@ from anomaly_monitor.shadow import (
 )
 from anomaly_monitor.tables import as_utc, model_versions, utcnow
 
+# The daemon's log lines keep the logger name operators filter on.
 log = logging.getLogger("anomaly_monitor.worker")
 
 #: After a drift-triggered retrain, drift triggers no other for this long (seconds; a
 #: schedule still does), so that a lasting shift trains one challenger, not one a poll.
 DRIFT_RETRAIN_COOLDOWN_SECONDS = 3600.0
-#: A failed retrain is tried again after this long (seconds) at the earliest.
+#: A failed retrain is tried again after this long (seconds) at the earliest (within one
+#: process: ``run --once`` from cron tries at each run).
 RETRAIN_RETRY_SECONDS = 600.0
+#: The newest versions looked at for the last one of a trigger (older ones: none).
+NEWEST_VERSIONS_SCANNED = 50
+#: Retrains a worker runs at once (over all its monitors; a due one waits for a slot).
+MAX_CONCURRENT_RETRAINS = 1
+_RETRAIN_SLOTS = threading.BoundedSemaphore(MAX_CONCURRENT_RETRAINS)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ def newest_version_at(connection: sa.Connection, monitor: str, trigger: str | No
     """When the monitor's newest version (of ``trigger`` only, when given) was stored."""
     query = sa.select(model_versions.c.created_at, model_versions.c.training).where(
         model_versions.c.monitor == monitor).order_by(model_versions.c.version.desc())
-    for row in connection.execute(query.limit(50)):
+    for row in connection.execute(query.limit(NEWEST_VERSIONS_SCANNED)):
         if trigger is None or (row.training or {}).get("trigger") == trigger:
             return as_utc(row.created_at)
     return None
@@ -109,10 +116,11 @@ class Retrainer:
             trigger = None if self.training else self._due(drift)
         except BatchConflictError:
             return  # the lease is gone: the next holder decides
-        except (sa.exc.SQLAlchemyError, RegistryError) as exc:
+        except Exception as exc:  # a report and a decision, never the poll's failure
             log.warning("monitor %s: could not judge the challenger or the retrain "
                         "schedule (%s)", self.monitor.name,
-                        describe_error(exc, self.engine.url))
+                        describe_error(exc, self.engine.url),
+                        exc_info=not isinstance(exc, (sa.exc.SQLAlchemyError, ValueError)))
             return
         if trigger is not None:
             self._start(lease, trigger)
@@ -154,11 +162,18 @@ class Retrainer:
         from anomaly_monitor.lifecycle import activate_checked
 
         monitor = self.monitor
-        with self.engine.begin() as connection:
-            fence(connection, monitor.name, lease, utcnow())
-            record_promotion(connection, monitor, judgement.version, by="gates",
-                             gates=judgement.gates)
-            activate_checked(connection, monitor, None, judgement.version, action="promote")
+        try:
+            with self.engine.begin() as connection:
+                fence(connection, monitor.name, lease, utcnow())
+                # Still in shadow (rejected or replaced meanwhile: RegistryError), locked.
+                record_promotion(connection, monitor, judgement.version, by="gates",
+                                 gates=judgement.gates)
+                activate_checked(connection, monitor, None, judgement.version,
+                                 action="promote")
+        except RegistryError as exc:
+            log.info("monitor %s: challenger version %d not promoted: %s", monitor.name,
+                     judgement.version, exc)
+            return
         self.metrics.observe_decision(monitor.name, "promoted")
         log.info("monitor %s: promoted challenger version %d (every gate passed)",
                  monitor.name, judgement.version)
@@ -175,6 +190,9 @@ class Retrainer:
         with self.engine.connect() as connection:
             if shadow_version(connection, self.monitor.name) is not None:
                 return None  # the challenger is judged first
+            if drift is not None and drift.version != active_version(connection,
+                                                                     self.monitor.name):
+                drift = None  # measured on a version no longer active
             newest = newest_version_at(connection, self.monitor.name)
             if settings.every_seconds is not None and (
                     newest is None or (now - newest).total_seconds() >= settings.every_seconds):
@@ -187,6 +205,10 @@ class Retrainer:
         return None
 
     def _start(self, lease: Lease, trigger: str) -> None:
+        if not _RETRAIN_SLOTS.acquire(blocking=False):
+            log.debug("monitor %s: a retrain is due (%s); waiting for another monitor's to "
+                      "finish", self.monitor.name, trigger)
+            return
         log.info("monitor %s: retraining (%s); scoring goes on with the active version",
                  self.monitor.name, trigger)
         if not self.background:
@@ -197,9 +219,22 @@ class Retrainer:
                                         name=f"retrain-{self.monitor.name}", daemon=True)
         self._thread.start()
 
+    def abandon(self) -> None:
+        """Say that a running retrain stops with the worker (it stores nothing)."""
+        if self.training:
+            log.warning("monitor %s: a retrain was running; it stops with the worker and "
+                        "stores nothing (the next lease holder trains again)",
+                        self.monitor.name)
+
     def _train(self, lease: Lease, trigger: str) -> None:
-        """Train the challenger (in the retrain thread); the outcome is counted by the
-        next poll."""
+        """Train the challenger (in the retrain thread), holding a retrain slot; the
+        outcome is counted by the next poll."""
+        try:
+            self._train_once(lease, trigger)
+        finally:
+            _RETRAIN_SLOTS.release()
+
+    def _train_once(self, lease: Lease, trigger: str) -> None:
         from anomaly_monitor.lifecycle import train_monitor
 
         monitor = self.monitor

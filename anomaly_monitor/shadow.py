@@ -18,7 +18,7 @@ import datetime as dt
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +28,10 @@ from anomaly_monitor.config import MonitorSettings, RetrainSettings
 from anomaly_monitor.reading.values import Window
 from anomaly_monitor.registry import LoadedModel, ModelVersion, RegistryError
 from anomaly_monitor.scoring import StreamContext, flag_rows, score_rows
-from anomaly_monitor.tables import as_utc, model_versions, shadow_batches, utcnow
+from anomaly_monitor.tables import model_versions, shadow_batches, utcnow
+
+if TYPE_CHECKING:
+    from anomaly_monitor.detectors.estimator import AutoencoderDetector
 
 #: The challenger's flag share may be at most this many times its calibrated share (and
 #: at least that share divided by it, when the burn-in should have seen 20 flags).
@@ -40,9 +43,12 @@ GATE_RATE_MIN_EXPECTED = 20
 #: the two versions' noise flags at the threshold itself rarely coincide), once it
 #: flagged ...
 GATE_MIN_OVERLAP = 0.5
-#: The tail probability under the active version's calibration within which it "also
-#: found the row unusual" (5x a 1% threshold).
-AGREEMENT_TAIL = 0.05
+#: The active version "also found the row unusual" when the row's tail probability under
+#: its calibration is within this many times its calibrated flag share (5%: 5x 1%).
+AGREEMENT_FACTOR = 5.0
+#: Relative variances below this count as this (a constant feature's error is not divided
+#: by zero).
+VARIANCE_FLOOR = 1e-12
 #: ... this many rows (fewer say little).
 GATE_OVERLAP_MIN_FLAGS = 5
 #: Quarantined rows in the shadow period may be at most this many times the share its
@@ -73,6 +79,12 @@ class ShadowScore:
     seconds: float
 
 
+def agreement_tail(active: ModelVersion) -> float:
+    """The tail probability under the active version within which its rows count as
+    unusual to it (``AGREEMENT_FACTOR`` times its calibrated share)."""
+    return min(1.0, AGREEMENT_FACTOR * active.expected_ratio())
+
+
 def active_tail(active: LoadedModel, scores: npt.NDArray[np.float64]
                 ) -> npt.NDArray[np.float64]:
     """The tail probability of each of the active version's ``scores`` under its own
@@ -84,17 +96,18 @@ def active_tail(active: LoadedModel, scores: npt.NDArray[np.float64]
 
 def score_shadow(challenger: LoadedModel, window: Window, stream: StreamContext | None,
                  active_flags: list[dict[str, Any]], active_tails: npt.NDArray[np.float64],
-                 scored_at: dt.datetime) -> ShadowScore:
+                 agreement_tail: float, scored_at: dt.datetime) -> ShadowScore:
     """Score ``window`` with the challenger (its ``stream`` states move, as the active
     version's do) and compare its flags with the active version's ``active_flags`` and
-    with the rows' tail probabilities under the active version, ``active_tails``."""
+    with the rows whose tail probability under the active version (``active_tails``) is
+    at most ``agreement_tail``."""
     t0 = time.perf_counter()
     scored = score_rows(challenger, window, stream)
     flags, _ = flag_rows(challenger.version.monitor, challenger, window, scored_at, stream,
                          scored)
     mine = {f["source_id"] for f in flags}
     theirs = {f["source_id"] for f in active_flags}
-    unusual = set(window.ids[active_tails <= AGREEMENT_TAIL].tolist()) | theirs
+    unusual = set(window.ids[active_tails <= agreement_tail].tolist()) | theirs
     return ShadowScore(challenger.version.version, len(window.ids), len(mine), len(theirs),
                        len(mine & theirs), len(mine & unusual),
                        quantile_summary(scored.scores), time.perf_counter() - t0)
@@ -121,19 +134,18 @@ def shadow_writer(monitor: str, active: int, generation: int, window: Window,
 class ShadowTotals:
     """The sums of a challenger's shadow batches."""
 
-    batches: int = 0
     rows: int = 0
     quarantined: int = 0
     flagged: int = 0
     active_flagged: int = 0
     overlap: int = 0
     agreed: int = 0
+    #: Seconds the challenger spent scoring (its share of the batches' time).
     seconds: float = 0.0
-    first_at: dt.datetime | None = None
-    last_at: dt.datetime | None = None
 
     @property
     def flag_share(self) -> float | None:
+        """The share of rows it flagged (``None`` before any)."""
         return self.flagged / self.rows if self.rows else None
 
 
@@ -141,13 +153,11 @@ def shadow_totals(connection: sa.Connection, monitor: str, version: int) -> Shad
     """What ``version`` did in shadow so far."""
     t = shadow_batches.c
     row = connection.execute(
-        sa.select(sa.func.count(), sa.func.sum(t.rows), sa.func.sum(t.quarantined),
-                  sa.func.sum(t.flagged), sa.func.sum(t.active_flagged),
-                  sa.func.sum(t.overlap), sa.func.sum(t.agreed), sa.func.sum(t.seconds),
-                  sa.func.min(t.scored_at), sa.func.max(t.scored_at))
+        sa.select(sa.func.sum(t.rows), sa.func.sum(t.quarantined), sa.func.sum(t.flagged),
+                  sa.func.sum(t.active_flagged), sa.func.sum(t.overlap),
+                  sa.func.sum(t.agreed), sa.func.sum(t.seconds))
         .where(t.monitor == monitor, t.version == version)).one()
-    return ShadowTotals(*(int(v or 0) for v in row[:7]), float(row[7] or 0.0),
-                        as_utc(row[8]), as_utc(row[9]))
+    return ShadowTotals(*(int(v or 0) for v in row[:6]), float(row[6] or 0.0))
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,7 @@ class Gate:
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable form (``models list --json``)."""
         return asdict(self)
 
 
@@ -168,27 +179,35 @@ class Gate:
 LOSS_TRIM = 0.05
 
 
-def holdout_loss(detector: Any, values: npt.NDArray[np.float64]) -> float:
+def holdout_loss(detector: AutoencoderDetector, values: npt.NDArray[np.float64]) -> float:
     """The held-out loss of a detector on rows ``values``: the mean squared
     reconstruction error of each feature, in the rows' units, over the feature's
     variance in these rows, averaged over features; the worst ``LOSS_TRIM`` of rows
     left out. Two detectors trained on other windows compare on the same rows."""
     errors = detector.reconstruction_errors(values)
-    variance = np.maximum(np.var(values, axis=0), 1e-12)
+    variance = np.maximum(np.var(values, axis=0), VARIANCE_FLOOR)
     rows = np.sort((errors / variance).mean(axis=1))
     keep = max(1, len(rows) - int(LOSS_TRIM * len(rows)))
     return float(rows[:keep].mean())
 
 
-def losses(challenger: ModelVersion, active: ModelVersion | None
-           ) -> tuple[float | None, float | None]:
-    """The challenger's held-out loss and the active version's on the same rows, as its
-    training measured them (``None`` when not measured, or another version is active)."""
+def loss_gate(challenger: ModelVersion, active: ModelVersion | None) -> Gate:
+    """The ``validation_loss`` gate: the challenger's held-out loss against the active
+    version's on the same rows, as its training measured them. A window monitor's is not
+    measured (passed: the other gates decide); one trained beside another version than
+    the active one now cannot be judged (pending: a decision by hand)."""
+    if challenger.training.get("window"):
+        return Gate("validation_loss", True, None, "", "not measured for a window monitor")
     mine = challenger.validation.get("loss")
     theirs = challenger.validation.get("active_loss") or {}
     if mine is None or active is None or theirs.get("version") != active.version:
-        return None, None
-    return float(mine), float(theirs["loss"])
+        return Gate("validation_loss", None, mine, "",
+                    "not measured against the version active now (it was trained beside "
+                    "another): promote or reject it by hand")
+    limit = float(theirs["loss"]) * (1 + GATE_LOSS_MARGIN)
+    return Gate("validation_loss", float(mine) <= limit, float(mine), f"<= {limit:.4g}",
+                f"{float(mine):.4g} against the active version's {float(theirs['loss']):.4g} "
+                "on the challenger's held-out rows")
 
 
 def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
@@ -218,7 +237,8 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
         gates.append(Gate("overlap", agreement >= GATE_MIN_OVERLAP, agreement,
                           f">= {GATE_MIN_OVERLAP:g}",
                           f"{totals.agreed} of its {totals.flagged} flags unusual to the "
-                          f"active version too (tail <= {AGREEMENT_TAIL:g}); "
+                          f"active version too (flagged, or in {AGREEMENT_FACTOR:g}x its "
+                          "calibrated tail); "
                           f"{totals.overlap} flagged by both, the active "
                           f"{totals.active_flagged}"))
     consumed = totals.rows + totals.quarantined
@@ -229,16 +249,7 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
     q_share = totals.quarantined / consumed if consumed else 0.0
     gates.append(Gate("quarantine", q_share <= allowed, q_share, f"<= {allowed:.4g}",
                       f"{totals.quarantined} of {consumed} rows quarantined in shadow"))
-    mine, theirs = losses(challenger, active)
-    if mine is None or theirs is None:
-        gates.append(Gate("validation_loss", True, mine, "",
-                          "not measured against the active version (a window monitor, "
-                          "or another version became active since training)"))
-    else:
-        limit = theirs * (1 + GATE_LOSS_MARGIN)
-        gates.append(Gate("validation_loss", mine <= limit, mine, f"<= {limit:.4g}",
-                          f"{mine:.4g} against the active version's {theirs:.4g} on "
-                          "the challenger's held-out rows"))
+    gates.append(loss_gate(challenger, active))
     return gates
 
 
@@ -257,18 +268,20 @@ def shadow_version(connection: sa.Connection, monitor: str) -> int | None:
 
 def decide(connection: sa.Connection, monitor: str, version: int, status: str,
            decision: dict[str, Any]) -> None:
-    """Record a challenger's end: its ``status`` and the decision in
-    ``validation["decision"]``, only while it is still in shadow."""
-    current = connection.execute(
-        sa.select(model_versions.c.validation).where(
-            model_versions.c.monitor == monitor, model_versions.c.version == version,
-            model_versions.c.status == "shadow")).scalar()
-    if current is None:
+    """Record a challenger's end: ``status`` (``shadow`` keeps it, for a promotion that
+    activates it next in the same transaction) and the decision in
+    ``validation["decision"]``. The status changes only while the version is still in
+    shadow, in one statement that locks its row (a reject racing a promotion or a newer
+    challenger finds it gone: :class:`RegistryError`)."""
+    where = (model_versions.c.monitor == monitor, model_versions.c.version == version)
+    changed = connection.execute(model_versions.update().where(
+        *where, model_versions.c.status == "shadow").values(status=status)).rowcount
+    if changed != 1:
         raise RegistryError(f"monitor {monitor!r} version {version} is not a challenger in "
                             "shadow (models list shows the statuses)")
-    connection.execute(model_versions.update().where(
-        model_versions.c.monitor == monitor, model_versions.c.version == version)
-        .values(status=status, validation={**current, "decision": decision}))
+    current = connection.execute(sa.select(model_versions.c.validation).where(*where)).scalar()
+    connection.execute(model_versions.update().where(*where).values(
+        validation={**(current or {}), "decision": decision}))
 
 
 def reject(connection: sa.Connection, monitor: str, version: int, *, by: str,
@@ -280,17 +293,12 @@ def reject(connection: sa.Connection, monitor: str, version: int, *, by: str,
 
 def record_promotion(connection: sa.Connection, monitor: MonitorSettings, version: int,
                      *, by: str, gates: list[Gate]) -> None:
-    """Note who promoted a challenger and its gates then, in ``validation["decision"]``
-    (the activation itself is :func:`anomaly_monitor.lifecycle.activate_checked`)."""
-    current = connection.execute(
-        sa.select(model_versions.c.validation).where(
-            model_versions.c.monitor == monitor.name, model_versions.c.version == version)
-    ).scalar() or {}
-    connection.execute(model_versions.update().where(
-        model_versions.c.monitor == monitor.name, model_versions.c.version == version)
-        .values(validation={**current, "decision": {
-            "action": "promoted", "by": by, "at": utcnow().isoformat(),
-            "gates": [g.to_dict() for g in gates]}}))
+    """Note who promoted a challenger and its gates then, in ``validation["decision"]``,
+    while it is still in shadow (:class:`RegistryError` otherwise); the caller activates
+    it in the same transaction (:func:`anomaly_monitor.lifecycle.activate_checked`)."""
+    decide(connection, monitor.name, version, "shadow", {
+        "action": "promoted", "by": by, "at": utcnow().isoformat(),
+        "gates": [g.to_dict() for g in gates]})
 
 
 def quantile_summary(values: npt.NDArray[np.float64]) -> dict[str, float]:

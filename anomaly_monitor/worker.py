@@ -287,6 +287,7 @@ class Worker:
             done.join(STOP_POLL_SECONDS)
         for runner in self.runners.values():
             runner.state.read_state.cancelled = False
+            runner.retrainer.abandon()
 
     def _reschedule(self, scheduler: Any, step: float) -> None:
         log.warning("the wall clock stepped %s by %.0f s; polling every monitor now and "

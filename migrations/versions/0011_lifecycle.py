@@ -64,8 +64,7 @@ def upgrade() -> None:
         sa.Column("flagged", sa.Integer, nullable=False),
         sa.Column("active_flagged", sa.Integer, nullable=False),
         sa.Column("overlap", sa.Integer, nullable=False),
-    # Its flags the active version scored in its 5% tail (or flagged).
-    sa.Column("agreed", sa.Integer, nullable=False),
+        sa.Column("agreed", sa.Integer, nullable=False),
         sa.Column("score_quantiles", _json(), nullable=False),
         sa.Column("seconds", sa.Float, nullable=False),
         sa.Column("scored_at", Timestamp, nullable=False),

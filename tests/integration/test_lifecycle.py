@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 
+import numpy as np
 import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -208,3 +209,64 @@ def test_scoring_goes_on_while_the_daemon_retrains(db_url, engine, monkeypatch):
     assert v2.status == "shadow" and v2.training["trigger"] == "schedule"
     assert v2.training["last_id"] <= 800  # rows scored when it started, no later
     worker.release_leases()
+
+
+def test_a_decided_challenger_cannot_be_decided_again(engine):
+    from anomaly_monitor.lifecycle import activate_checked
+    from anomaly_monitor.retraining import judge
+    from anomaly_monitor.shadow import record_promotion, reject
+
+    _, monitor, _, _ = trained_plant(engine)
+    train_monitor(engine, monitor, device="cpu", activate_version=False)  # version 2
+    with engine.connect() as connection:
+        stale = judge(connection, monitor)  # what a worker judged before the reject
+    with engine.begin() as connection:
+        reject(connection, "plant", 2, by="operator", reason="looks off")
+    with engine.begin() as connection, pytest.raises(RegistryError, match="not a challenger"):
+        record_promotion(connection, monitor, stale.version, by="gates", gates=stale.gates)
+        activate_checked(connection, monitor, None, stale.version, action="promote")
+    with engine.begin() as connection, pytest.raises(RegistryError, match="not a challenger"):
+        reject(connection, "plant", 1, by="operator", reason="the active one")
+    with engine.connect() as connection:
+        assert get_version(connection, "plant", 1).status == "active"
+        assert get_version(connection, "plant", 2).status == "rejected"
+
+
+def test_a_broken_challenger_never_holds_the_active_version_back(engine):
+    from anomaly_monitor.tables import model_versions
+
+    table, monitor, _, _ = trained_plant(engine)
+    train_monitor(engine, monitor, device="cpu", activate_version=False)
+    with engine.begin() as connection:  # its artifact no longer matches its hash
+        connection.execute(model_versions.update().where(model_versions.c.version == 2)
+                           .values(artifact_sha256="0" * 64))
+    bulk_insert(engine, table, Sensors(seed=3).normal(120))
+    results = drain(engine, monitor)
+    assert sum(r.rows for r in results) == 120 and {r.model_version for r in results} == {1}
+    assert all(r.shadow is None for r in results)
+
+
+def test_a_batch_of_quarantined_rows_counts_for_the_challenger(engine):
+    table, monitor, _, _ = trained_plant(engine)
+    train_monitor(engine, monitor, device="cpu", activate_version=False)
+    rows = Sensors(seed=4).normal(5)
+    rows[:, 0] = np.nan  # every row of the batch is quarantined
+    bulk_insert(engine, table, rows)
+    drain(engine, monitor)
+    with engine.connect() as connection:
+        totals = shadow_totals(connection, "plant", 2)
+    assert totals.rows == 0 and totals.quarantined == 5
+
+
+def test_identical_rows_of_a_discrete_feature_do_not_drift(engine):
+    # Values like 0.7 are not exact in float32 (how training keeps its matrix): binned
+    # at the same precision, the same distribution shows no drift.
+    table, monitor, _, _ = trained_plant(engine)
+    steps = np.round(np.random.default_rng(0).integers(0, 10, size=(2000, 6)) * 0.1, 1)
+    with engine.begin() as connection:
+        connection.execute(table.delete())
+    bulk_insert(engine, table, steps[:1000])
+    train_monitor(engine, monitor, device="cpu")
+    bulk_insert(engine, table, steps[1000:])
+    report = drain(engine, monitor)[-1].drift
+    assert report.measured and report.drift_score < 0.05, report.features

@@ -62,7 +62,7 @@ def test_counts_decay_so_that_recent_rows_decide():
         state.add(reference, chunk, ["a", "b", "c"], rng.normal(size=len(chunk)), 0)
     report = state.report(reference, 0.01)
     assert report.measured and not report.drifting and report.drift_score < 0.05
-    shifted = calm + [1.5, 0.0, 0.0]
+    shifted = calm + np.array([1.5, 0.0, 0.0])
     for chunk in np.array_split(shifted, 8):
         state.add(reference, chunk, ["a", "b", "c"], rng.normal(size=len(chunk)), 0)
     report = state.report(reference, 0.01)
