@@ -217,8 +217,9 @@ def status(app: App, as_json: bool) -> None:
             click.echo(f"monitor {s['monitor']}: standing by: " + ", ".join(
                 f"{w['owner']} (seen {w['seconds_ago']:.0f} s ago)" for w in s["standbys"]))
         if s["drift"] is not None and s["drift"]["drifted_features"]:
+            drifted = s["drift"]["drifted_features"]
             click.echo(f"monitor {s['monitor']}: drifted from its training data: "
-                       f"{s['drift']['drifted_features']} feature(s), largest PSI "
+                       f"{len(drifted)} feature(s) ({', '.join(drifted)}), largest PSI "
                        f"{s['drift']['drift_score']:.2f} (anomaly-monitor drift "
                        f"{s['monitor']})")
         if s["challenger"] is not None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import click
+import sqlalchemy as sa
 
 from anomaly_monitor.cli import (
+    EXIT_USAGE,
     App,
     CliError,
     echo_json,
@@ -44,6 +46,7 @@ def drift(app: App, monitor: str, as_json: bool) -> None:
         click.echo(f"monitor {settings.name}: no drift measured: {why}")
         return
     report, at = stored
+    report["features"] = dict(sorted(report["features"].items(), key=lambda kv: -kv[1]))
     if as_json:
         echo_json({"monitor": settings.name, **report, "updated_at": at.isoformat()})
         return
@@ -53,8 +56,9 @@ def drift(app: App, monitor: str, as_json: bool) -> None:
     if not report["measured"]:
         click.echo(f"fewer than {DRIFT_MIN_ROWS} rows scored: not measured yet")
         return
+    ranked = sorted(report["features"].items(), key=lambda kv: -kv[1])  # most drifted first
     rows: list[list[Any]] = [[name, f"{value:.3f}", "drifted" if value >= DRIFT_LEVEL else ""]
-                             for name, value in report["features"].items()]
+                             for name, value in ranked]
     rows.append(["(scores)", f"{report['score_drift']:.3f}",
                  "drifted" if report["score_drift"] >= DRIFT_LEVEL else ""])
     print_table(["feature", "psi", ""], rows)
@@ -81,6 +85,8 @@ def models_compare(app: App, a: int, b: int, monitor_name: str | None, as_json: 
     from anomaly_monitor.registry import get_version
     from anomaly_monitor.shadow import shadow_totals
 
+    if a == b:
+        raise CliError(f"compare two versions, not version {a} with itself", EXIT_USAGE)
     monitor = app.monitor(monitor_name)
     require_schema(app)
     with app.engine.connect() as connection:
@@ -93,7 +99,10 @@ def models_compare(app: App, a: int, b: int, monitor_name: str | None, as_json: 
         "rows": v.training.get("rows"), "first_id": v.training.get("first_id"),
         "last_id": v.training.get("last_id"), "threshold": v.threshold,
         "calibrated_flag_share": v.expected_ratio(),
-        "validation_loss": v.validation.get("loss"), "auroc": v.validation.get("auroc"),
+        "validation_loss": v.validation.get("loss"),
+        "loss_of_the_active_then_on_these_rows": (v.validation.get("active_loss") or {}
+                                                  ).get("loss"),
+        "auroc": v.validation.get("auroc"),
         "shadow_rows": t.rows, "shadow_flagged": t.flagged, "shadow_overlap": t.overlap,
         "shadow_agreed": t.agreed, "shadow_active_flagged": t.active_flagged,
         "shadow_seconds": round(t.seconds, 3),
@@ -112,27 +121,51 @@ def models_compare(app: App, a: int, b: int, monitor_name: str | None, as_json: 
                  for key in facts[0] if key != "version"])
 
 
+def _who(by: str | None) -> str:
+    """Who decides: ``--by`` or the login name, checked."""
+    from anomaly_monitor.cli_feedback import login
+    from anomaly_monitor.tables import AUTHOR_LENGTH
+
+    who = (by or "").strip() or login()
+    if len(who) > AUTHOR_LENGTH:
+        raise CliError(f"--by has {len(who)} characters; at most {AUTHOR_LENGTH}", EXIT_USAGE)
+    return who
+
+
+def _require_challenger(connection: sa.Connection, monitor: str, version: int,
+                        action: str) -> None:
+    """Refuse (exit 2) a version that does not exist or is not the challenger."""
+    from anomaly_monitor.registry import get_version
+
+    status = get_version(connection, monitor, version).status  # exit 2 when there is none
+    if status != "shadow":
+        hint = ("it is active already" if status == "active" else
+                f"its status is {status}; models activate {version} activates any version"
+                if action == "promote" else f"its status is {status}")
+        raise CliError(f"monitor {monitor!r} version {version} is not the challenger in "
+                       f"shadow, so there is nothing to {action} ({hint})", EXIT_USAGE)
+
+
 @models.command("promote")
 @click.argument("version", type=int)
 @monitor_option
+@click.option("--by", help="Who decides (default: the login name).")
 @pass_app
-def models_promote(app: App, version: int, monitor_name: str | None) -> None:
-    """Make the challenger VERSION active now, whatever its gates say (they are
-    recorded with the decision)."""
+def models_promote(app: App, version: int, monitor_name: str | None, by: str | None) -> None:
+    """Make the challenger VERSION active now, whatever its gates say (an operator's
+    decision overrides them; they are recorded with it)."""
     from anomaly_monitor.lifecycle import activate_checked
     from anomaly_monitor.retraining import judge
-    from anomaly_monitor.shadow import record_promotion, shadow_version
+    from anomaly_monitor.shadow import record_promotion
 
     monitor = app.monitor(monitor_name)
+    who = _who(by)
     require_schema(app)
     with app.engine.begin() as connection:
-        if shadow_version(connection, monitor.name) != version:
-            raise CliError(f"monitor {monitor.name!r} version {version} is not the challenger "
-                           "in shadow (models list shows the statuses; models activate "
-                           "activates any version)")
+        _require_challenger(connection, monitor.name, version, "promote")
         judgement = judge(connection, monitor)
         gates = judgement.gates if judgement else []
-        record_promotion(connection, monitor, version, by="operator", gates=gates)
+        record_promotion(connection, monitor, version, by=who, gates=gates)
         active = activate_checked(connection, monitor, None, version, action="promote")
     failed = [g.name for g in gates if g.passed is not True]
     click.echo(f"monitor {monitor.name}: promoted challenger version {active.version} "
@@ -145,14 +178,22 @@ def models_promote(app: App, version: int, monitor_name: str | None) -> None:
 @click.argument("version", type=int)
 @monitor_option
 @click.option("--reason", default="", help="Why (recorded with the version).")
+@click.option("--by", help="Who decides (default: the login name).")
 @pass_app
-def models_reject(app: App, version: int, monitor_name: str | None, reason: str) -> None:
+def models_reject(app: App, version: int, monitor_name: str | None, reason: str,
+                  by: str | None) -> None:
     """Turn the challenger VERSION down: it stops scoring in shadow."""
+    from anomaly_monitor.feedback import NOTE_MAX_CHARS
     from anomaly_monitor.shadow import reject
 
     monitor = app.monitor(monitor_name)
+    if len(reason) > NOTE_MAX_CHARS:
+        raise CliError(f"--reason has {len(reason)} characters; at most {NOTE_MAX_CHARS}",
+                       EXIT_USAGE)
+    who = _who(by)
     require_schema(app)
     with app.engine.begin() as connection:
-        reject(connection, monitor.name, version, by="operator", reason=reason)
+        _require_challenger(connection, monitor.name, version, "reject")
+        reject(connection, monitor.name, version, by=who, reason=reason)
     click.echo(f"monitor {monitor.name}: rejected challenger version {version}; the active "
                "version goes on scoring")

@@ -277,7 +277,9 @@ def models_list(app: App, monitor_name: str | None, as_json: bool) -> None:
                    for v in versions])
         return
     print_table(["monitor", "version", "kind", "status", "threshold", "method", "rows", "created"],
-           [(v.monitor, v.version, v.kind, v.status, f"{v.threshold:.6g}", v.threshold_method,
+           [(v.monitor, v.version, v.kind,
+             v.status + (" (pruned)" if v.pruned_at is not None else ""),
+             f"{v.threshold:.6g}", v.threshold_method,
              v.training.get("rows"), v.created_at.isoformat(timespec="seconds"))
             for v in versions])
     for name, events in history.items():
@@ -357,7 +359,8 @@ def _version_summary(model: ModelVersion, history: list[tuple[str, dt.datetime]]
         + (f"; AUROC {auroc:.3f} on the label column" if auroc is not None else ""),
         "hyperparameters: " + ", ".join(f"{k}={v}" for k, v in model.hyperparameters.items()
                                          if v is not None and k not in ("kind", "verbose")),
-        f"artifact sha256 {model.artifact_sha256}",
+        f"artifact sha256 {model.artifact_sha256}"
+        + (" (removed by retention)" if model.pruned_at is not None else ""),
     ]
     window = training.get("window")
     if window:

@@ -589,6 +589,8 @@ batch_size = 10000              # rows per transaction
 query_delay_seconds = 0         # only score rows older than this (late writers)
 # lease_seconds = 90            # a standby worker takes over this long after the leader
                                 # dies (default: 3 intervals, at least 30 s)
+# keep_versions = 10            # versions whose model artifacts are kept (the active one,
+                                # the rollback target and a challenger always are)
 
 [monitor.threshold]
 method = "robust"               # robust | quantile | pot | labels | fixed; robust fits the
@@ -618,8 +620,6 @@ target_fpr = 0.01               # share of normal rows flagged (robust, quantile
 # timezone = "UTC"
 # skip_training = false         # true: also keep its rows out of training
 
-# keep_versions = 10            # versions whose model artifacts are kept (the active one,
-#                               # the rollback target and a challenger always are)
 # [monitor.retrain]             # the daemon trains a challenger; it scores in shadow
 # every_seconds = 86400         # on a schedule (at least 60), and/or
 # on_drift = true               # when the batches drift from the training data

@@ -135,6 +135,13 @@ class DriftReport:
         return self.measured and (self.drift_score >= DRIFT_LEVEL
                                   or self.score_drift >= DRIFT_LEVEL)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DriftReport:
+        """Rebuild from :meth:`to_dict` (a report stored in ``am_drift``)."""
+        return cls(int(data["version"]), int(data["rows"]), dict(data.get("features") or {}),
+                   float(data.get("score_drift") or 0.0), data.get("flag_share"),
+                   data.get("expected_share"), measured=bool(data.get("measured")))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable form (``drift MONITOR --json``)."""
         return {"version": self.version, "rows": self.rows, "measured": self.measured,

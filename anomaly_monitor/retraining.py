@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from anomaly_monitor.config import MonitorSettings
 from anomaly_monitor.cursors import BatchConflictError, Lease, fence, read_cursor
 from anomaly_monitor.db import describe_error
+from anomaly_monitor.detectors.progress import FitCancelledError, cancellable
 from anomaly_monitor.drift import DriftReport
 from anomaly_monitor.metrics import Metrics
 from anomaly_monitor.registry import RegistryError, active_version, get_version
@@ -48,6 +49,8 @@ DRIFT_RETRAIN_COOLDOWN_SECONDS = 3600.0
 RETRAIN_RETRY_SECONDS = 600.0
 #: The newest versions looked at for the last one of a trigger (older ones: none).
 NEWEST_VERSIONS_SCANNED = 50
+#: A stopping worker waits this long (seconds) for a retrain to stop at an epoch's end.
+RETRAIN_STOP_WAIT_SECONDS = 30.0
 #: Retrains a worker runs at once (over all its monitors; a due one waits for a slot).
 MAX_CONCURRENT_RETRAINS = 1
 _RETRAIN_SLOTS = threading.BoundedSemaphore(MAX_CONCURRENT_RETRAINS)
@@ -100,8 +103,11 @@ class Retrainer:
         self.background = background
         self.device = device
         self._thread: threading.Thread | None = None
+        self._cancel = threading.Event()
         self._outcome: str | None = None
         self._failed_at: dt.datetime | None = None
+        #: The challenger last said to hold retrains back (said once per challenger).
+        self._said_waiting: int | None = None
 
     @property
     def training(self) -> bool:
@@ -188,8 +194,16 @@ class Retrainer:
                 (now - self._failed_at).total_seconds() < RETRAIN_RETRY_SECONDS:
             return None
         with self.engine.connect() as connection:
-            if shadow_version(connection, self.monitor.name) is not None:
-                return None  # the challenger is judged first
+            waiting = shadow_version(connection, self.monitor.name)
+            if waiting is not None:  # the challenger is judged first
+                if waiting != self._said_waiting:
+                    self._said_waiting = waiting
+                    log.info("monitor %s: no retrain while challenger version %d is in "
+                             "shadow%s", self.monitor.name, waiting,
+                             "" if self.monitor.shadow.promote == "auto" else
+                             " (promote = manual: anomaly-monitor models promote or reject "
+                             "it)")
+                return None
             if drift is not None and drift.version != active_version(connection,
                                                                      self.monitor.name):
                 drift = None  # measured on a version no longer active
@@ -220,11 +234,17 @@ class Retrainer:
         self._thread.start()
 
     def abandon(self) -> None:
-        """Say that a running retrain stops with the worker (it stores nothing)."""
-        if self.training:
-            log.warning("monitor %s: a retrain was running; it stops with the worker and "
-                        "stores nothing (the next lease holder trains again)",
-                        self.monitor.name)
+        """Stop a running retrain (at its next epoch; it stores nothing) and wait for it,
+        at most ``RETRAIN_STOP_WAIT_SECONDS``: a stopping worker."""
+        if not self.training or self._thread is None:
+            return
+        log.warning("monitor %s: stopping the running retrain; it stores nothing (the next "
+                    "lease holder trains again)", self.monitor.name)
+        self._cancel.set()
+        self._thread.join(RETRAIN_STOP_WAIT_SECONDS)
+        if self._thread.is_alive():
+            log.warning("monitor %s: the retrain did not stop within %.0f s",
+                        self.monitor.name, RETRAIN_STOP_WAIT_SECONDS)
 
     def _train(self, lease: Lease, trigger: str) -> None:
         """Train the challenger (in the retrain thread), holding a retrain slot; the
@@ -243,19 +263,27 @@ class Retrainer:
         try:
             with self.engine.connect() as connection:
                 cursor = read_cursor(connection, monitor.name)
-            since = (utcnow() - dt.timedelta(seconds=settings.window_seconds)
+            # The window ends at the newest scored row (its timestamp; now without one).
+            newest = (cursor.position_timestamp if cursor is not None else None) or utcnow()
+            since = (newest - dt.timedelta(seconds=settings.window_seconds)
                      if settings.window_seconds is not None else None)
-            report = train_monitor(
-                self.engine, monitor, since=since, limit=settings.window_rows,
-                device=self.device, activate_version=False, exclude=settings.exclude,
-                up_to_id=cursor.position if cursor is not None else None, lease=lease,
-                trigger=trigger)
+            with cancellable(self._cancel):
+                report = train_monitor(
+                    self.engine, monitor, since=since, limit=settings.window_rows,
+                    device=self.device, activate_version=False, exclude=settings.exclude,
+                    up_to_id=cursor.position if cursor is not None else None, lease=lease,
+                    trigger=trigger)
+        except FitCancelledError:
+            log.info("monitor %s: retrain (%s) stopped with the worker", monitor.name, trigger)
+            return
         except BatchConflictError as exc:
             log.warning("monitor %s: retrain stored nothing: %s", monitor.name, exc)
             self._outcome = "lease_lost"
             return
         except Exception as exc:  # a retrain never kills the worker
-            log.error("monitor %s: retrain (%s) failed: %s", monitor.name, trigger,
+            window = (f"window_rows {settings.window_rows}" if settings.window_rows else
+                      f"window_seconds {settings.window_seconds:g} up to the newest scored row")
+            log.error("monitor %s: retrain (%s, %s) failed: %s", monitor.name, trigger, window,
                       describe_error(exc, self.engine.url),
                       exc_info=not isinstance(exc, (ValueError, sa.exc.SQLAlchemyError)))
             self._failed_at = utcnow()

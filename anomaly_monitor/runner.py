@@ -41,7 +41,7 @@ from anomaly_monitor.cursors import (
     set_paused,
 )
 from anomaly_monitor.db import describe_error
-from anomaly_monitor.drift import DriftReport
+from anomaly_monitor.drift import DriftReport, stored_report
 from anomaly_monitor.feedback import feedback_counts, recent_precision
 from anomaly_monitor.incidents import alerting_incidents, open_count
 from anomaly_monitor.metrics import Metrics
@@ -692,6 +692,7 @@ class MonitorRunner:
         elif state.newest_timestamp is None and not state.looked_up_newest:
             state.newest_timestamp = self._newest_scored()  # once, after a restart
             state.looked_up_newest = True
+            self._restore_drift(last)
         newest = state.newest_timestamp.timestamp() if state.newest_timestamp else None
         self.metrics.observe_poll(monitor.name, now=self.clock.time(), backlog=backlog,
                                   newest_timestamp=newest)
@@ -714,6 +715,21 @@ class MonitorRunner:
             return
         self.metrics.set_incidents(monitor.name, open_now, alerting)
         self.metrics.set_feedback(monitor.name, counts, precision)
+
+    def _restore_drift(self, last: BatchResult) -> None:
+        """Publish the drift the last batch stored (after a restart or a takeover), so
+        that the gauges and their alert do not fall to 0 until a batch comes."""
+        try:
+            with self.engine.connect() as connection:
+                stored = stored_report(connection, self.monitor.name)
+        except sa.exc.SQLAlchemyError as exc:  # a report: never the poll's failure
+            log.warning("monitor %s: could not read the stored drift (%s)", self.monitor.name,
+                        describe_error(exc, self.engine.url))
+            return
+        if stored is not None and last.version is not None and \
+                stored[0].get("version") == last.version.version:
+            self.state.drift = DriftReport.from_dict(stored[0])
+            self.metrics.set_drift(self.monitor.name, self.state.drift)
 
     def _newest_scored(self) -> dt.datetime | None:
         """The newest source timestamp of the monitor's last batch (after a restart)."""

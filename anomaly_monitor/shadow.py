@@ -216,18 +216,7 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
     gates = [Gate("burn_in", totals.rows >= settings.shadow_rows, float(totals.rows),
                   f">= {settings.shadow_rows} rows",
                   f"{totals.rows} of {settings.shadow_rows} rows scored in shadow")]
-    target = challenger.expected_ratio()
-    share = totals.flag_share
-    if share is None:
-        gates.append(Gate("flag_rate", None, None, "", "no row scored in shadow yet"))
-    else:
-        high = share <= GATE_RATE_FACTOR * target + 1.0 / max(totals.rows, 1)
-        judged_low = target * totals.rows >= GATE_RATE_MIN_EXPECTED
-        low = not judged_low or share >= target / GATE_RATE_FACTOR
-        gates.append(Gate("flag_rate", high and low, share,
-                          f"within x{GATE_RATE_FACTOR:g} of {target:.4g}",
-                          f"flagged {totals.flagged} of {totals.rows} rows ({share:.4g}); "
-                          f"calibrated share {target:.4g}"))
+    gates.append(_rate_gate(challenger, totals))
     if totals.flagged < GATE_OVERLAP_MIN_FLAGS:
         gates.append(Gate("overlap", True, None, f">= {GATE_MIN_OVERLAP:g}",
                           f"{totals.flagged} flag(s): fewer than {GATE_OVERLAP_MIN_FLAGS}, "
@@ -251,6 +240,27 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
                       f"{totals.quarantined} of {consumed} rows quarantined in shadow"))
     gates.append(loss_gate(challenger, active))
     return gates
+
+
+def _rate_gate(challenger: ModelVersion, totals: ShadowTotals) -> Gate:
+    """``flag_rate``: at most ``GATE_RATE_FACTOR`` times the monitor's target rate (or no
+    more than the active version flagged on the same rows: after a shift it flags them
+    all), and at least its own calibrated share over that factor (judged once
+    ``GATE_RATE_MIN_EXPECTED`` flags were expected: far fewer means it is broken)."""
+    share = totals.flag_share
+    if share is None:
+        return Gate("flag_rate", None, None, "", "no row scored in shadow yet")
+    calibrated = challenger.expected_ratio()
+    target = float(challenger.threshold_params.get("target_fpr") or calibrated)
+    slack = 1.0 / max(totals.rows, 1)
+    high = share <= GATE_RATE_FACTOR * target + slack or totals.flagged <= totals.active_flagged
+    low = calibrated * totals.rows < GATE_RATE_MIN_EXPECTED or \
+        share >= calibrated / GATE_RATE_FACTOR
+    return Gate("flag_rate", high and low, share,
+                f"<= {GATE_RATE_FACTOR:g} x target {target:.4g} (or the active version's), "
+                f">= its calibrated {calibrated:.4g} / {GATE_RATE_FACTOR:g}",
+                f"flagged {totals.flagged} of {totals.rows} rows ({share:.4g}); the active "
+                f"version {totals.active_flagged}")
 
 
 def gates_pass(gates: list[Gate]) -> bool:

@@ -9,9 +9,11 @@ is left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 from tqdm.auto import tqdm
@@ -20,6 +22,24 @@ log = logging.getLogger("anomaly_monitor.training")
 
 #: Seconds between two progress lines in the log.
 LOG_EVERY_SECONDS = 10.0
+
+_local = threading.local()
+
+
+class FitCancelledError(Exception):
+    """A fit stopped at an epoch's end because its thread's cancel event was set."""
+
+
+@contextlib.contextmanager
+def cancellable(event: threading.Event) -> Iterator[None]:
+    """Within the block, fits in this thread stop at the next epoch once ``event`` is
+    set (:class:`FitCancelledError`): a stopping worker ends a retrain cleanly."""
+    previous = getattr(_local, "event", None)
+    _local.event = event
+    try:
+        yield
+    finally:
+        _local.event = previous
 
 
 class FitProgress:
@@ -49,9 +69,13 @@ class FitProgress:
                      stopped, self._clock() - self._started, self.postfix)
 
     def update(self, epochs: int) -> None:
-        """Count ``epochs`` more epochs run."""
+        """Count ``epochs`` more epochs run; :class:`FitCancelledError` when this thread's fit
+        was cancelled (:func:`cancellable`)."""
         self.run += epochs
         self._advance(epochs)
+        event = getattr(_local, "event", None)
+        if event is not None and event.is_set():
+            raise FitCancelledError("the fit was cancelled")
 
     def skip(self, epochs: int) -> None:
         """Count ``epochs`` that early stopping leaves out (they take no time)."""

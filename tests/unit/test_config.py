@@ -179,6 +179,31 @@ def test_reading_a_config_does_not_import_torch(tmp_path):
     assert out.stdout.strip() == "False"
 
 
+@pytest.mark.parametrize(("retrain", "message"), [
+    ("every_seconds = 10", r"retrain\.every_seconds must be a number of seconds, at least 60"),
+    ("on_drift = true\nwindow_rows = 100\nwindow_seconds = 60",
+     r"set window_rows or window_seconds, not both"),
+    ('on_drift = true\npromote = "sometimes"', r"retrain\.promote must be one of manual, auto"),
+    ("shadow_rows = 100", r"needs every_seconds or on_drift = true"),
+    ('on_drift = true\nexclude = ["flagged", "nope"]', r"retrain\.exclude must be a list"),
+    ("on_drift = true\nkeep_versions = 3", r"unknown key monitor 'plant'\.retrain\.keep_ver"),
+])
+def test_retrain_settings_are_checked(tmp_path, retrain, message):
+    path = write(tmp_path, VALID + f"\n[monitor.retrain]\n{retrain}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_settings(path, environ={})
+
+
+def test_retrain_settings_default_to_a_window_of_rows(tmp_path):
+    path = write(tmp_path, VALID.replace('name = "plant"', 'name = "plant"\nkeep_versions = 3')
+                 + "\n[monitor.retrain]\non_drift = true\n")
+    monitor = load_settings(path, environ={}).monitors[0]
+    assert monitor.keep_versions == 3 and monitor.retrain is not None
+    assert monitor.retrain.window_rows == 10_000 and monitor.retrain.window_seconds is None
+    assert monitor.retrain.exclude == ("labelled", "suppressed")
+    assert monitor.retrain.promote == "manual" and monitor.shadow is monitor.retrain
+
+
 def test_incident_settings_are_checked():
     monitor = {"name": "m", "table": "t", "timestamp_column": "ts"}
     default = parse_settings({"monitor": [monitor]}, environ={}).monitors[0].incidents
