@@ -172,7 +172,7 @@ def shadow_overhead(url: str, workdir: Path, backlog: int) -> dict[str, float]:
 
     from anomaly_monitor.db import create_engine
     from anomaly_monitor.migrate import upgrade
-    from anomaly_monitor.tables import shadow_batches
+    from anomaly_monitor.tables import batches, shadow_batches
 
     engine = create_engine(url)
     upgrade(engine)
@@ -203,14 +203,19 @@ def shadow_overhead(url: str, workdir: Path, backlog: int) -> dict[str, float]:
                                    "cpu"))
     rates = {name: backlog / max(min(s) - startup, 1e-9) for name, s in seconds.items()}
     with engine.connect() as connection:  # the challenger did score every row in shadow
-        shadowed = connection.execute(sa.select(sa.func.sum(shadow_batches.c.rows)).where(
-            shadow_batches.c.monitor == "with_challenger")).scalar()
+        shadowed, shadow_seconds = connection.execute(
+            sa.select(sa.func.sum(shadow_batches.c.rows), sa.func.sum(shadow_batches.c.seconds))
+            .where(shadow_batches.c.monitor == "with_challenger")).one()
+        batch_seconds = connection.execute(sa.select(sa.func.sum(batches.c.duration_seconds))
+                                           .where(batches.c.monitor == "with_challenger")
+                                           ).scalar()
     engine.dispose()
     if shadowed != OVERHEAD_REPEATS * backlog:
         raise RuntimeError(f"the challenger scored {shadowed} rows in shadow, not "
                            f"{OVERHEAD_REPEATS} x {backlog}")
     return {"alone": rates["alone"], "with_challenger": rates["with_challenger"],
-            "ratio": rates["with_challenger"] / rates["alone"]}
+            "ratio": rates["with_challenger"] / rates["alone"],
+            "shadow_share": float(shadow_seconds) / float(batch_seconds)}
 
 
 def _hours(value: float | None) -> str:
@@ -239,12 +244,13 @@ def render(results: dict[str, dict[str, Any]], backlog: int, parts: list[str]) -
         return "\n".join(lines) + "\n"
     lines += ["", f"Shadow overhead: `run --once` catching up {backlog:,} rows (same run; the "
               f"best of {OVERHEAD_REPEATS} each, in alternating order):", "",
-              "| database | rows/s alone | rows/s with a challenger in shadow | ratio |",
-              "|---|---:|---:|---:|"]
+              "| database | rows/s alone | rows/s with a challenger in shadow | ratio "
+              "| the challenger's share of its batches' time |",
+              "|---|---:|---:|---:|---:|"]
     for db, r in results.items():
         o = r["overhead"]
         lines.append(f"| {db} | {o['alone']:,.0f} | {o['with_challenger']:,.0f} "
-                     f"| {o['ratio']:.2f}x |")
+                     f"| {o['ratio']:.2f}x | {o['shadow_share']:.1%} |")
     return "\n".join(lines) + "\n"
 
 
