@@ -59,7 +59,8 @@ def _bins(values: npt.NDArray[np.float64]) -> dict[str, list[float]]:
 def _rounded(values: npt.ArrayLike) -> npt.NDArray[np.float64]:
     """``values`` at float32 precision: training keeps its matrix in float32 and a batch
     reads float64, so that a value at an edge (0.7) falls in the same bin in both."""
-    return np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64)
+    with np.errstate(over="ignore"):  # beyond float32's range: infinite, not counted
+        return np.asarray(values, dtype=np.float64).astype(np.float32).astype(np.float64)
 
 
 def drift_window_rows(rows_per_day: float | None) -> int:

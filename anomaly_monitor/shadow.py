@@ -15,6 +15,7 @@ challenger whose gates all pass, and rejects one still failing after
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,9 +53,11 @@ VARIANCE_FLOOR = 1e-12
 #: ... this many rows (fewer say little).
 GATE_OVERLAP_MIN_FLAGS = 5
 #: Quarantined rows in the shadow period may be at most this many times the share its
-#: training window skipped, plus the slack.
+#: training window skipped, plus that many standard deviations of the count and a slack
+#: share of the rows.
 GATE_QUARANTINE_FACTOR = 2.0
 GATE_QUARANTINE_SLACK = 0.001
+GATE_QUARANTINE_SIGMAS = 3.0
 #: The challenger's validation loss may be at most this much (relative) above the active's.
 GATE_LOSS_MARGIN = 0.25
 #: With ``promote = "auto"``, a challenger whose gates still fail after this many
@@ -230,16 +233,26 @@ def evaluate_gates(challenger: ModelVersion, active: ModelVersion | None,
                           "calibrated tail); "
                           f"{totals.overlap} flagged by both, the active "
                           f"{totals.active_flagged}"))
+    gates.append(_quarantine_gate(challenger, totals))
+    gates.append(loss_gate(challenger, active))
+    return gates
+
+
+def _quarantine_gate(challenger: ModelVersion, totals: ShadowTotals) -> Gate:
+    """``quarantine``: no more rows quarantined in shadow than ``GATE_QUARANTINE_FACTOR``
+    times what its training window's skipped share predicts, plus the sampling noise of
+    so few rows (``GATE_QUARANTINE_SIGMAS`` standard deviations) and the slack."""
     consumed = totals.rows + totals.quarantined
     trained = challenger.training.get("rows", 0) + challenger.training.get("holdout_rows", 0)
     skipped = challenger.training.get("skipped_rows", 0)
-    allowed = GATE_QUARANTINE_FACTOR * skipped / max(trained + skipped, 1) + \
-        GATE_QUARANTINE_SLACK
-    q_share = totals.quarantined / consumed if consumed else 0.0
-    gates.append(Gate("quarantine", q_share <= allowed, q_share, f"<= {allowed:.4g}",
-                      f"{totals.quarantined} of {consumed} rows quarantined in shadow"))
-    gates.append(loss_gate(challenger, active))
-    return gates
+    share = (skipped + 1) / (trained + skipped + 2)  # one pseudo-count each way
+    expected = share * consumed
+    allowed = GATE_QUARANTINE_FACTOR * expected + GATE_QUARANTINE_SIGMAS * math.sqrt(
+        expected) + GATE_QUARANTINE_SLACK * consumed
+    return Gate("quarantine", totals.quarantined <= allowed,
+                totals.quarantined / consumed if consumed else 0.0, f"<= {allowed:.1f} rows",
+                f"{totals.quarantined} of {consumed} rows quarantined in shadow; its training "
+                f"window skipped {skipped} of {trained + skipped}")
 
 
 def _rate_gate(challenger: ModelVersion, totals: ShadowTotals) -> Gate:

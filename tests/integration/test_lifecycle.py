@@ -270,3 +270,20 @@ def test_identical_rows_of_a_discrete_feature_do_not_drift(engine):
     bulk_insert(engine, table, steps[1000:])
     report = drain(engine, monitor)[-1].drift
     assert report.measured and report.drift_score < 0.05, report.features
+
+
+def test_the_quarantine_gate_allows_for_the_noise_of_few_rows(engine):
+    from anomaly_monitor.config import RetrainSettings as Shadow
+    from anomaly_monitor.shadow import ShadowTotals, evaluate_gates
+
+    _, _, _, report = trained_plant(engine)
+    challenger = dataclasses.replace(report.version, training={
+        **report.version.training, "rows": 480, "holdout_rows": 120, "skipped_rows": 2})
+
+    def gate(quarantined: int) -> bool | None:
+        totals = ShadowTotals(rows=816 - quarantined, quarantined=quarantined)
+        gates = evaluate_gates(challenger, report.version, totals, Shadow(shadow_rows=200))
+        return next(g for g in gates if g.name == "quarantine").passed
+
+    # 2 of 602 skipped in training; 1% NULLs in shadow is within its noise, 10% is not.
+    assert gate(8) is True and gate(80) is False
