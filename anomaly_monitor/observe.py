@@ -68,7 +68,7 @@ class Watch:
         if self.drift is not None and reference is not None and scored is not None:
             self.drift.add(reference, window.values, version.features, scored.scores,
                            len(flagged))
-            seen.drift = self.drift.report(reference, version.expected_ratio())
+            seen.drift = self.drift.report(reference, self.model.expected_ratio())
             seen.writers.append(drift_writer(version.monitor, self.drift, seen.drift, now))
         challenger = self.challenger
         if challenger is None:
@@ -80,7 +80,8 @@ class Watch:
                 stream = self.stream() if self.stream is not None else None
                 seen.shadow = score_shadow(challenger, window, stream, flagged,
                                            active_tail(self.model, scored.scores),
-                                           agreement_tail(version), now)
+                                           agreement_tail(self.model.expected_ratio()),
+                                           now)
             except Exception:  # never the active version's batch
                 log.warning("monitor %s: challenger version %d failed to score a batch in "
                             "shadow; skipped", version.monitor, challenger.version.version,

@@ -73,10 +73,11 @@ class ModelVersion:
         data["pruned_at"] = as_utc(data["pruned_at"])
         return cls(**data)
 
-    def expected_ratio(self) -> float:
+    def expected_ratio(self, scale: SeverityScale | None = None) -> float:
         """The share of rows the threshold flags under the version's held-out
-        calibration scores (the anomaly rate a healthy source should show)."""
-        scale = SeverityScale.from_dict(self.severity_scale)
+        calibration scores (the anomaly rate a healthy source should show); ``scale``:
+        its severity scale when already built (a loaded model's)."""
+        scale = scale or SeverityScale.from_dict(self.severity_scale)
         return float(scale.tail_probability([self.threshold])[0])
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +97,10 @@ class LoadedModel:
     severity: SeverityScale
     #: A window monitor's version: how rows become inputs and scores.
     window: WindowSpec | None = None
+
+    def expected_ratio(self) -> float:
+        """:meth:`ModelVersion.expected_ratio` from the scale already loaded (per batch)."""
+        return self.version.expected_ratio(self.severity)
 
 
 def pack_scores(scores: npt.ArrayLike) -> bytes:
@@ -367,7 +372,12 @@ class ModelCache:
 
     def model(self, connection: sa.Connection, version: ModelVersion) -> LoadedModel:
         """The loaded (and verified) model of ``version``, cached."""
-        loaded = self._models.get(version.monitor)
+        return self._cached(connection, self._models, version)
+
+    def _cached(self, connection: sa.Connection, cache: dict[str, LoadedModel],
+                version: ModelVersion) -> LoadedModel:
+        """``version`` loaded, from ``cache`` when its weights are there already."""
+        loaded = cache.get(version.monitor)
         if loaded is None or loaded.version.version != version.version:
             if self.threads is not None:
                 import torch  # loaded with the model anyway
@@ -376,7 +386,7 @@ class ModelCache:
             loaded = load_model(connection, version.monitor, version.version, device=self.device)
         if loaded.version != version:  # a new threshold on the same weights
             loaded = LoadedModel(version, loaded.detector, loaded.severity, loaded.window)
-        self._models[version.monitor] = loaded
+        cache[version.monitor] = loaded
         return loaded
 
     def shadow(self, connection: sa.Connection, monitor: str) -> LoadedModel | None:
@@ -393,19 +403,14 @@ class ModelCache:
         if failed is not None and failed[0] == row.version:  # not loaded again every batch
             raise RegistryError(failed[1])
         loaded = self._shadows.get(monitor)
-        if loaded is None or loaded.version.version != row.version or \
-                loaded.version.threshold != row.threshold:
-            meta = get_version(connection, monitor, row.version)
-            if loaded is not None and loaded.version.version == row.version:
-                loaded = LoadedModel(meta, loaded.detector, loaded.severity, loaded.window)
-            else:
-                try:
-                    loaded = load_model(connection, monitor, row.version, device=self.device)
-                except RegistryError as exc:
-                    self._shadow_errors[monitor] = (int(row.version), str(exc))
-                    raise
-        self._shadows[monitor] = loaded
-        return loaded
+        meta = loaded.version if loaded is not None and \
+            (loaded.version.version, loaded.version.threshold) == (row.version, row.threshold) \
+            else get_version(connection, monitor, row.version)
+        try:
+            return self._cached(connection, self._shadows, meta)
+        except RegistryError as exc:
+            self._shadow_errors[monitor] = (int(row.version), str(exc))
+            raise
 
     def oom_counts(self, monitor: str) -> dict[str, int]:
         """CUDA out-of-memory events the monitor's loaded detectors (active and

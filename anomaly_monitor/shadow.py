@@ -82,10 +82,10 @@ class ShadowScore:
     seconds: float
 
 
-def agreement_tail(active: ModelVersion) -> float:
+def agreement_tail(calibrated_share: float) -> float:
     """The tail probability under the active version within which its rows count as
-    unusual to it (``AGREEMENT_FACTOR`` times its calibrated share)."""
-    return min(1.0, AGREEMENT_FACTOR * active.expected_ratio())
+    unusual to it (``AGREEMENT_FACTOR`` times its ``calibrated_share``)."""
+    return min(1.0, AGREEMENT_FACTOR * calibrated_share)
 
 
 def active_tail(active: LoadedModel, scores: npt.NDArray[np.float64]
