@@ -29,6 +29,14 @@ def login() -> str:
         return "unknown"
 
 
+def author_of(by: str | None) -> str:
+    """Who acts: ``--by`` or else the login name; a usage error when it is too long."""
+    who = (by or "").strip() or login()
+    if len(who) > AUTHOR_LENGTH:
+        raise CliError(f"--by has {len(who)} characters; at most {AUTHOR_LENGTH}", EXIT_USAGE)
+    return who
+
+
 @main.command("label")
 @click.argument("monitor")
 @click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=0))
@@ -57,9 +65,7 @@ def label_command(app: App, monitor: str, ids: tuple[int, ...], tp: bool, fp: bo
     if note is not None and len(note) > NOTE_MAX_CHARS:
         raise CliError(f"--note has {len(note)} characters; at most {NOTE_MAX_CHARS}",
                        EXIT_USAGE)
-    who = (author or "").strip() or login()
-    if len(who) > AUTHOR_LENGTH:
-        raise CliError(f"--by has {len(who)} characters; at most {AUTHOR_LENGTH}", EXIT_USAGE)
+    who = author_of(author)
     require_schema(app)
     try:
         with app.engine.begin() as connection:

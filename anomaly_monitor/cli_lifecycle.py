@@ -18,6 +18,7 @@ from anomaly_monitor.cli import (
     print_table,
     require_schema,
 )
+from anomaly_monitor.cli_feedback import author_of
 from anomaly_monitor.cli_models import models, monitor_option
 
 
@@ -121,17 +122,6 @@ def models_compare(app: App, a: int, b: int, monitor_name: str | None, as_json: 
                  for key in facts[0] if key != "version"])
 
 
-def _who(by: str | None) -> str:
-    """Who decides: ``--by`` or the login name, checked."""
-    from anomaly_monitor.cli_feedback import login
-    from anomaly_monitor.tables import AUTHOR_LENGTH
-
-    who = (by or "").strip() or login()
-    if len(who) > AUTHOR_LENGTH:
-        raise CliError(f"--by has {len(who)} characters; at most {AUTHOR_LENGTH}", EXIT_USAGE)
-    return who
-
-
 def _require_challenger(connection: sa.Connection, monitor: str, version: int,
                         action: str) -> None:
     """Refuse (exit 2) a version that does not exist or is not the challenger."""
@@ -159,7 +149,7 @@ def models_promote(app: App, version: int, monitor_name: str | None, by: str | N
     from anomaly_monitor.shadow import record_promotion
 
     monitor = app.monitor(monitor_name)
-    who = _who(by)
+    who = author_of(by)
     require_schema(app)
     with app.engine.begin() as connection:
         _require_challenger(connection, monitor.name, version, "promote")
@@ -190,7 +180,7 @@ def models_reject(app: App, version: int, monitor_name: str | None, reason: str,
     if len(reason) > NOTE_MAX_CHARS:
         raise CliError(f"--reason has {len(reason)} characters; at most {NOTE_MAX_CHARS}",
                        EXIT_USAGE)
-    who = _who(by)
+    who = author_of(by)
     require_schema(app)
     with app.engine.begin() as connection:
         _require_challenger(connection, monitor.name, version, "reject")

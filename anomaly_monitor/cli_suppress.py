@@ -18,7 +18,7 @@ from anomaly_monitor.cli import (
     print_table,
     require_schema,
 )
-from anomaly_monitor.cli_feedback import login
+from anomaly_monitor.cli_feedback import author_of
 from anomaly_monitor.tables import ENTITY_LENGTH
 
 
@@ -59,7 +59,7 @@ def suppress_add(app: App, monitor: str, start: dt.datetime, end: dt.datetime,
         raise CliError(f"--entity has {len(entity)} characters; at most {ENTITY_LENGTH}",
                        EXIT_USAGE)
     require_schema(app)
-    who = (author or "").strip() or login()
+    who = author_of(author)
     try:
         with app.engine.begin() as connection:
             number = add_window(connection, monitor, _aware(start), _aware(end),
